@@ -1,0 +1,100 @@
+# python main.py --config=configs/mmrs.py --workdir=/path/to/workdir
+#   The paper's run on MMRS-1M. Presets are picked by the config argument:
+#   configs/mmrs.py:demo              toy model on the generated miniature release (make demo)
+#   configs/mmrs.py:size=13b,stage=b  EarthGPT-13B, stage B (unified instruction tuning)
+"""EarthGPT on MMRS-1M. Every field can be overridden with --config.<key>=<value>."""
+
+import ml_collections
+
+# Logical parameter/activation axes -> mesh axes. FSDP shards the embedding dimension inside a
+# slice; tensor parallelism splits heads and MLP; the vision towers are replicated.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("fused", None),
+)
+
+
+def _parse_arg(arg: str) -> dict:
+    """'demo' or 'size=13b,stage=b' -> {'preset': ..., 'size': ..., 'stage': ...}."""
+    out = {}
+    for part in filter(None, (arg or "").split(",")):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            out[key.strip()] = value.strip()
+        else:
+            out["preset"] = part.strip()
+    return out
+
+
+def get_config(arg: str = ""):
+    args = _parse_arg(arg)
+    demo = args.get("preset") == "demo"
+    unknown = set(args) - {"preset", "size", "stage"}
+    if unknown or args.get("preset") not in (None, "demo"):
+        raise ValueError(f"unknown config argument {arg!r}; use 'demo' or 'size=7b|13b,stage=a|b'")
+
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict()
+    config.model.size = args.get("size", "demo" if demo else "13b")
+    config.model.remat_policy = "none" if demo else "full"
+    config.model.dtype = "float32" if demo else "bfloat16"
+
+    config.data = ml_collections.ConfigDict()
+    # Where the MMRS-1M release (the directory holding `data/`) lives. For the demo, empty means
+    # <workdir>/mini_mmrs1m, generated on first use.
+    config.data.manual_dir = "" if demo else "~/tensorflow_datasets/downloads/manual/mmrs1m"
+    config.data.synthetic = demo
+    config.data.tfds_dir = ""  # empty: <workdir>/tfds
+    config.data.seed = 0
+    config.data.max_text_len = 160 if demo else 1024
+    config.data.num_threads = 2
+    config.data.max_bad_fraction = 0.01
+
+    config.tokenizer = ml_collections.ConfigDict()
+    # A LLaMA-2 tokenizer.model for real runs; the demo trains its own on the training text.
+    config.tokenizer.path = ""
+    config.tokenizer.vocab_size = 640
+
+    config.train = ml_collections.ConfigDict()
+    config.train.stage = "all" if demo else args.get("stage", "b")
+    config.train.num_steps = 1500 if demo else 20000
+    config.train.batch_size = 16 if demo else 256
+    config.train.learning_rate = 2e-3 if demo else 2e-5
+    config.train.warmup_steps = 100 if demo else 500
+    config.train.end_lr_fraction = 0.05
+    config.train.b1 = 0.9
+    config.train.b2 = 0.95
+    config.train.weight_decay = 0.0 if demo else 0.05
+    config.train.grad_clip_norm = 1.0
+    config.train.seed = 0
+    config.train.log_every_steps = 50 if demo else 10
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 250 if demo else 1000
+    config.checkpoint.keep = 2 if demo else 3
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1}
+    config.mesh.dcn = {"data": -1, "fsdp": 1, "tensor": 1}
+    config.mesh.rules = DEFAULT_RULES
+
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = 1
+    config.distributed.process_id = 0
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.at_end = True
+    config.eval.split = "test"
+    config.eval.batch_size = 32 if demo else 64
+    config.eval.max_new_tokens = 120 if demo else 256
+    config.eval.max_examples = 0  # 0: the whole split
+    config.eval.num_pictures = 4
+    return config

@@ -1,0 +1,77 @@
+"""grain pipelines over `tfds.data_source`: shuffle, per-process slice, decode, pad-to-square,
+resize, tokenise with the chat template and loss mask, batch.
+
+Training reads a random-access `MapDataset`, so the iterator's state is one small JSON dict that
+the checkpoint stores beside the model: a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+
+from earthgpt_jax.data.images import decode_image, square_and_resize
+from earthgpt_jax.data.tokenizer import Tokenizer, encode_conversation
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def conversation_turns(record: dict) -> list[dict]:
+    """The record's turns as [{'from', 'value'}] whether TFDS gave a dict of lists or a list."""
+    conv = record["conversations"]
+    if isinstance(conv, dict):
+        return [{"from": _text(f), "value": _text(v)} for f, v in zip(conv["from"], conv["value"])]
+    return [{"from": _text(t["from"]), "value": _text(t["value"])} for t in conv]
+
+
+def record_metadata(record: dict) -> dict:
+    return {key: _text(record[key]) for key in ("task", "sensor", "source", "image_path")
+            } | {"width": int(record["width"]), "height": int(record["height"])}
+
+
+@dataclasses.dataclass
+class TrainPreprocess(grain.transforms.Map):
+    """Record -> {'image', 'tokens', 'valid', 'loss_mask'} of fixed shapes."""
+    tokenizer_path: str
+    image_size: int
+    max_text_len: int
+
+    def __post_init__(self):
+        self._tok = None
+
+    def map(self, record: dict) -> dict[str, Any]:
+        if self._tok is None:  # loaded lazily so the transform pickles into grain workers
+            self._tok = Tokenizer(self.tokenizer_path)
+        name = _text(record.get("image_path", "<image>"))
+        image = square_and_resize(decode_image(record["image"], name), self.image_size)
+        enc = encode_conversation(self._tok, conversation_turns(record), self.max_text_len)
+        return {"image": image, "tokens": enc.tokens, "valid": enc.valid,
+                "loss_mask": enc.loss_mask, "truncated": np.int32(enc.truncated)}
+
+
+def train_dataset(source, preprocess: TrainPreprocess, *, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Endless, globally shuffled batches of this process's slice of `source`.
+
+    `batch_size` is per process.
+    """
+    if len(source) < process_count * batch_size:
+        raise ValueError(
+            f"the training split has {len(source)} records, fewer than one global batch "
+            f"({process_count} processes x {batch_size}); lower config.train.batch_size")
+    # Shuffle before repeat: each epoch is a fresh permutation of the whole split. Slicing after
+    # the global shuffle gives each process a disjoint share of every epoch.
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    ds = ds[process_index::process_count]
+    return ds.map(preprocess).batch(batch_size, drop_remainder=True)
+
+
+def iterate(dataset: grain.MapDataset, num_threads: int = 2):
+    """A checkpointable iterator (`get_state`/`set_state`) with threaded prefetch."""
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
+    return iter(dataset.to_iter_dataset(options))

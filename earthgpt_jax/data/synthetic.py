@@ -1,0 +1,514 @@
+"""A seeded miniature MMRS-1M release: same folders, file names and record format as the real one.
+
+The real release (see shared/research/peers-and-datasets.md §0.1) is a `data/` tree of image
+folders per task and source plus LLaVA-style JSON lists under `data/json/`. This module writes a
+tiny release with that exact layout so the `mmrs1m` TFDS builder, the grain pipeline, training
+and evaluation all run end to end on a CPU in minutes. The content is learnable on purpose:
+scene classes differ by colour and texture, objects are small coloured shapes, captions and
+answers are functions of what was drawn, and boxes follow the release's pad-then-normalise rule.
+
+The real release has no split field; here the test split lives in the same folders, in
+annotation files whose name ends in `_test.json`, with images of its own (`test_*.png`).
+
+    python -m earthgpt_jax.data.synthetic --out=/tmp/mmrs_mini [--seed=0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import zlib
+import numpy as np
+from PIL import Image
+
+from earthgpt_jax.data.boxes import (DETECTION_PROMPT, GROUNDING_PROMPT, REGION_CAPTION_PROMPT,
+                                     boxes_to_text, detection_to_text, pixel_to_norm, plural)
+
+SCENE_CLASSES = ("forest", "sea", "desert", "farmland", "residential", "snowfield")
+LAND_SCENES = tuple(c for c in SCENE_CLASSES if c != "sea")
+# Words used by captions: (adjective, noun) per scene class.
+SCENE_WORDS = {
+    "forest": ("dense green", "forest"),
+    "sea": ("calm blue", "sea"),
+    "desert": ("dry sandy", "desert"),
+    "farmland": ("striped", "farmland"),
+    "residential": ("grey", "residential area"),
+    "snowfield": ("white snowy", "snowfield"),
+}
+VEHICLE_COLOURS = {
+    "red": (220, 30, 30), "yellow": (240, 220, 20), "blue": (30, 60, 230),
+    "black": (15, 15, 15), "orange": (250, 140, 0), "purple": (150, 40, 200),
+}
+
+CLASSIFICATION_PROMPT = ("What is the category of this remote sensing image? "
+                         "Answer with one word or phrase.")
+CAPTION_PROMPTS = (
+    "Describe this remote sensing image in one sentence.",
+    "Please provide a one-sentence caption for this image.",
+    "What does this remote sensing image show? Answer with a short caption.",
+)
+PRESENCE_PROMPT = "Is there a {name} in this image?"
+COUNT_PROMPT = "How many {names} are there in this image?"
+
+_COUNT_WORDS = ("no", "one", "two", "three", "four")
+
+# Minimum pixel side of an object; below this a shape is no longer recognisable.
+_MIN_OBJECT_PX = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One source folder of the mini release: where its images and its annotations go."""
+    task: str        # classification | caption | vqa | rsvg | detection
+    name: str        # source folder name; it encodes the sensor as in the real release
+    sensor: str      # optical | sar | infrared (the builder derives this from `name` itself)
+    image_dir: str   # relative to root
+    json_path: str   # train annotation file, relative to root
+    weight: int      # images per 600 train images
+
+
+SOURCES = (
+    Source("classification", "SynthScene", "optical", "data/classification/SynthScene",
+           "data/json/classification/SynthScene_cls.json", 120),
+    Source("caption", "SynthCap", "optical", "data/caption/SynthCap",
+           "data/json/caption/caption_synthcap.json", 80),
+    Source("vqa", "SynthVQA", "optical", "data/VQA/SynthVQA", "data/json/VQA/synthvqa.json", 60),
+    Source("vqa", "HRSID_mini", "sar", "data/VQA/HRSID_mini", "data/json/VQA/hrsid_mini.json", 30),
+    Source("vqa", "infrared_ship_mini", "infrared", "data/VQA/infrared_ship_mini",
+           "data/json/VQA/infrared_ship_mini.json", 30),
+    Source("rsvg", "DIOR_RSVG", "optical", "data/RSVG/DIOR_RSVG/images",
+           "data/json/RSVG/rsvg_trainval.json", 80),
+    Source("detection", "DIOR_mini", "optical", "data/detection/DIOR_mini",
+           "data/json/detection/DIOR_mini/dior_mini_trainval.json", 100),
+    Source("detection", "SSDD_mini", "sar", "data/detection/SSDD_mini",
+           "data/json/detection/SSDD_mini/ssdd_mini_trainval.json", 50),
+    Source("detection", "HIT-UAV_mini", "infrared", "data/detection/HIT-UAV_mini",
+           "data/json/detection/HIT-UAV_mini/hit_uav_mini_trainval.json", 50),
+)
+# Object classes each detection source annotates, in the order answers list them.
+DETECTION_CLASSES = {
+    "DIOR_mini": ("airplane", "ship", "vehicle"),
+    "SSDD_mini": ("ship",),
+    "HIT-UAV_mini": ("person", "vehicle"),
+}
+
+
+def split_json_path(train_json_path: str, split: str) -> str:
+    """Annotation file of a split: test turns `.../rsvg_trainval.json` into `.../rsvg_test.json`
+    and `.../X_cls.json` into `.../X_cls_test.json` (the builder splits on `_test.json`)."""
+    if split == "train":
+        return train_json_path
+    stem = train_json_path[:-len(".json")]
+    return stem.removesuffix("_trainval") + f"_{split}.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing
+
+
+@dataclasses.dataclass
+class Obj:
+    cls: str                       # singular class name
+    box: tuple[int, int, int, int]  # pixel x0, y0, x1, y1 (x1, y1 exclusive)
+    colour: str = ""               # vehicles only
+
+
+def _image_size(rng: np.random.Generator) -> tuple[int, int]:
+    """Non-square sizes, tall and wide, so the pad-to-square convention matters."""
+    long_side = int(rng.integers(72, 97))
+    short_side = int(rng.integers(56, long_side - 7))
+    return (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+
+
+def _noise(rng, h, w, std, channels=None):
+    shape = (h, w) if channels is None else (h, w, channels)
+    return rng.normal(0.0, std, size=shape)
+
+
+def _optical_background(rng: np.random.Generator, scene: str, w: int, h: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    if scene == "forest":
+        base = np.array([34, 105, 40.0]) + _noise(rng, h, w, 22, 3) * np.array([0.6, 1.0, 0.6])
+    elif scene == "sea":
+        phase = rng.uniform(0, 2 * np.pi)
+        waves = 6 * np.sin(yy / 3.0 + phase)[..., None]
+        base = np.array([25, 70, 150.0]) + waves + _noise(rng, h, w, 5, 3)
+    elif scene == "desert":
+        phase = rng.uniform(0, 2 * np.pi)
+        dunes = 18 * np.sin((xx + yy) / 5.0 + phase)[..., None]
+        base = np.array([215, 185, 125.0]) + dunes + _noise(rng, h, w, 6, 3)
+    elif scene == "farmland":
+        period = int(rng.integers(6, 11))
+        stripes = ((xx if rng.random() < 0.5 else yy) // period % 2)[..., None]
+        base = np.where(stripes > 0, np.array([120, 170, 60.0]), np.array([190, 170, 80.0]))
+        base = base + _noise(rng, h, w, 6, 3)
+    elif scene == "residential":
+        cell = int(rng.integers(9, 14))
+        roofs = ((xx % cell) > 2) & ((yy % cell) > 2)
+        base = np.where(roofs[..., None], np.array([95, 90, 100.0]), np.array([170, 170, 170.0]))
+        base = base + _noise(rng, h, w, 8, 3)
+    elif scene == "snowfield":
+        base = np.array([238, 240, 246.0]) + _noise(rng, h, w, 4, 3)
+    else:
+        raise ValueError(f"unknown scene {scene!r}")
+    # Clip before the cast: a wrapped uint8 would scatter bright specks over the scene.
+    return np.clip(np.broadcast_to(base, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _object_size(rng, cls: str, w: int, h: int) -> tuple[int, int]:
+    """Small objects: the long edge is ~4-10% of the image's long side."""
+    long_edge = max(_MIN_OBJECT_PX + 1, int(round(rng.uniform(0.05, 0.10) * max(w, h))))
+    aspect = {"ship": 2.5, "vehicle": 1.6, "airplane": 1.0, "person": 1.0}[cls]
+    short_edge = max(_MIN_OBJECT_PX, int(round(long_edge / aspect)))
+    return (long_edge, short_edge) if rng.random() < 0.5 else (short_edge, long_edge)
+
+
+def _place(rng, objs: list[Obj], cls: str, w: int, h: int,
+           region: tuple[float, float, float, float] = (0, 0, 1, 1), colour: str = "") -> Obj:
+    """Uniform position inside `region` (fractions of the image), not touching other objects."""
+    for _ in range(200):
+        ow, oh = _object_size(rng, cls, w, h)
+        lo_x, lo_y = int(region[0] * w), int(region[1] * h)
+        hi_x, hi_y = int(region[2] * w) - ow, int(region[3] * h) - oh
+        if hi_x < lo_x or hi_y < lo_y:
+            continue
+        x0, y0 = int(rng.integers(lo_x, hi_x + 1)), int(rng.integers(lo_y, hi_y + 1))
+        box = (x0, y0, x0 + ow, y0 + oh)
+        if all(box[0] > o.box[2] or box[2] < o.box[0] or box[1] > o.box[3] or box[3] < o.box[1]
+               for o in objs):
+            obj = Obj(cls, box, colour)
+            objs.append(obj)
+            return obj
+    raise RuntimeError("could not place an object; image too small for the requested objects")
+
+
+def _draw_optical(img: np.ndarray, obj: Obj) -> None:
+    x0, y0, x1, y1 = obj.box
+    patch = img[y0:y1, x0:x1]
+    if obj.cls == "ship":
+        patch[...] = (245, 245, 245)
+        patch[0, 0] = patch[0, -1] = patch[-1, 0] = patch[-1, -1] = (25, 70, 150)  # round ends
+    elif obj.cls == "vehicle":
+        patch[...] = VEHICLE_COLOURS[obj.colour]
+    elif obj.cls == "airplane":
+        # A light grey cross: fuselage along the long edge, wings across the middle.
+        ph, pw = patch.shape[:2]
+        patch[ph // 2 - max(1, ph // 8):ph // 2 + max(1, ph // 8) + 1, :] = (200, 200, 210)
+        patch[:, pw // 2 - max(1, pw // 8):pw // 2 + max(1, pw // 8) + 1] = (200, 200, 210)
+    else:
+        raise ValueError(obj.cls)
+
+
+def _sar_image(rng, w: int, h: int, objs: list[Obj]) -> np.ndarray:
+    """Dark sea, bright ships, all under multiplicative gamma speckle (4-look)."""
+    intensity = np.full((h, w), rng.uniform(25, 45))
+    for o in objs:
+        x0, y0, x1, y1 = o.box
+        intensity[y0:y1, x0:x1] = rng.uniform(190, 230)
+    looks = 4.0
+    speckle = rng.gamma(looks, 1.0 / looks, size=(h, w))
+    return np.clip(intensity * speckle, 0, 255).astype(np.uint8)
+
+
+def _infrared_image(rng, w: int, h: int, objs: list[Obj]) -> np.ndarray:
+    """Cool background with a gentle gradient; people and vehicles are hot (bright)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    g = rng.uniform(-0.3, 0.3, size=2)
+    img = rng.uniform(55, 80) + g[0] * xx + g[1] * yy + _noise(rng, h, w, 4)
+    for o in objs:
+        x0, y0, x1, y1 = o.box
+        if o.cls == "person":
+            img[y0:y1, x0:x1] = 235
+        else:  # vehicle: warm body, hot engine block at one end
+            img[y0:y1, x0:x1] = 185
+            img[y0:y0 + max(1, (y1 - y0) // 3), x0:x1] = 230
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    # No metadata in the PNG, so equal pixels give equal bytes across runs.
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+
+
+def _turns(*pairs: tuple[str, str]) -> list[dict]:
+    out = []
+    for q, a in pairs:
+        out += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return out
+
+
+def _norm_sorted(objs: list[Obj], w: int, h: int) -> list[tuple[float, ...]]:
+    # Reading order (top to bottom, left to right) so answers are a function of the image.
+    return [pixel_to_norm(o.box, w, h) for o in sorted(objs, key=lambda o: (o.box[1], o.box[0]))]
+
+
+def _captions(scene: str, objs: list[Obj]) -> list[str]:
+    adj, noun = SCENE_WORDS[scene]
+    if not objs:
+        return [f"A {adj} {noun} with no visible objects.",
+                f"There is nothing but {noun} in this image.",
+                f"This image shows an empty {adj} {noun}."]
+    cls = objs[0].cls
+    colour = objs[0].colour or "white"
+    things = f"{_COUNT_WORDS[len(objs)]} {colour} {cls if len(objs) == 1 else plural(cls)}"
+    verb = "is" if len(objs) == 1 else "are"
+    return [f"A {adj} {noun} with {things}.",
+            f"{things[0].upper()}{things[1:]} {verb} in the {noun}.",
+            f"This image shows a {noun} containing {things}."]
+
+
+class _Writer:
+    """Images go to disk at once; records are kept per json file and written at the end."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.records: dict[str, list[dict]] = {}
+
+    def image(self, rel_path: str, pixels: np.ndarray) -> str:
+        path = os.path.join(self.root, rel_path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(_png_bytes(pixels))
+        return rel_path
+
+    def record(self, json_rel: str, image: str, conversations: list[dict]) -> None:
+        self.records.setdefault(json_rel, []).append(
+            {"image": image, "conversations": conversations})
+
+
+def _scene_with_objects(rng, scene: str, w: int, h: int,
+                        max_objs: int) -> tuple[np.ndarray, list[Obj]]:
+    """Ships on sea, single-colour vehicles on land; 0..max_objs of them."""
+    objs: list[Obj] = []
+    n = int(rng.integers(0, max_objs + 1))
+    colour = str(rng.choice(sorted(VEHICLE_COLOURS)))
+    for _ in range(n):
+        _place(rng, objs, "ship" if scene == "sea" else "vehicle", w, h,
+               colour="" if scene == "sea" else colour)
+    img = _optical_background(rng, scene, w, h)
+    for o in objs:
+        _draw_optical(img, o)
+    return img, objs
+
+
+def _gen_classification(rng, src, split, i, out: _Writer, json_rel):
+    scene = SCENE_CLASSES[int(rng.integers(len(SCENE_CLASSES)))]
+    w, h = _image_size(rng)
+    img, _ = _scene_with_objects(rng, scene, w, h, max_objs=2)
+    path = out.image(f"{src.image_dir}/{scene}/{split}_{i:05d}.png", img)
+    out.record(json_rel, path, _turns((CLASSIFICATION_PROMPT, scene)))
+
+
+def _gen_caption(rng, src, split, i, out, json_rel):
+    scene = SCENE_CLASSES[int(rng.integers(len(SCENE_CLASSES)))]
+    w, h = _image_size(rng)
+    img, objs = _scene_with_objects(rng, scene, w, h, max_objs=3)
+    path = out.image(f"{src.image_dir}/{split}_{i:05d}.png", img)
+    out.record(json_rel, path, _turns(*zip(CAPTION_PROMPTS, _captions(scene, objs))))
+
+
+def _gen_vqa(rng, src, split, i, out, json_rel, present: bool):
+    """One presence question (balanced by the caller) and one counting question per image."""
+    w, h = _image_size(rng)
+    objs: list[Obj] = []
+    if src.sensor == "optical":
+        asked = "ship" if rng.random() < 0.5 else "vehicle"
+        scene = "sea" if asked == "ship" else LAND_SCENES[int(rng.integers(len(LAND_SCENES)))]
+        if not present:  # a land scene never holds ships; a "no vehicle" scene may be sea
+            scene = LAND_SCENES[int(rng.integers(len(LAND_SCENES)))] if asked == "ship" else (
+                SCENE_CLASSES[int(rng.integers(len(SCENE_CLASSES)))])
+        colour = str(rng.choice(sorted(VEHICLE_COLOURS)))
+        if present:
+            for _ in range(int(rng.integers(1, 5))):
+                _place(rng, objs, asked, w, h, colour="" if asked == "ship" else colour)
+        elif scene == "sea":
+            for _ in range(int(rng.integers(0, 3))):
+                _place(rng, objs, "ship", w, h)
+        else:
+            for _ in range(int(rng.integers(0, 3))):
+                _place(rng, objs, "vehicle" if asked == "ship" else "airplane", w, h,
+                       colour=colour if asked == "ship" else "")
+        img = _optical_background(rng, scene, w, h)
+        for o in objs:
+            _draw_optical(img, o)
+    elif src.sensor == "sar":
+        asked = "ship"
+        for _ in range(int(rng.integers(1, 5)) if present else 0):
+            _place(rng, objs, "ship", w, h)
+        img = _sar_image(rng, w, h, objs)
+    else:
+        asked = "person" if rng.random() < 0.5 else "vehicle"
+        other = "vehicle" if asked == "person" else "person"
+        for _ in range(int(rng.integers(1, 5)) if present else 0):
+            _place(rng, objs, asked, w, h)
+        for _ in range(int(rng.integers(0, 3))):
+            _place(rng, objs, other, w, h)
+        img = _infrared_image(rng, w, h, objs)
+    count = sum(o.cls == asked for o in objs)
+    # Mostly count the asked class; sometimes another class in view, so counts are not implied.
+    candidates = sorted({o.cls for o in objs} | {asked})
+    counted = asked if rng.random() < 0.7 else candidates[int(rng.integers(len(candidates)))]
+    n_counted = sum(o.cls == counted for o in objs)
+    path = out.image(f"{src.image_dir}/{split}_{i:05d}.png", img)
+    out.record(json_rel, path, _turns(
+        (PRESENCE_PROMPT.format(name=asked), "yes" if count else "no"),
+        (COUNT_PROMPT.format(names=plural(counted)), str(n_counted))))
+
+
+_QUADRANTS = {(0, 0): "top left", (1, 0): "top right",
+              (0, 1): "bottom left", (1, 1): "bottom right"}
+
+
+def _gen_rsvg(rng, src, split, i, out, json_rel):
+    """Each target's phrase is unique in its image by construction: distinct vehicle colours, or
+    one ship per quadrant. One grounding and one region-caption record per image (2 turns each)."""
+    w, h = _image_size(rng)
+    objs: list[Obj] = []
+    if rng.random() < 0.4:
+        scene = "sea"
+        quads = rng.permutation(4)[:int(rng.integers(2, 4))]
+        phrases = []
+        for q in quads:
+            qx, qy = int(q) % 2, int(q) // 2
+            _place(rng, objs, "ship", w, h, region=(qx / 2, qy / 2, qx / 2 + 0.5, qy / 2 + 0.5))
+            phrases.append(f"The ship at the {_QUADRANTS[(qx, qy)]}")
+    else:
+        scene = LAND_SCENES[int(rng.integers(len(LAND_SCENES)))]
+        colours = rng.permutation(sorted(VEHICLE_COLOURS))[:int(rng.integers(2, 5))]
+        phrases = []
+        for c in colours:
+            _place(rng, objs, "vehicle", w, h, colour=str(c))
+            phrases.append(f"The {c} vehicle")
+    img = _optical_background(rng, scene, w, h)
+    for o in objs:
+        _draw_optical(img, o)
+    path = out.image(f"{src.image_dir}/{split}_{i:05d}.png", img)
+    targets = rng.permutation(len(objs))[:2]
+    pairs = [(phrases[t], boxes_to_text([pixel_to_norm(objs[t].box, w, h)])) for t in targets]
+    out.record(json_rel, path, _turns(*((GROUNDING_PROMPT.format(phrase=p), b) for p, b in pairs)))
+    out.record(json_rel, path,
+               _turns(*((REGION_CAPTION_PROMPT.format(box=b), p) for p, b in pairs)))
+
+
+def _gen_detection(rng, src, split, i, out, json_rel):
+    """1-4 objects of 1-2 classes; answer groups boxes per class in the source's class order."""
+    w, h = _image_size(rng)
+    objs: list[Obj] = []
+    n = int(rng.integers(1, 5))
+    if src.name == "DIOR_mini":
+        scene = "sea" if rng.random() < 0.35 else LAND_SCENES[int(rng.integers(len(LAND_SCENES)))]
+        if scene == "sea":
+            classes = ["ship"]
+        else:
+            classes = [["vehicle"], ["airplane"], ["vehicle", "airplane"]][int(rng.integers(3))]
+        colour = str(rng.choice(sorted(VEHICLE_COLOURS)))
+        for k in range(max(n, len(classes))):
+            cls = classes[k % len(classes)]
+            _place(rng, objs, cls, w, h, colour=colour if cls == "vehicle" else "")
+        img = _optical_background(rng, scene, w, h)
+        for o in objs:
+            _draw_optical(img, o)
+    elif src.name == "SSDD_mini":
+        for _ in range(n):
+            _place(rng, objs, "ship", w, h)
+        img = _sar_image(rng, w, h, objs)
+    else:
+        classes = [["person"], ["vehicle"], ["person", "vehicle"]][int(rng.integers(3))]
+        for k in range(max(n, len(classes))):
+            _place(rng, objs, classes[k % len(classes)], w, h)
+        img = _infrared_image(rng, w, h, objs)
+    groups = [(c, _norm_sorted([o for o in objs if o.cls == c], w, h))
+              for c in DETECTION_CLASSES[src.name] if any(o.cls == c for o in objs)]
+    path = out.image(f"{src.image_dir}/{split}_{i:05d}.png", img)
+    out.record(json_rel, path, _turns((DETECTION_PROMPT, detection_to_text(groups))))
+
+
+def _rng_for(seed: int, *names: str) -> np.random.Generator:
+    # A stream per (seed, source, split): sizes of one source never shift another's content.
+    key = [zlib.crc32(n.encode()) for n in names]
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+
+def _allocate(total: int, src: Source) -> int:
+    n = max(2, int(round(total * src.weight / 600)))
+    if src.task == "vqa":
+        n += n % 2  # presence answers are exactly half yes, half no
+    return n
+
+
+def source_counts(num_images: int) -> dict[str, int]:
+    """Images per source for a split of about `num_images` images (each source gets >= 2)."""
+    return {s.name: _allocate(num_images, s) for s in SOURCES}
+
+
+def write_release(root: str, *, seed: int = 0, num_train_images: int = 600,
+                  num_test_images: int = 150) -> dict[str, int]:
+    """Write a mini MMRS-1M release under `root/data`; returns {json path: record count}.
+
+    Deterministic: the same seed and sizes give byte-identical files.
+    """
+    out = _Writer(root)
+    for split, total in (("train", num_train_images), ("test", num_test_images)):
+        for src in SOURCES:
+            rng = _rng_for(seed, src.name, split)
+            json_rel = split_json_path(src.json_path, split)
+            n = _allocate(total, src)
+            if src.task == "vqa":
+                present = np.zeros(n, bool)
+                present[rng.permutation(n)[:n // 2]] = True
+            for i in range(n):
+                if src.task == "classification":
+                    _gen_classification(rng, src, split, i, out, json_rel)
+                elif src.task == "caption":
+                    _gen_caption(rng, src, split, i, out, json_rel)
+                elif src.task == "vqa":
+                    _gen_vqa(rng, src, split, i, out, json_rel, bool(present[i]))
+                elif src.task == "rsvg":
+                    _gen_rsvg(rng, src, split, i, out, json_rel)
+                else:
+                    _gen_detection(rng, src, split, i, out, json_rel)
+    total_train = []
+    for json_rel, records in sorted(out.records.items()):
+        if not json_rel.endswith("_test.json"):
+            total_train += records
+        _write_json(os.path.join(root, json_rel), records)
+    # The real release ships an aggregate file too; consumers must skip it.
+    _write_json(os.path.join(root, "data/json/total.json"), total_train)
+    return {k: len(v) for k, v in sorted(out.records.items())}
+
+
+def _write_json(path: str, records: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(records, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from absl import app, flags  # imported here so the library part needs no absl flags
+
+    flags.DEFINE_string("out", None, "Release root; `data/` is written inside it.", required=True)
+    flags.DEFINE_integer("seed", 0, "Generator seed.")
+    flags.DEFINE_integer("num_train_images", 600, "About this many train images in total.")
+    flags.DEFINE_integer("num_test_images", 150, "About this many test images in total.")
+
+    def _run(_):
+        f = flags.FLAGS
+        counts = write_release(f.out, seed=f.seed, num_train_images=f.num_train_images,
+                               num_test_images=f.num_test_images)
+        for path, n in counts.items():
+            print(f"{n:6d}  {path}")
+
+    app.run(_run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Per-task metrics as pure functions over Python lists.
+
+Every function accepts empty inputs and then returns `n = 0` with `None` for the undefined
+figures (JSON-friendly, unlike NaN). Boxes are `[x0, y0, x1, y1]` in any one frame; the padded
+[0,1] frame of MMRS-1M is an isotropic scale plus a shift of pixel space, so IoU is the same in
+both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+from earthgpt_jax.evaluate import parsers
+
+BoxLike = Sequence[float]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def classification_accuracy(preds: Sequence[str], refs: Sequence[str]) -> dict:
+    """Exact match of `normalise_class(pred)` and `normalise_class(ref)`."""
+    _check_lengths(preds, refs)
+    hits = [parsers.normalise_class(p) == parsers.normalise_class(r) for p, r in zip(preds, refs)]
+    return {"accuracy": _mean([float(h) for h in hits]), "n": len(hits)}
+
+
+def caption_scores(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> dict:
+    """BLEU-1..4 and CIDEr (pycocoevalcap) over simple lowercase/no-punctuation tokens.
+
+    CIDEr's IDF comes from the references of the evaluated set itself, as in the COCO toolkit,
+    so a score depends on which captions are evaluated together. Items without references are
+    skipped. With a single item every n-gram has document frequency 1 and CIDEr is 0 by
+    construction.
+    """
+    _check_lengths(preds, refs_list)
+    gts, res = {}, {}
+    for i, (pred, refs) in enumerate(zip(preds, refs_list)):
+        if isinstance(refs, str):
+            refs = [refs]
+        refs = [" ".join(parsers.simple_tokens(r)) for r in refs]
+        refs = [r for r in refs if r]
+        if not refs:
+            continue
+        gts[i] = refs
+        res[i] = [" ".join(parsers.simple_tokens(pred))]
+    out = {"BLEU-1": None, "BLEU-2": None, "BLEU-3": None, "BLEU-4": None, "CIDEr": None,
+           "n": len(gts)}
+    if not gts:
+        return out
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    with contextlib.redirect_stdout(io.StringIO()):  # BleuScorer prints its ratio line.
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        cider, _ = Cider().compute_score(gts, res)
+    for k in range(4):
+        out[f"BLEU-{k + 1}"] = float(bleu[k])
+    out["CIDEr"] = float(cider)
+    return out
+
+
+def vqa_answer_correct(pred: str, answers: str | Sequence[str]) -> tuple[bool, bool]:
+    """(correct, parseable). Yes/no references compare `parse_yes_no`, numeric references
+    compare `parse_number`, anything else the normalised strings; any reference may match."""
+    if isinstance(answers, str):
+        answers = [answers]
+    parseable = False
+    for ans in answers:
+        norm = parsers.normalise_vqa_answer(ans)
+        if norm in ("yes", "no"):
+            got = parsers.parse_yes_no(pred)
+            parseable |= got is not None
+            if got == norm:
+                return True, True
+        elif norm.isdigit():
+            got = parsers.parse_number(pred)
+            parseable |= got is not None
+            if got == int(norm):
+                return True, True
+        else:
+            got = parsers.normalise_vqa_answer(pred)
+            parseable |= bool(got)
+            if got == norm:
+                return True, True
+    return False, parseable
+
+
+def vqa_accuracy(preds: Sequence[str], answers: Sequence[str | Sequence[str]],
+                 question_types: Sequence[str] | None = None) -> dict:
+    """Overall and per-question-type accuracy; `n_malformed` counts answers that held no
+    yes/no (for yes/no references), no number (numeric references) or no text."""
+    _check_lengths(preds, answers)
+    if question_types is None:
+        question_types = ["all"] * len(preds)
+    _check_lengths(preds, question_types)
+    hits, malformed = [], 0
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for pred, ans, qtype in zip(preds, answers, question_types):
+        ok, parseable = vqa_answer_correct(pred, ans)
+        hits.append(float(ok))
+        malformed += int(not parseable)
+        by_type[qtype].append(float(ok))
+    return {"accuracy": _mean(hits), "n": len(hits), "n_malformed": malformed,
+            "per_type": {t: {"accuracy": _mean(v), "n": len(v)} for t, v in sorted(by_type.items())}}
+
+
+def box_area(box: BoxLike) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def box_intersection(a: BoxLike, b: BoxLike) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(0.0, w) * max(0.0, h)
+
+
+def box_iou(a: BoxLike, b: BoxLike) -> float:
+    """IoU of two xyxy boxes (continuous coordinates, no +1); 0 when the union is empty."""
+    inter = box_intersection(a, b)
+    union = box_area(a) + box_area(b) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def grounding_scores(pred_boxes: Sequence[BoxLike | None], gt_boxes: Sequence[BoxLike],
+                     iou_threshold: float = 0.5) -> dict:
+    """Acc@0.5 (IoU >= threshold), mIoU, and cIoU = sum of intersections / sum of unions.
+
+    A `None` prediction (nothing parseable) scores IoU 0, adds the ground-truth area to the
+    cIoU union, and is counted in `n_malformed`.
+    """
+    _check_lengths(pred_boxes, gt_boxes)
+    ious, inter_sum, union_sum, malformed = [], 0.0, 0.0, 0
+    for pred, gt in zip(pred_boxes, gt_boxes):
+        if pred is None:
+            malformed += 1
+            ious.append(0.0)
+            union_sum += box_area(gt)
+            continue
+        inter = box_intersection(pred, gt)
+        union = box_area(pred) + box_area(gt) - inter
+        ious.append(float(inter / union) if union > 0 else 0.0)
+        inter_sum += inter
+        union_sum += union
+    n = len(ious)
+    return {
+        f"Acc@{iou_threshold:g}": _mean([float(v >= iou_threshold) for v in ious]),
+        "mIoU": _mean(ious),
+        "cIoU": (float(inter_sum / union_sum) if union_sum > 0 else 0.0) if n else None,
+        "n": n,
+        "n_malformed": malformed,
+    }
+
+
+def match_boxes(pred: Sequence[BoxLike], gt: Sequence[BoxLike],
+                iou_threshold: float = 0.5) -> list[tuple[int, int, float]]:
+    """Greedy one-to-one matching: highest-IoU pairs first, each box used at most once."""
+    pairs = []
+    for i, p in enumerate(pred):
+        for j, g in enumerate(gt):
+            iou = box_iou(p, g)
+            if iou >= iou_threshold:
+                pairs.append((iou, i, j))
+    pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
+    used_p, used_g, matches = set(), set(), []
+    for iou, i, j in pairs:
+        if i in used_p or j in used_g:
+            continue
+        used_p.add(i)
+        used_g.add(j)
+        matches.append((i, j, iou))
+    return matches
+
+
+def _as_class_dict(groups: Iterable) -> tuple[dict[str, list], dict[str, int]]:
+    """Groups of (class, boxes) or (class, count, boxes) -> boxes per class, count per class.
+
+    The count is the one the answer states (`<p>N ...</p>`) when given, else the box count.
+    Several groups of one class are merged.
+    """
+    boxes: dict[str, list] = defaultdict(list)
+    counts: dict[str, int] = defaultdict(int)
+    for group in groups or ():
+        if len(group) == 3:
+            cls, count, bxs = group
+        else:
+            cls, bxs = group
+            count = None
+        bxs = list(bxs or ())
+        boxes[cls].extend(bxs)
+        counts[cls] += int(count) if count is not None else len(bxs)
+    return dict(boxes), dict(counts)
+
+
+def detection_scores(pred_groups: Sequence[Iterable], gt_groups: Sequence[Iterable],
+                     iou_threshold: float = 0.5) -> dict:
+    """Precision/recall at IoU 0.5 with greedy per-class matching, plus count accuracy.
+
+    The model emits no confidences, so there is no ranking and no AP; precision and recall are
+    pooled over all images. `count_accuracy` is the fraction of images whose predicted count
+    equals the true count for every class that either side names; `class_count_accuracy` the
+    same per (image, true class) pair.
+    """
+    _check_lengths(pred_groups, gt_groups)
+    tp = n_pred = n_gt = 0
+    count_ok, class_count_ok = [], []
+    cls_tp: dict[str, int] = defaultdict(int)
+    cls_gt: dict[str, int] = defaultdict(int)
+    for pred, gt in zip(pred_groups, gt_groups):
+        p_boxes, p_counts = _as_class_dict(pred)
+        g_boxes, g_counts = _as_class_dict(gt)
+        for cls, gb in g_boxes.items():
+            pb = p_boxes.get(cls, [])
+            matched = len(match_boxes(pb, gb, iou_threshold))
+            tp += matched
+            cls_tp[cls] += matched
+            cls_gt[cls] += len(gb)
+            n_gt += len(gb)
+            class_count_ok.append(float(p_counts.get(cls, 0) == g_counts.get(cls, 0)))
+        n_pred += sum(len(v) for v in p_boxes.values())
+        classes = set(p_counts) | set(g_counts)
+        count_ok.append(float(all(p_counts.get(c, 0) == g_counts.get(c, 0) for c in classes)))
+    return {
+        f"precision@{iou_threshold:g}": (tp / n_pred if n_pred else 0.0) if count_ok else None,
+        f"recall@{iou_threshold:g}": (tp / n_gt if n_gt else None),
+        "count_accuracy": _mean(count_ok),
+        "class_count_accuracy": _mean(class_count_ok),
+        "per_class_recall": {c: {"recall": cls_tp[c] / cls_gt[c], "n_gt": cls_gt[c]}
+                             for c in sorted(cls_gt)},
+        "n": len(count_ok),
+        "n_pred_boxes": n_pred,
+        "n_gt_boxes": n_gt,
+        "n_true_positive": tp,
+    }
+
+
+def exact_match_accuracy(preds: Sequence[str], refs: Sequence[str | Sequence[str]]) -> dict:
+    """Normalised-phrase exact match (region captioning); any reference may match."""
+    _check_lengths(preds, refs)
+    hits = []
+    for pred, ref in zip(preds, refs):
+        ref = [ref] if isinstance(ref, str) else list(ref)
+        p = parsers.normalise_phrase(pred)
+        hits.append(float(any(p == parsers.normalise_phrase(r) for r in ref)))
+    return {"accuracy": _mean(hits), "n": len(hits)}
+
+
+def _check_lengths(a: Sequence, b: Sequence) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"length mismatch: {len(a)} predictions vs {len(b)} references")

@@ -1,0 +1,434 @@
+"""From raw model answers to a results table with a trivial baseline beside every figure.
+
+An example is a dict: `task` (classification | captioning | vqa | grounding | region_captioning |
+detection), `sensor` (optical | sar | infrared), `question`, `prediction` (raw model text),
+`references` (the record's answers; several for captioning), `width`, `height` (original image
+size), optional `id` and, for pictures, `image` (uint8 array of the original image).
+
+Baselines answer without looking at the image: the majority class / answer / count, the most
+common caption, the mean box. Their statistics come from training answers (`baselines_from`) or,
+when none are given, from the evaluated references themselves (an optimistic baseline, since it
+peeks at the test answers' distribution). Statistics are kept per task and per (task, sensor);
+a sensor's own statistics are used when it has any.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from earthgpt_jax.data import boxes as box_text
+from earthgpt_jax.evaluate import metrics, parsers
+
+TASKS = ("classification", "captioning", "vqa", "grounding", "region_captioning", "detection")
+# Rows of the report, in order; VQA is also reported on its presence and counting questions.
+REPORT_TASKS = ("classification", "captioning", "vqa", "vqa_presence", "vqa_count", "grounding",
+                "region_captioning", "detection")
+HEADLINE_METRICS = {
+    "classification": ("accuracy",),
+    "captioning": ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"),
+    "vqa": ("accuracy",),
+    "vqa_presence": ("accuracy",),
+    "vqa_count": ("accuracy",),
+    "grounding": ("Acc@0.5", "mIoU", "cIoU"),
+    "region_captioning": ("exact_match", "BLEU-4", "CIDEr"),
+    "detection": ("precision@0.5", "recall@0.5", "count_accuracy"),
+}
+ALL = "all"
+TRUE_COLOUR = (0, 255, 0)
+PRED_COLOUR = (255, 0, 0)
+
+
+# ----------------------------------------------------------------------------- answer parsing
+
+def vqa_question_type(question: str, reference: str) -> str:
+    """presence ('Is there a road?'), count ('How many ...'), comparison (other yes/no), other."""
+    q = str(question or "").lower()
+    ref = parsers.normalise_vqa_answer(reference)
+    if ref in ("yes", "no"):
+        if re.search(r"\b(is|are) there\b", q) and not re.search(r"\b(more|less|fewer|than)\b", q):
+            return "presence"
+        return "comparison"
+    if "how many" in q or ref.isdigit():
+        return "count"
+    return "other"
+
+
+def _reference(example: dict) -> str:
+    refs = example.get("references") or []
+    return refs[0] if refs else ""
+
+
+def _sensor(example: dict) -> str:
+    return str(example.get("sensor") or "unknown").lower()
+
+
+def _gt_box(example: dict):
+    found, _ = box_text.parse_boxes(_reference(example))
+    return list(found[0]) if found else None
+
+
+def _gt_groups(example: dict):
+    groups, _ = parsers.parse_detection_answer(_reference(example))
+    return groups
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def _majority(values: Iterable, default=None):
+    counts = Counter(values)
+    return counts.most_common(1)[0][0] if counts else default
+
+
+def _most_common_caption(captions: Sequence[str]) -> str:
+    """Most frequent normalised caption; ties (e.g. all unique) go to the caption made of the
+    most frequent words, a cheap stand-in for the consensus caption."""
+    norm = [" ".join(parsers.simple_tokens(c)) for c in captions]
+    norm = [c for c in norm if c]
+    if not norm:
+        return ""
+    counts = Counter(norm)
+    top = max(counts.values())
+    tied = [c for c in counts if counts[c] == top]
+    if len(tied) == 1:
+        return tied[0]
+    word_freq = Counter(w for c in norm for w in c.split())
+    return max(tied, key=lambda c: (np.mean([word_freq[w] for w in c.split()]), -len(c)))
+
+
+def _task_stats(examples: Sequence[dict], task: str) -> dict:
+    if task == "classification":
+        return {"majority": _majority(parsers.normalise_class(_reference(e)) for e in examples)}
+    if task == "vqa":
+        by_type = defaultdict(list)
+        for e in examples:
+            ref = _reference(e)
+            by_type[vqa_question_type(e.get("question", ""), ref)].append(
+                parsers.normalise_vqa_answer(ref))
+        return {"majority_by_type": {t: _majority(v) for t, v in sorted(by_type.items())},
+                "majority": _majority(a for v in by_type.values() for a in v)}
+    if task == "captioning":
+        return {"caption": _most_common_caption([r for e in examples for r in e.get("references") or []])}
+    if task == "region_captioning":
+        return {"phrase": _majority(parsers.normalise_phrase(_reference(e)) for e in examples
+                                    if _reference(e).strip())}
+    if task == "grounding":
+        found = [b for b in (_gt_box(e) for e in examples) if b is not None]
+        return {"mean_box": np.mean(found, axis=0).tolist() if found else None}
+    if task == "detection":
+        all_boxes, counts, counts_by_class = [], [], defaultdict(list)
+        for e in examples:
+            for cls, count, bxs in _gt_groups(e):
+                all_boxes.extend(bxs)
+                counts.append(count)
+                counts_by_class[cls].append(count)
+        return {"mean_box": np.mean(all_boxes, axis=0).tolist() if all_boxes else None,
+                "majority_count": _majority(counts),
+                "majority_count_by_class": {c: _majority(v) for c, v in sorted(counts_by_class.items())}}
+    raise ValueError(f"unknown task {task!r}")
+
+
+def baselines_from(train_examples: Sequence[dict], source: str = "train") -> dict:
+    """Answer statistics per task and per (task, sensor): {'source', 'stats': {task: {sensor|'all':
+    stats}}}. `train_examples` use the example schema; `prediction` is not needed."""
+    by_task = defaultdict(list)
+    for e in train_examples or ():
+        if e.get("task") in TASKS:
+            by_task[e["task"]].append(e)
+    stats = {}
+    for task, exs in by_task.items():
+        per = {ALL: _task_stats(exs, task)}
+        by_sensor = defaultdict(list)
+        for e in exs:
+            by_sensor[_sensor(e)].append(e)
+        for sensor, sexs in sorted(by_sensor.items()):
+            per[sensor] = _task_stats(sexs, task)
+        stats[task] = per
+    return {"source": source, "n": sum(len(v) for v in by_task.values()), "stats": stats}
+
+
+def _stats_for(baselines: dict, task: str, sensor: str) -> dict:
+    per = baselines.get("stats", {}).get(task, {})
+    return per.get(sensor) or per.get(ALL) or {}
+
+
+def _baseline_answer_groups(gt_groups, stats):
+    """Mean box and majority count for every class the image truly holds (the baseline is told
+    the classes, so its recall and count accuracy are upper bounds for a blind constant)."""
+    mean_box = stats.get("mean_box")
+    by_class = stats.get("majority_count_by_class") or {}
+    out = []
+    for cls, _, _ in gt_groups:
+        count = by_class.get(cls, stats.get("majority_count") or 0)
+        out.append((cls, count, [mean_box] if mean_box is not None else []))
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def _score_group(task: str, examples: Sequence[dict], stats: dict) -> dict:
+    """Model and baseline metrics of one (task, sensor) group; task may be a VQA sub-task."""
+    preds = [str(e.get("prediction") or "") for e in examples]
+    out = {"n": len(examples), "n_malformed": 0, "model": {}, "baseline": {}, "details": {}}
+    if task == "classification":
+        refs = [_reference(e) for e in examples]
+        out["model"] = metrics.classification_accuracy(preds, refs)
+        base = stats.get("majority") or ""
+        out["baseline"] = metrics.classification_accuracy([base] * len(refs), refs)
+        out["details"]["majority_class"] = base
+    elif task.startswith("vqa"):
+        refs = [_reference(e) for e in examples]
+        types = [vqa_question_type(e.get("question", ""), r) for e, r in zip(examples, refs)]
+        model = metrics.vqa_accuracy(preds, refs, types)
+        by_type = stats.get("majority_by_type") or {}
+        base_preds = [by_type.get(t, stats.get("majority") or "") for t in types]
+        base = metrics.vqa_accuracy(base_preds, refs, types)
+        out["model"], out["baseline"] = model, base
+        out["n_malformed"] = model["n_malformed"]
+        out["details"]["majority_by_type"] = by_type
+    elif task == "captioning":
+        refs = [list(e.get("references") or []) for e in examples]
+        out["model"] = metrics.caption_scores(preds, refs)
+        base = stats.get("caption") or ""
+        out["baseline"] = metrics.caption_scores([base] * len(refs), refs)
+        out["details"]["baseline_caption"] = base
+        out["n_malformed"] = sum(not parsers.simple_tokens(p) for p in preds)
+    elif task == "region_captioning":
+        refs = [_reference(e) for e in examples]
+        base = stats.get("phrase") or ""
+        model = metrics.exact_match_accuracy(preds, refs)
+        model.update(metrics.caption_scores(preds, [[r] for r in refs]))
+        model["exact_match"] = model.pop("accuracy")
+        baseline = metrics.exact_match_accuracy([base] * len(refs), refs)
+        baseline.update(metrics.caption_scores([base] * len(refs), [[r] for r in refs]))
+        baseline["exact_match"] = baseline.pop("accuracy")
+        out["model"], out["baseline"] = model, baseline
+        out["details"]["majority_phrase"] = base
+        out["n_malformed"] = sum(not parsers.simple_tokens(p) for p in preds)
+    elif task == "grounding":
+        gts, pred_boxes, malformed, bad_refs = [], [], 0, 0
+        for e, p in zip(examples, preds):
+            gt = _gt_box(e)
+            if gt is None:
+                bad_refs += 1
+                continue
+            box, bad = parsers.parse_grounding_answer(p)
+            malformed += bad
+            gts.append(gt)
+            pred_boxes.append(box)
+        out["model"] = metrics.grounding_scores(pred_boxes, gts)
+        mean_box = stats.get("mean_box")
+        out["baseline"] = metrics.grounding_scores([mean_box] * len(gts), gts)
+        out["baseline"]["n_malformed"] = 0
+        out["n"] = len(gts)
+        out["n_malformed"] = malformed
+        out["details"].update(mean_box=mean_box, n_unparseable_references=bad_refs,
+                              n_no_box=out["model"]["n_malformed"])
+    elif task == "detection":
+        gts, pred_groups, base_groups, malformed = [], [], [], 0
+        for e, p in zip(examples, preds):
+            gt = _gt_groups(e)
+            groups, bad = parsers.parse_detection_answer(p)
+            malformed += bad
+            gts.append(gt)
+            pred_groups.append(groups)
+            base_groups.append(_baseline_answer_groups(gt, stats))
+        out["model"] = metrics.detection_scores(pred_groups, gts)
+        out["baseline"] = metrics.detection_scores(base_groups, gts)
+        out["n_malformed"] = malformed
+        out["details"].update(mean_box=stats.get("mean_box"),
+                              majority_count=stats.get("majority_count"))
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    return out
+
+
+def _report_task_of(example: dict) -> list[str]:
+    """The report groups an example belongs to (VQA also to its presence/count sub-task)."""
+    task = example.get("task")
+    if task != "vqa":
+        return [task]
+    qtype = vqa_question_type(example.get("question", ""), _reference(example))
+    return ["vqa"] + ([f"vqa_{qtype}"] if qtype in ("presence", "count") else [])
+
+
+def evaluate_predictions(examples: Sequence[dict], baselines: dict | None = None) -> dict:
+    """Metrics per task and per (task, sensor), each with its baseline; see module docstring.
+
+    Returns {'n_examples', 'n_unknown_task', 'baseline_source', 'groups': {task: {sensor|'all':
+    {'n', 'n_malformed', 'model': {...}, 'baseline': {...}, 'details': {...}}}}, 'rows': [{'task',
+    'sensor', 'metric', 'model', 'baseline', 'n'}]}.
+    """
+    examples = list(examples or ())
+    known = [e for e in examples if e.get("task") in TASKS]
+    if baselines is None:
+        baselines = baselines_from(known, source="eval_references")
+    grouped: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for e in known:
+        for task in _report_task_of(e):
+            grouped[task][ALL].append(e)
+            grouped[task][_sensor(e)].append(e)
+    groups = {}
+    for task in REPORT_TASKS:
+        if task not in grouped:
+            continue
+        stats_task = "vqa" if task.startswith("vqa") else task
+        sensors = [ALL] + sorted(s for s in grouped[task] if s != ALL)
+        groups[task] = {s: _score_group(task, grouped[task][s], _stats_for(baselines, stats_task, s))
+                        for s in sensors}
+    return {
+        "n_examples": len(examples),
+        "n_unknown_task": len(examples) - len(known),
+        "baseline_source": baselines.get("source", "given"),
+        "groups": groups,
+        "rows": _rows(groups),
+    }
+
+
+def _rows(groups: dict) -> list[dict]:
+    rows = []
+    for task, per_sensor in groups.items():
+        for sensor, g in per_sensor.items():
+            for metric in HEADLINE_METRICS[task]:
+                rows.append({"task": task, "sensor": sensor, "metric": metric,
+                             "model": g["model"].get(metric), "baseline": g["baseline"].get(metric),
+                             "n": g["n"]})
+            rows.append({"task": task, "sensor": sensor, "metric": "malformed answers",
+                         "model": g["n_malformed"], "baseline": None, "n": g["n"]})
+    return rows
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: task | sensor | metric | model | baseline | n."""
+    header = "| task | sensor | metric | model | baseline | n |\n|---|---|---|---|---|---|"
+    lines = [header]
+    for r in results.get("rows", []):
+        lines.append(f"| {r['task']} | {r['sensor']} | {r['metric']} | {_fmt(r['model'])} | "
+                     f"{_fmt(r['baseline'])} | {r['n']} |")
+    if len(lines) == 1:
+        lines.append("| (no examples) | - | - | - | - | 0 |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out_dir: str) -> str:
+    """Write results.json and results.md into out_dir; return the markdown table."""
+    os.makedirs(out_dir, exist_ok=True)
+    table = results_table(results)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, sort_keys=False, default=_json_default)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("# Evaluation results\n\n")
+        f.write(f"{results.get('n_examples', 0)} examples; baselines from "
+                f"{results.get('baseline_source', '-')}.\n\n")
+        f.write(table)
+    return table
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def _to_rgb(image) -> "PIL.Image.Image":
+    from PIL import Image
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    return Image.fromarray(arr[..., :3], mode="RGB")
+
+
+def draw_boxes_png(image, true_boxes_px, pred_boxes_px, labels, path, pred_labels=None) -> str:
+    """Save the image with true boxes in green and predicted boxes in red, plus a legend.
+
+    `labels` (optional) name the true boxes, `pred_labels` the predicted ones.
+    """
+    from PIL import ImageDraw, ImageFont
+    img = _to_rgb(image)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    width = max(1, round(min(img.size) / 150))
+
+    def _draw(bxs, names, colour):
+        for k, b in enumerate(bxs or ()):
+            x0, x1 = sorted((float(b[0]), float(b[2])))
+            y0, y1 = sorted((float(b[1]), float(b[3])))
+            draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
+            if names is not None and k < len(names) and names[k]:
+                draw.text((x0 + 2, max(0.0, y0 - 11)), str(names[k]), fill=colour, font=font)
+
+    _draw(true_boxes_px, labels, TRUE_COLOUR)
+    _draw(pred_boxes_px, pred_labels, PRED_COLOUR)
+    # Legend in the top-left corner on a dark backing so it reads on any image.
+    draw.rectangle([0, 0, 62, 25], fill=(0, 0, 0))
+    draw.rectangle([3, 3, 9, 9], fill=TRUE_COLOUR)
+    draw.text((13, 0), "truth", fill=(255, 255, 255), font=font)
+    draw.rectangle([3, 15, 9, 21], fill=PRED_COLOUR)
+    draw.text((13, 12), "predicted", fill=(255, 255, 255), font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path, format="PNG")
+    return path
+
+
+def _size_of(example: dict) -> tuple[int, int]:
+    h, w = np.asarray(example["image"]).shape[:2]
+    return int(example.get("width") or w), int(example.get("height") or h)
+
+
+def write_box_pictures(examples_with_images: Sequence[dict], out_dir: str,
+                       max_per_task: int = 4) -> list[str]:
+    """Draw truth vs prediction for up to `max_per_task` grounding and detection examples that
+    carry an `image` (the original image); boxes go from the padded [0,1] frame to pixels."""
+    written, per_task = [], Counter()
+    for i, e in enumerate(examples_with_images or ()):
+        task = e.get("task")
+        if task not in ("grounding", "detection") or e.get("image") is None:
+            continue
+        if per_task[task] >= max_per_task:
+            continue
+        width, height = _size_of(e)
+        to_px = lambda b: box_text.norm_to_pixel(b, width, height)  # noqa: E731
+        pred_text = str(e.get("prediction") or "")
+        if task == "grounding":
+            gt = _gt_box(e)
+            true_boxes, labels = ([to_px(gt)], ["truth"]) if gt is not None else ([], [])
+            pred, _ = parsers.parse_grounding_answer(pred_text)
+            pred_boxes, pred_labels = ([to_px(pred)], None) if pred is not None else ([], None)
+        else:
+            true_boxes, labels = [], []
+            for cls, _, bxs in _gt_groups(e):
+                true_boxes += [to_px(b) for b in bxs]
+                labels += [cls] * len(bxs)
+            pred_boxes, pred_labels = [], []
+            for cls, _, bxs in parsers.parse_detection_answer(pred_text)[0]:
+                pred_boxes += [to_px(b) for b in bxs]
+                pred_labels += [cls] * len(bxs)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(e.get("id", i)))
+        path = os.path.join(out_dir, f"{task}_{_sensor(e)}_{name}.png")
+        written.append(draw_boxes_png(e["image"], true_boxes, pred_boxes, labels, path,
+                                      pred_labels=pred_labels))
+        per_task[task] += 1
+    return written

@@ -1,0 +1,89 @@
+"""EarthGPT: visual-enhanced perception (DINOv2 multi-layer + CLIP ConvNeXt multi-scale),
+one linear projection to LLM tokens, and the LLaMA decoder with the visual tokens as a prefix.
+
+Sequence layout: [BOS] [V visual tokens] [text tokens...]. Logits at position V (the last
+visual token) predict text token 0, so `__call__` returns the logits aligned with `tokens`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from earthgpt_jax.models.convnext import ConvNeXt
+from earthgpt_jax.models.layers import Linear
+from earthgpt_jax.models.llama import LlamaDecoder
+from earthgpt_jax.models.presets import EarthGPTConfig
+from earthgpt_jax.models.vit import ViT
+
+# Each tower gets the normalisation it was pre-trained with.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _normalise(images_uint8, mean, std, dtype):
+    x = images_uint8.astype(jnp.float32) / 255.0
+    return ((x - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
+
+
+def pool_to_grid(feature_map, grid: int):
+    """[B, h, w, C] -> [B, grid, grid, C]: mean over blocks when h divides, resize otherwise."""
+    batch, h, w, c = feature_map.shape
+    if h % grid == 0 and w % grid == 0:
+        return feature_map.reshape(batch, grid, h // grid, grid, w // grid, c).mean(axis=(2, 4))
+    return jax.image.resize(feature_map, (batch, grid, grid, c), method="linear")
+
+
+class EarthGPT(nn.Module):
+    cfg: EarthGPTConfig
+
+    def setup(self):
+        dtype = jnp.dtype(self.cfg.dtype)
+        self.vit = ViT(self.cfg.vit, dtype, name="vit")
+        self.convnext = ConvNeXt(self.cfg.convnext, dtype, name="convnext")
+        self.projector = Linear(self.cfg.llm.hidden_size, ("fused", "embed"), use_bias=True,
+                                dtype=dtype, name="projector")
+        self.llm = LlamaDecoder(self.cfg.llm, dtype, self.cfg.remat_policy, name="llm")
+
+    def encode_images(self, images):
+        """uint8 [B, S, S, 3] (already padded to square and resized) -> [B, V, hidden]."""
+        dtype = jnp.dtype(self.cfg.dtype)
+        grid = self.cfg.grid_size
+        maps = self.vit(_normalise(images, IMAGENET_MEAN, IMAGENET_STD, dtype))
+        maps += self.convnext(_normalise(images, CLIP_MEAN, CLIP_STD, dtype))
+        fused = jnp.concatenate([pool_to_grid(m, grid) for m in maps], axis=-1)
+        if self.cfg.freeze_vision:
+            # Frozen towers: no backward pass through them at all, not just zero updates.
+            fused = jax.lax.stop_gradient(fused)
+        fused = fused.reshape(fused.shape[0], grid * grid, fused.shape[-1])
+        return self.projector(fused)
+
+    def embed_prompt(self, images, tokens):
+        """[BOS] + visual tokens + embedded `tokens` -> [B, 1 + V + T, hidden]."""
+        visual = self.encode_images(images)
+        batch = tokens.shape[0]
+        bos = self.llm.embed(jnp.full((batch, 1), self.cfg.bos_id, jnp.int32))
+        return jnp.concatenate([bos, visual.astype(bos.dtype), self.llm.embed(tokens)], axis=1)
+
+    def prefix_valid(self, text_valid):
+        """Key-validity mask of the whole sequence from the text's mask."""
+        batch = text_valid.shape[0]
+        prefix = jnp.ones((batch, 1 + self.cfg.num_visual_tokens), bool)
+        return jnp.concatenate([prefix, text_valid.astype(bool)], axis=1)
+
+    def __call__(self, images, tokens, text_valid):
+        """Teacher-forced logits [B, T, vocab]: entry t predicts tokens[:, t]."""
+        x = self.embed_prompt(images, tokens)
+        valid = self.prefix_valid(text_valid)
+        positions = jnp.cumsum(valid, axis=1) - 1
+        logits, _ = self.llm(x, positions, valid)
+        v = self.cfg.num_visual_tokens
+        return logits[:, v:v + tokens.shape[1]]
+
+    def decode(self, embeddings, positions, key_valid, cache, cache_index):
+        """One cached forward over `embeddings` written at `cache_index`."""
+        return self.llm(embeddings, positions, key_valid, cache, cache_index)
+
+    def embed_tokens(self, tokens):
+        return self.llm.embed(tokens)

@@ -1,0 +1,97 @@
+"""Building blocks shared by the decoder and the vision towers: linears with logical axes and
+the stage-B bias/scale adapter, RMSNorm, rotary embeddings, grouped-query attention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = jnp.dtype
+
+
+def logical_param(module: nn.Module, name: str, init, shape, axes, dtype=jnp.float32):
+    """A parameter that carries logical axis names, so the config's rules can shard it."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W (+ b), kernel stored [in, out] (torch Linear's transpose).
+
+    With `adapter=True` the output becomes s * (y + b_a), LLaMA-Adapter V2's bias/scale tuning:
+    s starts at 1 and b_a at 0, so an adapted model starts as the base model.
+    """
+    features: int
+    kernel_axes: tuple[str | None, str | None]
+    use_bias: bool = False
+    adapter: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = logical_param(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
+                               self.kernel_axes, self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        out_axis = (self.kernel_axes[1],)
+        if self.use_bias:
+            bias = logical_param(self, "bias", nn.initializers.zeros, (self.features,), out_axis,
+                                 self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if self.adapter:
+            a_bias = logical_param(self, "adapter_bias", nn.initializers.zeros, (self.features,),
+                                   out_axis, self.param_dtype)
+            a_scale = logical_param(self, "adapter_scale", nn.initializers.ones,
+                                    (self.features,), out_axis, self.param_dtype)
+            y = a_scale.astype(self.dtype) * (y + a_bias.astype(self.dtype))
+        return y
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],),
+                              (self.axis_name,))
+        # Statistics in fp32, as HF's LlamaRMSNorm does, then back to the compute dtype.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed.astype(self.dtype)) * scale.astype(self.dtype)
+
+
+def rotary_embedding(x, positions, theta: float):
+    """Rotate-half RoPE (HF layout), so HF q/k weights load with no permutation.
+
+    x: [B, T, heads, head_dim]; positions: [B, T] integer positions.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+def grouped_query_attention(q, k, v, query_index, key_valid):
+    """softmax(q k^T / sqrt(d)) v with causal + padding masks, any kv_heads dividing heads.
+
+    q: [B, Tq, H, D]; k, v: [B, S, KV, D]; query_index: [Tq] index of each query in the key
+    axis (causality); key_valid: [B, S] bool, False for padding and unwritten cache slots.
+    """
+    batch, tq, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, tq, kv_heads, heads // kv_heads, dim)
+    # The 1/sqrt(d) scale is applied here, never folded into weights (DESIGN).
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(dim)
+    causal = jnp.arange(k.shape[1])[None, :] <= query_index[:, None]  # [Tq, S]
+    mask = causal[None, None, None] & key_valid[:, None, None, None, :]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, tq, heads, dim)

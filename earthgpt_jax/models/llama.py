@@ -1,0 +1,111 @@
+"""LLaMA-2 decoder: RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU, untied head.
+
+Layers are stacked with `nn.scan` over a leading `layers` axis. The KV cache is explicit and
+functional: `[layers, B, S, kv_heads, head_dim]` arrays go in and come out, so decoding is a pure
+function the generation loop can carry.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from earthgpt_jax.models.layers import Linear, RMSNorm, grouped_query_attention, rotary_embedding
+from earthgpt_jax.models.presets import LlamaConfig
+
+REMAT_POLICIES = {
+    "full": None,  # recompute everything in the backward pass
+    "dots_saveable": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class DecoderLayer(nn.Module):
+    cfg: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def _linear(self, features, axes, name, use_bias):
+        return Linear(features, axes, use_bias=use_bias, adapter=self.cfg.adapters,
+                      dtype=self.dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x, cache, positions, key_valid, cache_index):
+        cfg = self.cfg
+        batch, tq, _ = x.shape
+        hd = cfg.head_dim
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
+        q = self._linear(cfg.num_heads * hd, ("embed", "heads"), "q_proj", cfg.attention_bias)(h)
+        k = self._linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), "k_proj",
+                         cfg.attention_bias)(h)
+        v = self._linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), "v_proj",
+                         cfg.attention_bias)(h)
+        q = rotary_embedding(q.reshape(batch, tq, cfg.num_heads, hd), positions, cfg.rope_theta)
+        k = rotary_embedding(k.reshape(batch, tq, cfg.num_kv_heads, hd), positions,
+                             cfg.rope_theta)
+        v = v.reshape(batch, tq, cfg.num_kv_heads, hd)
+        if cache is None:
+            keys, values, new_cache = k, v, None
+        else:
+            cache_k, cache_v = cache
+            keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype),
+                                                (0, cache_index, 0, 0))
+            values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype),
+                                                  (0, cache_index, 0, 0))
+            new_cache = (keys, values)
+        query_index = cache_index + jnp.arange(tq)
+        attn = grouped_query_attention(q, keys.astype(self.dtype), values.astype(self.dtype),
+                                       query_index, key_valid)
+        attn = nn.with_logical_constraint(attn, ("batch", "length", "heads", None))
+        x = x + self._linear(cfg.hidden_size, ("heads", "embed"), "o_proj",
+                             cfg.attention_bias)(attn.reshape(batch, tq, -1))
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        gate = self._linear(cfg.intermediate_size, ("embed", "mlp"), "gate_proj", cfg.mlp_bias)(h)
+        up = self._linear(cfg.intermediate_size, ("embed", "mlp"), "up_proj", cfg.mlp_bias)(h)
+        x = x + self._linear(cfg.hidden_size, ("mlp", "embed"), "down_proj",
+                             cfg.mlp_bias)(nn.silu(gate) * up)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, new_cache
+
+
+class LlamaDecoder(nn.Module):
+    """Token embedding, scanned decoder layers, final norm and LM head."""
+    cfg: LlamaConfig
+    dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "none"
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                        ("vocab", "embed")))
+        layer = DecoderLayer
+        if self.remat_policy != "none":
+            if self.remat_policy not in REMAT_POLICIES:
+                raise ValueError(f"unknown remat_policy {self.remat_policy!r}; "
+                                 f"known: none, {', '.join(REMAT_POLICIES)}")
+            layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat_policy],
+                             prevent_cse=False)
+        self.layers = nn.scan(
+            layer, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, self.dtype, name="layers")
+        self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
+        self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype,
+                              name="lm_head")
+
+    def embed(self, tokens):
+        return self.embed_tokens(tokens)
+
+    def __call__(self, embeddings, positions, key_valid, cache=None, cache_index=0):
+        """embeddings [B,T,E] -> (logits [B,T,V] fp32, new cache or None)."""
+        x = nn.with_logical_constraint(embeddings.astype(self.dtype), ("batch", "length", "embed"))
+        x, new_cache = self.layers(x, cache, positions, key_valid, cache_index)
+        logits = self.lm_head(self.norm(x)).astype(jnp.float32)
+        return logits, new_cache
+
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32):
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

@@ -1,0 +1,110 @@
+"""Model shapes in one place: the toy `demo` size and LLaMA-2's real 7B/13B shapes.
+
+The vision towers of the real sizes are DINOv2 ViT-L/14 and CLIP ConvNeXt-L at 448 px; the
+perception grid is 16x16 (256 visual tokens). `demo` keeps the same architecture at a size that
+trains on a laptop CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # Stage-B bias/scale adapters (LLaMA-Adapter V2 form) on every decoder linear.
+    adapters: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """DINOv2-style ViT: CLS token, learned position embeddings, pre-LN blocks with LayerScale."""
+    patch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    # Blocks whose outputs feed the fusion (DESIGN: 4 evenly spaced blocks).
+    feature_layers: tuple[int, ...]
+    pretrain_image_size: int = 518
+    layer_norm_eps: float = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNeXtConfig:
+    """ConvNeXt trunk (timm/open_clip layout): stem k4s4, four stages at strides 4/8/16/32."""
+    dims: tuple[int, int, int, int]
+    depths: tuple[int, int, int, int]
+    layer_norm_eps: float = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class EarthGPTConfig:
+    llm: LlamaConfig
+    vit: ViTConfig
+    convnext: ConvNeXtConfig
+    image_size: int
+    grid_size: int  # each feature map is pooled to grid_size x grid_size visual tokens
+    bos_id: int = 1
+    dtype: str = "float32"  # compute dtype; parameters keep their stored dtype
+    freeze_vision: bool = True
+    remat_policy: str = "none"  # none | full | dots_saveable
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def fused_channels(self) -> int:
+        return len(self.vit.feature_layers) * self.vit.hidden_size + sum(self.convnext.dims)
+
+
+def _vit_l14() -> ViTConfig:
+    return ViTConfig(patch_size=14, hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096,
+                                      feature_layers=(5, 11, 17, 23))
+
+
+def _convnext_l() -> ConvNeXtConfig:
+    return ConvNeXtConfig(dims=(192, 384, 768, 1536), depths=(3, 3, 27, 3))
+
+
+def get_preset(size: str, *, vocab_size: int | None = None, **overrides) -> EarthGPTConfig:
+    """Named model shapes. `vocab_size` overrides the LLM's (the demo trains its own tokenizer)."""
+    if size == "demo":
+        llm = LlamaConfig(vocab_size=vocab_size or 512, hidden_size=192, intermediate_size=512,
+                                            num_layers=4, num_heads=6, num_kv_heads=2, max_position_embeddings=512)
+        vit = ViTConfig(patch_size=8, hidden_size=96, num_layers=4, num_heads=4, mlp_dim=256,
+                                        feature_layers=(0, 1, 2, 3), pretrain_image_size=64)
+        convnext = ConvNeXtConfig(dims=(24, 48, 96, 144), depths=(1, 1, 1, 1))
+        cfg = EarthGPTConfig(llm=llm, vit=vit, convnext=convnext, image_size=64, grid_size=8,
+                                                  freeze_vision=False)
+    elif size in ("7b", "13b"):
+        shapes = {"7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40)}[size]
+        hidden, inter, layers, heads = shapes
+        llm = LlamaConfig(vocab_size=vocab_size or 32000, hidden_size=hidden,
+                                            intermediate_size=inter, num_layers=layers, num_heads=heads,
+                                            num_kv_heads=heads)
+        cfg = EarthGPTConfig(llm=llm, vit=_vit_l14(), convnext=_convnext_l(), image_size=448,
+                                                  grid_size=16, dtype="bfloat16", remat_policy="full")
+    else:
+        raise ValueError(f"unknown model size {size!r}; known sizes: demo, 7b, 13b")
+    llm_overrides = {k[4:]: v for k, v in overrides.items() if k.startswith("llm_")}
+    top_overrides = {k: v for k, v in overrides.items() if not k.startswith("llm_")}
+    if llm_overrides:
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **llm_overrides))
+    return dataclasses.replace(cfg, **top_overrides)

@@ -1,0 +1,90 @@
+"""Device mesh from the config, logical-axis sharding rules, and multi-host start-up.
+
+The mesh has three axes, `data`, `fsdp`, `tensor`, each with an ICI size (inside a slice) and a
+DCN size (across slices); -1 fills the remaining devices. Parameters and activations name
+logical axes; the config's `rules` table maps them onto mesh axes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def maybe_initialize_distributed(config) -> None:
+    """Joins a multi-process run when the config or the environment describes one."""
+    dist = config.get("distributed", None)
+    coordinator = (dist.coordinator_address if dist else "") or os.environ.get(
+        "JAX_COORDINATOR_ADDRESS", "")
+    if coordinator:
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=int(dist.num_processes),
+                                   process_id=int(dist.process_id))
+        logging.info("joined %d processes as process %d", jax.process_count(),
+                     jax.process_index())
+
+
+def resolve_axis_sizes(sizes: dict, total: int, what: str) -> tuple[int, ...]:
+    """Fills one -1 entry so the product equals `total`; explains any clash."""
+    values = [int(sizes[a]) for a in MESH_AXES]
+    unknown = [a for a, v in zip(MESH_AXES, values) if v == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"{what}: at most one axis may be -1, got {dict(zip(MESH_AXES, values))}")
+    known = math.prod(v for v in values if v != -1)
+    if unknown:
+        if total % known:
+            raise ValueError(f"{what}: {total} devices do not divide by the fixed axes' product "
+                             f"{known} ({dict(zip(MESH_AXES, values))})")
+        values[MESH_AXES.index(unknown[0])] = total // known
+    if math.prod(values) != total:
+        raise ValueError(f"{what}: axis sizes {dict(zip(MESH_AXES, values))} multiply to "
+                         f"{math.prod(values)}, but there are {total} devices")
+    return tuple(values)
+
+
+def build_mesh(mesh_config, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    dcn = resolve_axis_sizes(mesh_config.dcn, num_slices, "config.mesh.dcn")
+    ici = resolve_axis_sizes(mesh_config.ici, len(devices) // num_slices, "config.mesh.ici")
+    if num_slices > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    elif devices[0].platform == "cpu":
+        grid = np.asarray(devices).reshape(ici)
+    else:
+        grid = mesh_utils.create_device_mesh(ici, devices)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_rules(config) -> tuple[tuple[str, object], ...]:
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                 for name, axes in config.mesh.rules)
+
+
+def shardings_for(boxed_tree, mesh: Mesh, rules):
+    """NamedShardings for a tree of (possibly abstract) `nn.Partitioned` values."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Batch dimension split over `data` and `fsdp`, everything else replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def check_batch_divides(global_batch: int, mesh: Mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % shards or global_batch % jax.process_count():
+        raise ValueError(
+            f"config.train.batch_size={global_batch} must divide by the batch shards "
+            f"data*fsdp={mesh.shape['data']}*{mesh.shape['fsdp']}={shards} and by the "
+            f"{jax.process_count()} processes")

@@ -1,0 +1,64 @@
+"""What `main.py` runs: data -> tokenizer -> mesh -> train and/or evaluate, per --mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+
+from earthgpt_jax import parallel
+from earthgpt_jax.data import prepare
+from earthgpt_jax.data.pipeline import TrainPreprocess
+from earthgpt_jax.models.presets import EarthGPTConfig, get_preset
+
+MODES = ("train", "eval")
+
+
+def model_config(config, vocab_size: int, bos_id: int) -> EarthGPTConfig:
+    return get_preset(config.model.size, vocab_size=vocab_size, bos_id=bos_id,
+                      dtype=config.model.dtype, remat_policy=config.model.remat_policy)
+
+
+def save_model_config(cfg: EarthGPTConfig, workdir: str) -> None:
+    """Written beside the checkpoints so loading them needs no flags."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "model_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def run(config, workdir: str, mode: str) -> dict | None:
+    from earthgpt_jax import train as train_lib
+    from earthgpt_jax.evaluate.runner import run_eval
+
+    if mode not in MODES:
+        raise ValueError(f"unknown --mode={mode}; choose one of {', '.join(MODES)}")
+    # Fail within seconds when the release is missing, before any compile.
+    prepare.check_release(prepare.release_dir(config, workdir)) if not config.data.synthetic \
+        else None
+    parallel.maybe_initialize_distributed(config)
+    os.makedirs(workdir, exist_ok=True)
+    data_dir = prepare.prepare_tfds(config, workdir)
+    train_source = prepare.data_source(data_dir, "train")
+    tokenizer = prepare.prepare_tokenizer(config, workdir, train_source)
+    cfg = model_config(config, tokenizer.vocab_size, tokenizer.bos_id)
+    save_model_config(cfg, workdir)
+    mesh = parallel.build_mesh(config.mesh)
+    logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size,
+                 jax.devices()[0].platform)
+    trainer = train_lib.Trainer(config, cfg, mesh)
+    if mode == "train":
+        preprocess = TrainPreprocess(tokenizer.path, cfg.image_size, config.data.max_text_len)
+        state = train_lib.train(config, workdir, trainer, train_source, preprocess)
+        if not config.eval.at_end:
+            return None
+        params = state.params
+    else:
+        params, step = train_lib.restore_params(
+            os.path.join(os.path.abspath(workdir), "checkpoints"), trainer)
+        logging.info("Evaluating the checkpoint of step %d", step)
+    eval_source = prepare.data_source(data_dir, config.eval.split)
+    return run_eval(config, workdir, trainer.model, params, tokenizer, eval_source, mesh,
+                    trainer.rules, train_source=train_source)

@@ -1,0 +1,247 @@
+"""Sharded training: abstract state via `jax.eval_shape`, sharded init, the jitted train step,
+the loop with logging, orbax checkpoints (train state + data-iterator state) and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import flax.linen as nn
+from flax import struct
+
+from earthgpt_jax import optim, parallel
+from earthgpt_jax.data import pipeline
+from earthgpt_jax.models.earthgpt import EarthGPT
+from earthgpt_jax.models.presets import EarthGPTConfig
+
+BATCH_KEYS = ("image", "tokens", "valid", "loss_mask")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def dummy_inputs(model_cfg: EarthGPTConfig, batch: int, text_len: int):
+    size = model_cfg.image_size
+    return (jnp.zeros((batch, size, size, 3), jnp.uint8), jnp.zeros((batch, text_len), jnp.int32),
+            jnp.ones((batch, text_len), bool))
+
+
+def abstract_params(model: EarthGPT, text_len: int = 8):
+    """Boxed (logically annotated) abstract params: shapes and axis names, no memory."""
+    inputs = dummy_inputs(model.cfg, 1, text_len)
+    return jax.eval_shape(lambda r: model.init(r, *inputs), jax.random.key(0))["params"]
+
+
+class Trainer:
+    """Owns the model, optimizer, mesh and the jitted functions of one training run."""
+
+    def __init__(self, config, model_cfg: EarthGPTConfig, mesh):
+        self.config = config
+        self.model = EarthGPT(model_cfg)
+        self.mesh = mesh
+        self.rules = parallel.logical_rules(config)
+        boxed = abstract_params(self.model)
+        self.labels = optim.trainable_labels(nn.unbox(boxed), config.train.stage)
+        self.tx = optim.make_optimizer(config.train, self.labels)
+        self.schedule = optim.learning_rate_schedule(config.train)
+        inputs = dummy_inputs(model_cfg, 1, 8)
+
+        def init_boxed(rng):
+            params = self.model.init(rng, *inputs)["params"]
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=self.tx.init(params))
+
+        self._init_boxed = init_boxed
+        abstract = jax.eval_shape(init_boxed, jax.random.key(0))
+        self.state_shardings = parallel.shardings_for(abstract, mesh, self.rules)
+        self.abstract_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            nn.unbox(abstract), self.state_shardings)
+        self.batch_shardings = {k: parallel.batch_sharding(mesh, 4 if k == "image" else 2)
+                                for k in BATCH_KEYS}
+        self._train_step = jax.jit(self._step, in_shardings=(self.state_shardings,
+                                                             self.batch_shardings),
+                                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+
+    def init_state(self, seed: int) -> TrainState:
+        init = jax.jit(lambda r: nn.unbox(self._init_boxed(r)), out_shardings=self.state_shardings)
+        with self.mesh, nn.logical_axis_rules(self.rules):
+            return init(jax.random.key(seed))
+
+    def loss_fn(self, params, batch):
+        logits = self.model.apply({"params": params}, batch["image"], batch["tokens"],
+                                  batch["valid"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"])
+        weights = batch["loss_mask"]
+        tokens = jnp.sum(weights)
+        return jnp.sum(ce * weights) / jnp.maximum(tokens, 1.0), tokens
+
+    def _step(self, state: TrainState, batch):
+        (loss, tokens), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # Numerics guard: a non-finite loss or gradient leaves the state untouched (counted).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                               opt_state=keep(opt_state, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens,
+                   "learning_rate": self.schedule(state.step),
+                   "skipped": 1 - finite.astype(jnp.int32)}
+        return new_state, metrics
+
+    def train_step(self, state, host_batch):
+        batch = {k: jax.make_array_from_process_local_data(self.batch_shardings[k], host_batch[k])
+                 for k in BATCH_KEYS}
+        with self.mesh, nn.logical_axis_rules(self.rules):
+            return self._train_step(state, batch)
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.checkpoint.keep, save_interval_steps=config.checkpoint.every_steps,
+        enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=options)
+
+
+def restore_params(ckpt_dir: str, trainer: Trainer, step: int | None = None):
+    """Params of the latest (or given) checkpoint, sharded like training."""
+    with ocp.CheckpointManager(ckpt_dir) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}")
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(trainer.abstract_state)))
+    return restored.state.params, step
+
+
+class _Preemption:
+    """SIGTERM (TPU preemption) asks the loop to save and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread (e.g. under some test runners)
+            pass
+
+    def _handler(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+
+class MetricsLog:
+    """Console line + `metrics.jsonl` + TensorBoard, all from process 0."""
+
+    def __init__(self, workdir: str, total_steps: int):
+        self.enabled = jax.process_index() == 0
+        self.total_steps = total_steps
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.writer = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._t0, self._tokens, self._steps = time.time(), 0.0, 0
+
+    def record(self, step: int, history: list[dict]):
+        fetched = jax.device_get(history)
+        now = time.time()
+        elapsed = max(now - self._t0, 1e-9)
+        tokens = float(sum(m["tokens"] for m in fetched))
+        row = {"step": step,
+               "loss": float(np.mean([m["loss"] for m in fetched])),
+               "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+               "learning_rate": float(fetched[-1]["learning_rate"]),
+               "skipped_steps": int(sum(m["skipped"] for m in fetched)),
+               "tokens_per_s": tokens / elapsed,
+               "steps_per_s": len(fetched) / elapsed}
+        eta = (self.total_steps - step) / max(row["steps_per_s"], 1e-9)
+        self._t0 = now
+        if not self.enabled:
+            return row
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step":
+                self.writer.add_scalar(f"train/{key}", value, step)
+        self.writer.flush()
+        logging.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  ETA %s",
+                     step, self.total_steps, row["loss"], row["grad_norm"],
+                     row["learning_rate"], row["tokens_per_s"], _hms(eta))
+        return row
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainState:
+    """Runs (or resumes) training to `config.train.num_steps`; returns the final state."""
+    tc = config.train
+    parallel.check_batch_divides(tc.batch_size, trainer.mesh)
+    dataset = pipeline.train_dataset(
+        source, preprocess, batch_size=tc.batch_size // jax.process_count(),
+        seed=config.data.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    data_iter = pipeline.iterate(dataset, config.data.num_threads)
+    mngr = checkpoint_manager(workdir, config)
+    latest = mngr.latest_step()
+    if latest is not None:
+        restored = mngr.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(trainer.abstract_state),
+            data=ocp.args.JsonRestore()))
+        state = restored.state
+        data_iter.set_state(restored.data)
+        logging.info("Resuming from the checkpoint of step %d in %s", latest, mngr.directory)
+    else:
+        state = trainer.init_state(config.train.seed)
+        logging.info("No checkpoint in %s: starting from step 0", mngr.directory)
+    start = int(jax.device_get(state.step))
+    log = MetricsLog(workdir, tc.num_steps)
+    preempt = _Preemption()
+    history = []
+
+    def save(step, force=False):
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                data=ocp.args.JsonSave(data_iter.get_state())),
+                  force=force)
+
+    for step in range(start + 1, tc.num_steps + 1):
+        state, metrics = trainer.train_step(state, next(data_iter))
+        history.append(metrics)
+        if step % tc.log_every_steps == 0 or step == tc.num_steps:
+            log.record(step, history)
+            history = []
+        save(step)
+        if preempt.requested:
+            save(step, force=True)
+            mngr.wait_until_finished()
+            logging.info("Saved step %d after SIGTERM; exiting", step)
+            raise SystemExit(0)
+    if tc.num_steps > start and mngr.latest_step() != tc.num_steps:
+        save(tc.num_steps, force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    log.close()
+    return state

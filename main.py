@@ -1,0 +1,35 @@
+"""EarthGPT in JAX: train or evaluate from one config file.
+
+  python main.py --config=configs/mmrs.py:demo --workdir=/tmp/earthgpt_demo
+  python main.py --config=configs/mmrs.py:size=13b,stage=b --workdir=gs://bucket/run --mode=train
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmrs.py:demo.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, logs, metrics and evaluation go here.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (then eval if config.eval.at_end) "
+                  "or eval the latest checkpoint.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from earthgpt_jax.data.prepare import ReleaseNotFoundError
+    from earthgpt_jax.run import run
+
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
+    except ReleaseNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
