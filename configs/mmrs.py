@@ -53,7 +53,7 @@ def get_config(arg: str = ""):
     config.data.synthetic = demo
     config.data.tfds_dir = ""  # empty: <workdir>/tfds
     config.data.seed = 0
-    config.data.max_text_len = 160 if demo else 1024
+    config.data.max_text_len = 128 if demo else 1024
     config.data.num_threads = 2
     config.data.max_bad_fraction = 0.01
 

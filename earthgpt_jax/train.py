@@ -79,7 +79,7 @@ class Trainer:
 
     def init_state(self, seed: int) -> TrainState:
         init = jax.jit(lambda r: nn.unbox(self._init_boxed(r)), out_shardings=self.state_shardings)
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return init(jax.random.key(seed))
 
     def loss_fn(self, params, batch):
@@ -92,7 +92,7 @@ class Trainer:
 
     def _step(self, state: TrainState, batch):
         (loss, tokens), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # Numerics guard: a non-finite loss or gradient leaves the state untouched (counted).
@@ -108,7 +108,7 @@ class Trainer:
     def train_step(self, state, host_batch):
         batch = {k: jax.make_array_from_process_local_data(self.batch_shardings[k], host_batch[k])
                  for k in BATCH_KEYS}
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self._train_step(state, batch)
 
 

@@ -67,7 +67,7 @@ def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, 
         valid = np.pad(valid, ((0, 0), (length - valid.shape[1], 0)))
         images = np.stack([square_and_resize(img, size) for img in originals]
                           + [square_and_resize(originals[-1], size)] * fill)
-        with mesh, nn.logical_axis_rules(rules):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             generated = greedy_generate(model, params, images, tokens, valid,
                                         max_new_tokens=ec.max_new_tokens,
                                         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)

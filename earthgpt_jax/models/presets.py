@@ -85,13 +85,21 @@ def _convnext_l() -> ConvNeXtConfig:
 
 def get_preset(size: str, *, vocab_size: int | None = None, **overrides) -> EarthGPTConfig:
     """Named model shapes. `vocab_size` overrides the LLM's (the demo trains its own tokenizer)."""
-    if size == "demo":
+    if size == "tiny":  # unit tests: the real architecture at the smallest useful size
+        llm = LlamaConfig(vocab_size=vocab_size or 512, hidden_size=64, intermediate_size=128,
+                          num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512)
+        vit = ViTConfig(patch_size=8, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
+                        feature_layers=(0, 1), pretrain_image_size=32)
+        convnext = ConvNeXtConfig(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1))
+        cfg = EarthGPTConfig(llm=llm, vit=vit, convnext=convnext, image_size=32, grid_size=2,
+                             freeze_vision=False)
+    elif size == "demo":
         llm = LlamaConfig(vocab_size=vocab_size or 512, hidden_size=192, intermediate_size=512,
                                             num_layers=4, num_heads=6, num_kv_heads=2, max_position_embeddings=512)
         vit = ViTConfig(patch_size=8, hidden_size=96, num_layers=4, num_heads=4, mlp_dim=256,
                                         feature_layers=(0, 1, 2, 3), pretrain_image_size=64)
         convnext = ConvNeXtConfig(dims=(24, 48, 96, 144), depths=(1, 1, 1, 1))
-        cfg = EarthGPTConfig(llm=llm, vit=vit, convnext=convnext, image_size=64, grid_size=8,
+        cfg = EarthGPTConfig(llm=llm, vit=vit, convnext=convnext, image_size=64, grid_size=4,
                                                   freeze_vision=False)
     elif size in ("7b", "13b"):
         shapes = {"7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40)}[size]
@@ -102,7 +110,7 @@ def get_preset(size: str, *, vocab_size: int | None = None, **overrides) -> Eart
         cfg = EarthGPTConfig(llm=llm, vit=_vit_l14(), convnext=_convnext_l(), image_size=448,
                                                   grid_size=16, dtype="bfloat16", remat_policy="full")
     else:
-        raise ValueError(f"unknown model size {size!r}; known sizes: demo, 7b, 13b")
+        raise ValueError(f"unknown model size {size!r}; known sizes: tiny, demo, 7b, 13b")
     llm_overrides = {k[4:]: v for k, v in overrides.items() if k.startswith("llm_")}
     top_overrides = {k: v for k, v in overrides.items() if not k.startswith("llm_")}
     if llm_overrides:
