@@ -24,6 +24,9 @@ def main(argv):
     from earthgpt_jax.run import run
 
     logging.getLogger().setLevel(logging.INFO)
+    # Libraries that log through absl (orbax, TFDS) are kept to warnings so the progress lines
+    # stay readable; this project logs through the standard root logger.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
     except ReleaseNotFoundError as e:

@@ -51,6 +51,9 @@ def get_config(arg: str = ""):
     # <workdir>/mini_mmrs1m, generated on first use.
     config.data.manual_dir = "" if demo else "~/tensorflow_datasets/downloads/manual/mmrs1m"
     config.data.synthetic = demo
+    # Size of the generated miniature release (images per split).
+    config.data.synthetic_train_images = 2400
+    config.data.synthetic_test_images = 400
     config.data.tfds_dir = ""  # empty: <workdir>/tfds
     config.data.seed = 0
     config.data.max_text_len = 128 if demo else 1024
@@ -64,7 +67,7 @@ def get_config(arg: str = ""):
 
     config.train = ml_collections.ConfigDict()
     config.train.stage = "all" if demo else args.get("stage", "b")
-    config.train.num_steps = 1500 if demo else 20000
+    config.train.num_steps = 1000 if demo else 20000
     config.train.batch_size = 16 if demo else 256
     config.train.learning_rate = 2e-3 if demo else 2e-5
     config.train.warmup_steps = 100 if demo else 500
@@ -73,6 +76,9 @@ def get_config(arg: str = ""):
     config.train.b2 = 0.95
     config.train.weight_decay = 0.0 if demo else 0.05
     config.train.grad_clip_norm = 1.0
+    # 'tokens': mean over all answer tokens of the batch; 'examples': mean of per-conversation
+    # means, so short answers (classes, yes/no) weigh as much as long detection answers.
+    config.train.loss_normalization = "examples" if demo else "tokens"
     config.train.seed = 0
     config.train.log_every_steps = 50 if demo else 10
 

@@ -50,6 +50,9 @@ class Trainer:
     """Owns the model, optimizer, mesh and the jitted functions of one training run."""
 
     def __init__(self, config, model_cfg: EarthGPTConfig, mesh):
+        if config.train.loss_normalization not in ("tokens", "examples"):
+            raise ValueError(f"config.train.loss_normalization must be 'tokens' or 'examples', "
+                             f"got {config.train.loss_normalization!r}")
         self.config = config
         self.model = EarthGPT(model_cfg)
         self.mesh = mesh
@@ -88,6 +91,12 @@ class Trainer:
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"])
         weights = batch["loss_mask"]
         tokens = jnp.sum(weights)
+        if self.config.train.loss_normalization == "examples":
+            # Each conversation weighs the same, however long its answers: a one-word answer
+            # ("yes") is not drowned by a detection answer of a hundred tokens.
+            per_example = jnp.sum(ce * weights, axis=1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
+            has_answer = (jnp.sum(weights, axis=1) > 0).astype(per_example.dtype)
+            return jnp.sum(per_example) / jnp.maximum(jnp.sum(has_answer), 1.0), tokens
         return jnp.sum(ce * weights) / jnp.maximum(tokens, 1.0), tokens
 
     def _step(self, state: TrainState, batch):

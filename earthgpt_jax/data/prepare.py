@@ -38,7 +38,9 @@ def prepare_release(config, workdir: str) -> str:
     root = release_dir(config, workdir)
     if config.data.synthetic and not os.path.isdir(os.path.join(root, "data", "json")):
         logging.info("Writing the miniature MMRS-1M release to %s", root)
-        synthetic.write_release(root, seed=config.data.seed)
+        synthetic.write_release(root, seed=config.data.seed,
+                                num_train_images=config.data.synthetic_train_images,
+                                num_test_images=config.data.synthetic_test_images)
     check_release(root)
     return root
 

@@ -78,6 +78,20 @@ def encode_prompt(tok: Tokenizer, question: str) -> list[int]:
     return tok.encode(USER_TEMPLATE.format(question=question.strip()))
 
 
+def encode_answer(tok: Tokenizer, answer: str) -> list[int]:
+    return tok.encode(answer.strip()) + [tok.eos_id]
+
+
+def encode_dialogue_prompt(tok: Tokenizer, history: Sequence[tuple[str, str]], question: str
+                           ) -> list[int]:
+    """Prompt for the next answer after earlier (question, answer) turns, laid out exactly as
+    `encode_conversation` lays out training text."""
+    ids: list[int] = []
+    for q, a in history:
+        ids += encode_prompt(tok, q) + encode_answer(tok, a)
+    return ids + encode_prompt(tok, question)
+
+
 def encode_conversation(tok: Tokenizer, conversations: Sequence[dict], max_len: int
                         ) -> EncodedConversation:
     """Text tokens of a human/gpt conversation with the assistant-only loss mask.
@@ -95,7 +109,7 @@ def encode_conversation(tok: Tokenizer, conversations: Sequence[dict], max_len: 
         if human.get("from") != "human" or gpt.get("from") != "gpt":
             raise ValueError(f"turns {i}, {i + 1} are not a human/gpt pair")
         prompt = encode_prompt(tok, human["value"])
-        answer = tok.encode(gpt["value"].strip()) + [tok.eos_id]
+        answer = encode_answer(tok, gpt["value"])
         if len(ids) + len(prompt) + len(answer) > max_len:
             truncated = True
             if ids:

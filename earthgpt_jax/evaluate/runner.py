@@ -3,6 +3,7 @@ of each record, scoring against the record's answers, report + box pictures + pr
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from earthgpt_jax.data.images import decode_image, square_and_resize
 from earthgpt_jax.data.pipeline import conversation_turns, record_metadata
-from earthgpt_jax.data.tokenizer import Tokenizer, encode_prompt
+from earthgpt_jax.data.tokenizer import Tokenizer, encode_dialogue_prompt
 from earthgpt_jax.evaluate import report
 from earthgpt_jax.generate import greedy_generate, left_pad
 
@@ -24,22 +25,29 @@ PROMPT_BUCKET = 16
 BASELINE_SAMPLE = 5000
 
 
-def eval_example(record: dict, index: int) -> dict:
-    """The scoring view of one record: its first question and the answers to compare with."""
+def eval_examples(record: dict, index: int) -> list[dict]:
+    """The scoring view of one record: one example per question, with the dialogue so far.
+
+    Caption records hold several reference captions of one image as turns, so they make one
+    example whose references are all of them. Other records make one example per turn; turn k
+    is asked after turns 0..k-1 with their true answers, as in the training layout.
+    """
     turns = conversation_turns(record)
     meta = record_metadata(record)
-    answers = [t["value"] for t in turns if t["from"] == "gpt"]
-    # Caption records hold several reference captions as turns; other tasks ask one thing first.
-    references = answers if meta["task"] == "captioning" else answers[:1]
-    return meta | {"id": f"{index}:{meta['image_path']}", "question": turns[0]["value"],
-                   "references": references}
+    pairs = [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns) - 1, 2)]
+    base = meta | {"record": index}
+    if meta["task"] == "captioning":
+        return [base | {"id": f"{index}:0", "history": [], "question": pairs[0][0],
+                        "references": [a for _, a in pairs]}]
+    return [base | {"id": f"{index}:{k}", "history": pairs[:k], "question": q,
+                    "references": [a]} for k, (q, a) in enumerate(pairs)]
 
 
 def baseline_examples(train_source, limit: int = BASELINE_SAMPLE) -> list[dict]:
     """Answer statistics of (a deterministic sample of) the training split, for the baselines."""
     n = len(train_source)
     indices = np.linspace(0, n - 1, num=min(n, limit)).astype(int) if n else []
-    return [eval_example(train_source[int(i)], int(i)) for i in indices]
+    return [e for i in indices for e in eval_examples(train_source[int(i)], int(i))]
 
 
 def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, mesh, rules,
@@ -48,16 +56,17 @@ def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, 
     n = len(source) if not ec.max_examples else min(len(source), ec.max_examples)
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    examples = []
     size = model.cfg.image_size
-    progress = tqdm(total=n, desc="eval", unit="example", disable=jax.process_index() != 0)
-    for start in range(0, n, ec.batch_size):
-        indices = list(range(start, min(start + ec.batch_size, n)))
-        records = [source[i] for i in indices]
-        batch = [eval_example(r, i) for r, i in zip(records, indices)]
-        originals = [decode_image(r["image"], e["image_path"]) for r, e in zip(records, batch)]
-        prompts = [encode_prompt(tokenizer, e["question"]) for e in batch]
-        # Fixed batch and bucketed length: pad with copies of the last row (dropped after).
+    # Images are decoded per batch (a split's images need not fit in memory); the questions are
+    # gathered first so batches are full across record boundaries.
+    pending = [e for i in range(n) for e in eval_examples(source[i], i)]
+    examples, pictured = [], collections.Counter()
+    progress = tqdm(total=len(pending), desc="eval", unit="question",
+                    disable=jax.process_index() != 0)
+    for start in range(0, len(pending), ec.batch_size):
+        batch = pending[start:start + ec.batch_size]
+        originals = [decode_image(source[e["record"]]["image"], e["image_path"]) for e in batch]
+        prompts = [encode_dialogue_prompt(tokenizer, e["history"], e["question"]) for e in batch]
         fill = ec.batch_size - len(batch)
         prompts += [prompts[-1]] * fill
         length = -(-max(map(len, prompts)) // PROMPT_BUCKET) * PROMPT_BUCKET
@@ -74,7 +83,11 @@ def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, 
         generated = np.asarray(jax.device_get(generated))
         for row, (example, image) in enumerate(zip(batch, originals)):
             example["prediction"] = tokenizer.decode(generated[row])
-            example["image"] = image if example["task"] in ("grounding", "detection") else None
+            # Only the few examples that get a picture keep their image in memory.
+            pictured[example["task"]] += 1
+            keep = example["task"] in ("grounding", "detection") and \
+                pictured[example["task"]] <= ec.num_pictures
+            example["image"] = image if keep else None
             examples.append(example)
         progress.update(len(batch))
     progress.close()
@@ -84,7 +97,8 @@ def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, 
     pictures = report.write_box_pictures(examples, out_dir, max_per_task=ec.num_pictures)
     with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
         for e in examples:
-            f.write(json.dumps({k: v for k, v in e.items() if k != "image"}) + "\n")
+            f.write(json.dumps({k: v for k, v in e.items() if k not in ("image", "record")})
+                    + "\n")
     logging.info("Evaluation of %d examples written to %s (%d pictures)", len(examples), out_dir,
                  len(pictures))
     print(table, flush=True)
