@@ -242,7 +242,8 @@ def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainSt
         if step % tc.log_every_steps == 0 or step == tc.num_steps:
             log.record(step, history)
             history = []
-        save(step)
+        if step % config.checkpoint.every_steps == 0:
+            save(step)
         if preempt.requested:
             save(step, force=True)
             mngr.wait_until_finished()

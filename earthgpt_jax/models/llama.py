@@ -64,6 +64,8 @@ class DecoderLayer(nn.Module):
         x = x + self._linear(cfg.hidden_size, ("mlp", "embed"), "down_proj",
                              cfg.mlp_bias)(nn.silu(gate) * up)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        # Kept only when the caller asks for it (mutable=['intermediates']): layer-by-layer checks.
+        self.sow("intermediates", "hidden_state", x)
         return x, new_cache
 
 
@@ -85,12 +87,16 @@ class LlamaDecoder(nn.Module):
                 raise ValueError(f"unknown remat_policy {self.remat_policy!r}; "
                                  f"known: none, {', '.join(REMAT_POLICIES)}")
             layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat_policy],
-                             prevent_cse=False)
-        self.layers = nn.scan(
-            layer, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.dtype, name="layers")
+                             prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                layer, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, self.dtype, name="layers")
+        else:
+            self.layers = [layer(cfg, self.dtype, name=f"layers_{i}")
+                           for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")
         self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype,
                               name="lm_head")
@@ -101,7 +107,16 @@ class LlamaDecoder(nn.Module):
     def __call__(self, embeddings, positions, key_valid, cache=None, cache_index=0):
         """embeddings [B,T,E] -> (logits [B,T,V] fp32, new cache or None)."""
         x = nn.with_logical_constraint(embeddings.astype(self.dtype), ("batch", "length", "embed"))
-        x, new_cache = self.layers(x, cache, positions, key_valid, cache_index)
+        if self.cfg.scan_layers:
+            x, new_cache = self.layers(x, cache, positions, key_valid, cache_index)
+        else:
+            caches = []
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+                x, layer_cache = layer(x, layer_cache, positions, key_valid, cache_index)
+                caches.append(layer_cache)
+            new_cache = None if cache is None else tuple(
+                jnp.stack([c[j] for c in caches]) for j in range(2))
         logits = self.lm_head(self.norm(x)).astype(jnp.float32)
         return logits, new_cache
 

@@ -25,6 +25,9 @@ class LlamaConfig:
     mlp_bias: bool = False
     # Stage-B bias/scale adapters (LLaMA-Adapter V2 form) on every decoder linear.
     adapters: bool = False
+    # Layers stacked under nn.scan (params `layers/...` with a leading [num_layers] axis) or
+    # unrolled (params `layers_0/...`, `layers_1/...`).
+    scan_layers: bool = True
 
     @property
     def head_dim(self) -> int:

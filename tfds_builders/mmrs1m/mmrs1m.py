@@ -240,8 +240,10 @@ class Mmrs1m(tfds.core.GeneratorBasedBuilder):
         out_dir.mkdir(parents=True, exist_ok=True)
         report_path = out_dir / f"bad_records_{split}.json"
         report_path.write_text(json.dumps(report, indent=1))
-        logging.info("mmrs1m %s: %d records, %d skipped (%.4f); report %s",
-                     split, total, len(bad), fraction, report_path)
+        # The unfinished folder is renamed when preparation succeeds, so name the file only.
+        (logging.warning if bad else logging.info)(
+            "mmrs1m %s: %d records, %d skipped (%.4f); details in %s beside the dataset",
+            split, total, len(bad), fraction, report_path.name)
         if exceeded:
             reasons = "; ".join(f"{b['file']}[{b['index']}]: {b['reason']}"
                                 for b in bad[:_REASONS_IN_ERROR])

@@ -1,0 +1,96 @@
+"""Weight conversion CLI.
+
+  python -m earthgpt_jax.convert hf-to-orbax --hf_dir=D --out_dir=O [--overwrite]
+      [--scan_layers=true]
+  python -m earthgpt_jax.convert orbax-to-hf --ckpt_dir=O --out_dir=D [--tokenizer=PATH]
+      [--max_shard_size=5GB] [--overwrite] [--step=N] [--bos_id=1] [--eos_id=2]
+  python -m earthgpt_jax.convert logits --ckpt_dir=O --ids=IDS.npy --out=LOGITS.npy [--step=N]
+
+`--ckpt_dir` is a converted checkpoint (hf-to-orbax's --out_dir) or a training workdir (its
+latest checkpoint unless --step).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+VERBS = ("hf-to-orbax", "orbax-to-hf", "logits")
+
+flags.DEFINE_string("hf_dir", None, "HF LLaMA directory (hf-to-orbax input).")
+flags.DEFINE_string("out_dir", None, "Output directory.")
+flags.DEFINE_boolean("overwrite", False, "Replace an existing checkpoint in --out_dir.")
+flags.DEFINE_boolean("scan_layers", True, "Stack decoder layers (params layers/...) or not "
+                     "(layers_0/...).")
+flags.DEFINE_string("ckpt_dir", None, "Converted checkpoint or training workdir.")
+flags.DEFINE_integer("step", None, "Training step to read from a workdir (default latest).")
+flags.DEFINE_string("tokenizer", None, "Tokenizer file (or directory) copied next to the HF "
+                    "weights.")
+flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors shard (e.g. 5GB, 500MB).")
+flags.DEFINE_integer("bos_id", None, "BOS id for the exported configs (default: the source's "
+                     "or 1).")
+flags.DEFINE_integer("eos_id", None, "EOS id for the exported configs (default: the source's "
+                     "or 2).")
+flags.DEFINE_string("ids", None, "int [batch, length] .npy of token ids (logits).")
+flags.DEFINE_string("out", None, "Where the float32 [batch, length, vocab] logits .npy goes.")
+
+
+def _require(*names):
+    missing = [n for n in names if not getattr(FLAGS, n)]
+    if missing:
+        raise app.UsageError(f"missing {', '.join('--' + n for n in missing)}")
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in VERBS:
+        raise app.UsageError(f"usage: python -m earthgpt_jax.convert {{{'|'.join(VERBS)}}} "
+                             f"--flags...; got {argv[1:]}")
+    from earthgpt_jax.convert import llama
+
+    verb = argv[1]
+    start = time.time()
+    if verb == "hf-to-orbax":
+        _require("hf_dir", "out_dir")
+        cfg = llama.hf_to_orbax(FLAGS.hf_dir, FLAGS.out_dir, scan_layers=FLAGS.scan_layers,
+                                overwrite=FLAGS.overwrite)
+        logging.info("wrote %s (%d layers, scan_layers=%s) in %.1fs", FLAGS.out_dir,
+                     cfg.num_layers, cfg.scan_layers, time.time() - start)
+    elif verb == "orbax-to-hf":
+        _require("ckpt_dir", "out_dir")
+        llama.orbax_to_hf(FLAGS.ckpt_dir, FLAGS.out_dir, tokenizer=FLAGS.tokenizer,
+                          max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite,
+                          step=FLAGS.step, bos_id=FLAGS.bos_id, eos_id=FLAGS.eos_id)
+        logging.info("wrote %s in %.1fs", FLAGS.out_dir, time.time() - start)
+    else:
+        _require("ckpt_dir", "ids", "out")
+        import numpy as np
+        ids = np.load(FLAGS.ids)
+        logits = llama.checkpoint_logits(FLAGS.ckpt_dir, ids, step=FLAGS.step)
+        np.save(FLAGS.out, logits)
+        logging.info("wrote logits %s to %s", logits.shape, FLAGS.out)
+
+
+def run(argv: list[str]) -> None:
+    """In-process entry point (tests, notebooks): parses `argv` fresh and runs `main`."""
+    FLAGS.unparse_flags()
+    rest = FLAGS(list(argv))
+    main(rest)
+
+
+def _entry():
+    try:
+        app.run(main)
+    except Exception as e:  # a clear one-line error, not a traceback, for conversion errors
+        from earthgpt_jax.convert.llama import ConversionError
+        if isinstance(e, (ConversionError, FileExistsError, FileNotFoundError)):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    _entry()
