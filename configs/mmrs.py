@@ -82,6 +82,13 @@ def get_config(arg: str = ""):
     config.train.seed = 0
     config.train.log_every_steps = 50 if demo else 10
 
+    # Converted weights to start from (python -m earthgpt_jax.convert ...): a LLaMA-2 checkpoint
+    # from hf-to-orbax, DINOv2 from dinov2-to-orbax, CLIP ConvNeXt from convnext-to-orbax.
+    config.init = ml_collections.ConfigDict()
+    config.init.llm = ""
+    config.init.vit = ""
+    config.init.convnext = ""
+
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 250 if demo else 1000
     config.checkpoint.keep = 2 if demo else 3

@@ -18,8 +18,10 @@ MODES = ("train", "eval")
 
 
 def model_config(config, vocab_size: int, bos_id: int) -> EarthGPTConfig:
+    # Stage B trains the bias/scale adapters, so the decoder must have them.
     return get_preset(config.model.size, vocab_size=vocab_size, bos_id=bos_id,
-                      dtype=config.model.dtype, remat_policy=config.model.remat_policy)
+                      dtype=config.model.dtype, remat_policy=config.model.remat_policy,
+                      llm_adapters=config.train.stage == "b")
 
 
 def save_model_config(cfg: EarthGPTConfig, workdir: str) -> None:

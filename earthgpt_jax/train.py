@@ -17,11 +17,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import flax.linen as nn
-from flax import struct
+from flax import struct, traverse_util
 
 from earthgpt_jax import optim, parallel
 from earthgpt_jax.data import pipeline
 from earthgpt_jax.models.earthgpt import EarthGPT
+from earthgpt_jax.models import summary
 from earthgpt_jax.models.presets import EarthGPTConfig
 
 BATCH_KEYS = ("image", "tokens", "valid", "loss_mask")
@@ -59,6 +60,8 @@ class Trainer:
         self.rules = parallel.logical_rules(config)
         boxed = abstract_params(self.model)
         self.labels = optim.trainable_labels(nn.unbox(boxed), config.train.stage)
+        self.summary = summary.parameter_summary(nn.unbox(boxed), self.labels)
+        logging.info("%s", summary.format_summary(self.summary, config.train.stage))
         self.tx = optim.make_optimizer(config.train, self.labels)
         self.schedule = optim.learning_rate_schedule(config.train)
         inputs = dummy_inputs(model_cfg, 1, 8)
@@ -81,9 +84,15 @@ class Trainer:
                                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
     def init_state(self, seed: int) -> TrainState:
+        """Random init, sharded as it is created; then the converted weights of config.init."""
         init = jax.jit(lambda r: nn.unbox(self._init_boxed(r)), out_shardings=self.state_shardings)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return init(jax.random.key(seed))
+            state = init(jax.random.key(seed))
+        init_cfg = self.config.get("init", {})
+        for part in ("llm", "vit", "convnext"):
+            if init_cfg.get(part):
+                state = state.replace(params=load_part(state.params, part, init_cfg[part]))
+        return state
 
     def loss_fn(self, params, batch):
         logits = self.model.apply({"params": params}, batch["image"], batch["tokens"],
@@ -119,6 +128,41 @@ class Trainer:
                  for k in BATCH_KEYS}
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self._train_step(state, batch)
+
+
+def load_part(params: dict, part: str, ckpt_dir: str) -> dict:
+    """Replaces `params[part]` with a converted checkpoint's, placed on the same shardings.
+
+    Leaves the checkpoint lacks are allowed only for the stage-B adapters (they start as the
+    identity); any other missing, extra or differently shaped tensor is an error naming it.
+    """
+    from earthgpt_jax.convert import vision_io
+    from earthgpt_jax.convert.llama import load_llm_params
+
+    if part == "llm":
+        loaded, _ = load_llm_params(ckpt_dir)
+    else:
+        loaded = vision_io.load_tower_params(ckpt_dir, part)
+    target = traverse_util.flatten_dict(params[part], sep="/")
+    source = traverse_util.flatten_dict(loaded, sep="/")
+    extra = sorted(set(source) - set(target))
+    missing = sorted(p for p in set(target) - set(source) if "/adapter_" not in p)
+    if extra or missing:
+        raise ValueError(f"config.init.{part}={ckpt_dir} does not fit the model: missing "
+                         f"{missing[:5]}, unexpected {extra[:5]} (scan_layers or size differ?)")
+    merged = {}
+    for path, current in target.items():
+        if path not in source:
+            merged[path] = current
+            continue
+        value = source[path]
+        if tuple(value.shape) != tuple(current.shape):
+            raise ValueError(f"config.init.{part}: tensor {part}/{path} has shape "
+                             f"{tuple(value.shape)} in {ckpt_dir}, the model expects "
+                             f"{tuple(current.shape)}")
+        merged[path] = jax.device_put(np.asarray(value).astype(current.dtype), current.sharding)
+    logging.info("Loaded %s weights (%d tensors) from %s", part, len(source), ckpt_dir)
+    return {**params, part: traverse_util.unflatten_dict(merged, sep="/")}
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:

@@ -65,3 +65,19 @@ def test_frozen_towers_get_no_gradient():
 def test_unknown_size_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model size 'huge'"):
         get_preset("huge")
+
+
+def test_parameter_summary_counts_parts_and_stage_b_trainables():
+    from earthgpt_jax import optim
+    from earthgpt_jax.models.summary import parameter_summary
+
+    cfg = get_preset("7b", llm_adapters=True)
+    params = nn.unbox(abstract_params(EarthGPT(cfg)))
+    counts = parameter_summary(params, optim.trainable_labels(params, "b"))
+    # One scale and one bias per output feature of every decoder linear, per layer.
+    per_layer = 2 * (3 * 4096 + 4096 + 2 * 11008 + 4096)
+    assert counts["adapters"] == 32 * per_layer
+    assert counts["llm"] == 6_738_415_616
+    assert counts["trainable"] == counts["adapters"] + counts["projector"]
+    assert counts["total"] == sum(counts[k] for k in ("llm", "vit", "convnext", "projector",
+                                                       "adapters"))

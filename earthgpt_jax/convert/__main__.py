@@ -5,6 +5,8 @@
   python -m earthgpt_jax.convert orbax-to-hf --ckpt_dir=O --out_dir=D [--tokenizer=PATH]
       [--max_shard_size=5GB] [--overwrite] [--step=N] [--bos_id=1] [--eos_id=2]
   python -m earthgpt_jax.convert logits --ckpt_dir=O --ids=IDS.npy --out=LOGITS.npy [--step=N]
+  python -m earthgpt_jax.convert dinov2-to-orbax --hf_dir=D --out_dir=O [--overwrite]
+  python -m earthgpt_jax.convert convnext-to-orbax --weights=D_OR_FILE --out_dir=O [--overwrite]
 
 `--ckpt_dir` is a converted checkpoint (hf-to-orbax's --out_dir) or a training workdir (its
 latest checkpoint unless --step).
@@ -19,7 +21,7 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-VERBS = ("hf-to-orbax", "orbax-to-hf", "logits")
+VERBS = ("hf-to-orbax", "orbax-to-hf", "logits", "dinov2-to-orbax", "convnext-to-orbax")
 
 flags.DEFINE_string("hf_dir", None, "HF LLaMA directory (hf-to-orbax input).")
 flags.DEFINE_string("out_dir", None, "Output directory.")
@@ -35,6 +37,8 @@ flags.DEFINE_integer("bos_id", None, "BOS id for the exported configs (default: 
                      "or 1).")
 flags.DEFINE_integer("eos_id", None, "EOS id for the exported configs (default: the source's "
                      "or 2).")
+flags.DEFINE_string("weights", None, "ConvNeXt weights: a HF ConvNext directory or a timm / "
+                    "open_clip .safetensors/.bin file (convnext-to-orbax).")
 flags.DEFINE_string("ids", None, "int [batch, length] .npy of token ids (logits).")
 flags.DEFINE_string("out", None, "Where the float32 [batch, length, vocab] logits .npy goes.")
 
@@ -65,6 +69,17 @@ def main(argv):
                           max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite,
                           step=FLAGS.step, bos_id=FLAGS.bos_id, eos_id=FLAGS.eos_id)
         logging.info("wrote %s in %.1fs", FLAGS.out_dir, time.time() - start)
+    elif verb in ("dinov2-to-orbax", "convnext-to-orbax"):
+        from earthgpt_jax.convert import vision_io
+        if verb == "dinov2-to-orbax":
+            _require("hf_dir", "out_dir")
+            cfg = vision_io.dinov2_to_orbax(FLAGS.hf_dir, FLAGS.out_dir,
+                                            overwrite=FLAGS.overwrite)
+        else:
+            _require("weights", "out_dir")
+            cfg = vision_io.convnext_to_orbax(FLAGS.weights, FLAGS.out_dir,
+                                              overwrite=FLAGS.overwrite)
+        logging.info("wrote %s (%s) in %.1fs", FLAGS.out_dir, cfg, time.time() - start)
     else:
         _require("ckpt_dir", "ids", "out")
         import numpy as np
@@ -86,7 +101,9 @@ def _entry():
         app.run(main)
     except Exception as e:  # a clear one-line error, not a traceback, for conversion errors
         from earthgpt_jax.convert.llama import ConversionError
-        if isinstance(e, (ConversionError, FileExistsError, FileNotFoundError)):
+        from earthgpt_jax.convert.vision import VisionConversionError
+        if isinstance(e, (ConversionError, VisionConversionError, FileExistsError,
+                          FileNotFoundError)):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
         raise

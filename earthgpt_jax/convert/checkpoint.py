@@ -23,7 +23,9 @@ training checkpoint's optimizer state (2x the parameters) is never read.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -40,6 +42,7 @@ HF_CONFIG = "hf_config.json"
 PARAMS_DIR = "params"
 PYTREE_ITEM = "state"  # orbax v1's name for the pytree item of a partial save
 PARTIAL_SUFFIX = ".partial_save"
+CHUNK_BYTES = 64 << 20
 
 KeyPath = tuple[str, ...]
 
@@ -81,21 +84,46 @@ def write_params_streaming(out_dir: str, groups: Iterator[Sequence[tuple[KeyPath
                            ) -> None:
     """Writes `O/params` from an iterator of leaf groups; each group is saved (blocking) and
     dropped before the next one is produced, so only one group is ever in memory."""
+    from orbax.checkpoint.experimental import v1 as ocp_v1
     from orbax.checkpoint.experimental.v1 import partial
 
     path = os.path.join(os.path.abspath(out_dir), PARAMS_DIR)
     wrote = False
-    for group in groups:
-        tree: dict = {}
-        for keypath, value in group:
-            _merge(tree, _nest(keypath, value))
-        if tree:
-            partial.save(path, tree)
-            wrote = True
-        del tree, group
-    if not wrote:
-        raise ValueError("no parameters to write")
-    partial.finalize(path)
+    # Saves are blocking and we drop each group afterwards, so orbax's defensive copy of host
+    # arrays (which would double the peak) is not needed.
+    context = ocp_v1.Context()
+    context.memory.deepcopy_host_arrays = False
+    # Chunks of <= 64 MB: tensorstore encodes chunk by chunk, so the encoded copy it holds
+    # while writing is one chunk, not a second whole stacked tensor.
+    context.array.saving.chunk_byte_size = CHUNK_BYTES
+    with context:
+        for group in groups:
+            tree = _tree_of(group)
+            if tree:
+                partial.save(path, tree)
+                wrote = True
+            del tree, group
+            _release_memory()
+        if not wrote:
+            raise ValueError("no parameters to write")
+        partial.finalize(path)
+
+
+def _tree_of(group) -> dict:
+    tree: dict = {}
+    for keypath, value in group:
+        _merge(tree, _nest(keypath, value))
+    return tree
+
+
+def _release_memory() -> None:
+    """Drops freed buffers now: tensorstore's writer threads free into glibc arenas that
+    otherwise keep the pages, so resident memory would creep up group after group."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _merge(dst: dict, src: dict) -> None:
@@ -123,15 +151,12 @@ def _llama_config_from_dict(d: dict) -> LlamaConfig:
 
 
 @dataclasses.dataclass
-class LlmCheckpoint:
-    """Where a decoder's parameters live inside an orbax checkpoint."""
+class SubtreeCheckpoint:
+    """One subtree of the params inside an orbax PyTree checkpoint, read leaf by leaf."""
     pytree_dir: str          # the directory holding _METADATA
-    prefix: KeyPath          # path of the llm subtree inside that pytree
-    cfg: LlamaConfig
-    extra: dict              # token ids / dtype hints (bos_id, eos_id, hf_config)
-    step: int | None = None
+    prefix: KeyPath          # path of the subtree inside that pytree
 
-    _metadata: Any = None
+    _metadata: Any = dataclasses.field(default=None, init=False, repr=False)
 
     def metadata_tree(self) -> dict:
         """{name: ...} nested dict of ArrayMetadata of the llm subtree (no array data read)."""
@@ -191,6 +216,23 @@ class LlmCheckpoint:
         return tree
 
 
+@dataclasses.dataclass(kw_only=True)
+class LlmCheckpoint(SubtreeCheckpoint):
+    """Where a decoder's parameters live inside an orbax checkpoint."""
+    cfg: LlamaConfig
+    extra: dict              # token ids / dtype hints (bos_id, eos_id, hf_config)
+    step: int | None = None
+
+
+def open_converted_part(ckpt_dir: str, part: str) -> SubtreeCheckpoint:
+    """The `part` ('llm', 'vit', 'convnext') subtree of a converted checkpoint."""
+    pytree_dir = os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR, PYTREE_ITEM)
+    if not os.path.isdir(pytree_dir):
+        raise FileNotFoundError(f"{ckpt_dir} is not a converted checkpoint: {pytree_dir} is "
+                                f"missing (write one with python -m earthgpt_jax.convert)")
+    return SubtreeCheckpoint(pytree_dir, (part,))
+
+
 def latest_step(checkpoints_dir: str) -> int | None:
     options = ocp.CheckpointManagerOptions(read_only=True)
     with ocp.CheckpointManager(os.path.abspath(checkpoints_dir), options=options) as mngr:
@@ -216,10 +258,11 @@ def open_llm_checkpoint(ckpt_dir: str, step: int | None = None) -> LlmCheckpoint
         if os.path.exists(os.path.join(ckpt_dir, HF_CONFIG)):
             with open(os.path.join(ckpt_dir, HF_CONFIG)) as f:
                 hf_config = json.load(f)
-        return LlmCheckpoint(os.path.join(ckpt_dir, PARAMS_DIR, PYTREE_ITEM), ("llm",),
-                             _llama_config_from_dict(config),
-                             {"hf_config": hf_config, "bos_id": hf_config.get("bos_token_id"),
-                              "eos_id": hf_config.get("eos_token_id")})
+        return LlmCheckpoint(pytree_dir=os.path.join(ckpt_dir, PARAMS_DIR, PYTREE_ITEM),
+                             prefix=("llm",), cfg=_llama_config_from_dict(config),
+                             extra={"hf_config": hf_config,
+                                    "bos_id": hf_config.get("bos_token_id"),
+                                    "eos_id": hf_config.get("eos_token_id")})
     checkpoints = os.path.join(ckpt_dir, "checkpoints")
     if not os.path.isdir(checkpoints):
         raise FileNotFoundError(f"{ckpt_dir} has {MODEL_CONFIG} but neither {PARAMS_DIR}/ "
@@ -228,6 +271,6 @@ def open_llm_checkpoint(ckpt_dir: str, step: int | None = None) -> LlmCheckpoint
     if step is None:
         raise FileNotFoundError(f"no checkpoint found in {checkpoints}")
     llm = config.get("llm", config)
-    return LlmCheckpoint(os.path.join(checkpoints, str(step), "state"), ("params", "llm"),
-                         _llama_config_from_dict(llm),
-                         {"bos_id": config.get("bos_id"), "eos_id": None}, step=step)
+    return LlmCheckpoint(pytree_dir=os.path.join(checkpoints, str(step), "state"),
+                         prefix=("params", "llm"), cfg=_llama_config_from_dict(llm),
+                         extra={"bos_id": config.get("bos_id"), "eos_id": None}, step=step)

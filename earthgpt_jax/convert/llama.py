@@ -165,6 +165,24 @@ class HFCheckpoint:
             return handle.get_tensor(name)
 
 
+    def get_transposed(self, name: str, block_bytes: int = 64 << 20) -> np.ndarray:
+        """`get(name).T` made contiguous without holding both layouts: rows are read in
+        blocks straight into the transposed output."""
+        if self.kind == "bin" or len(self.shape(name)) != 2:
+            return np.ascontiguousarray(self.get(name).T)
+        from safetensors import safe_open
+        with safe_open(self._files[name], framework="numpy") as handle:
+            tensor = handle.get_slice(name)
+            rows, cols = self.shape(name)
+            first = tensor[0:1]
+            out = np.empty((cols, rows), first.dtype)
+            step = max(1, block_bytes // max(1, cols * first.dtype.itemsize))
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                out[:, start:stop] = tensor[start:stop].T
+        return out
+
+
 def expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple]:
     e, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -216,10 +234,17 @@ def _layer_leaves(cfg: LlamaConfig) -> list[tuple[str, str]]:
     return leaves
 
 
-def iter_param_groups(reader: HFCheckpoint, cfg: LlamaConfig
+def iter_param_groups(reader: HFCheckpoint, cfg: LlamaConfig, prefix: KeyPath = ()
                       ) -> Iterator[list[tuple[KeyPath, np.ndarray]]]:
-    """Our params in groups: one stacked tensor per group when scanned, one layer's tensors
-    per group when not. Each yielded array is freshly built; the reader holds nothing."""
+    """Our params in groups (paths under `prefix`): one stacked tensor per group when
+    scanned, one layer's tensors per group when not. Nothing is kept between groups: a
+    consumer that drops each group before asking for the next holds one group at a time."""
+    for group in _iter_param_groups(reader, cfg):
+        yield [(prefix + path, value) for path, value in group]
+        del group
+
+
+def _iter_param_groups(reader: HFCheckpoint, cfg: LlamaConfig):
     yield [(("embed_tokens", "embedding"), reader.get("model.embed_tokens.weight"))]
     if cfg.scan_layers:
         for module, leaf in _layer_leaves(cfg):
@@ -244,7 +269,7 @@ def iter_param_groups(reader: HFCheckpoint, cfg: LlamaConfig
                                                   leaf)))
                    for module, leaf in _layer_leaves(cfg)]
     yield [(("norm", "scale"), reader.get("model.norm.weight"))]
-    yield [(("lm_head", "kernel"), np.ascontiguousarray(reader.get("lm_head.weight").T))]
+    yield [(("lm_head", "kernel"), reader.get_transposed("lm_head.weight"))]
 
 
 def _to_ours(value: np.ndarray, leaf: str) -> np.ndarray:
@@ -274,9 +299,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, scan_layers: bool = True,
     stacked tensor (or, unscanned, one layer) in memory at a time."""
     reader, cfg = open_hf(hf_dir, scan_layers)  # validates before touching out_dir
     ckpt_lib.prepare_out_dir(out_dir, overwrite)
-    groups = ([(("llm",) + path, value) for path, value in group]
-              for group in iter_param_groups(reader, cfg))
-    ckpt_lib.write_params_streaming(out_dir, groups)
+    ckpt_lib.write_params_streaming(out_dir, iter_param_groups(reader, cfg, ("llm",)))
     ckpt_lib.save_llama_config(out_dir, cfg, reader.config)
     return cfg
 

@@ -1,0 +1,84 @@
+"""Starting a run from converted Hugging Face weights: LLaMA, DINOv2 and ConvNeXt checkpoints
+converted by the CLI load into the sharded train state through config.init.*."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import mmrs
+from earthgpt_jax import parallel, train as train_lib
+from earthgpt_jax.convert.__main__ import run as convert
+from earthgpt_jax.models.presets import get_preset
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("init")
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        tie_word_embeddings=False))
+    dino = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=8,
+        image_size=32))
+    convnext = transformers.ConvNextModel(transformers.ConvNextConfig(
+        hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]))
+    out = {}
+    for name, model in (("llama", llama), ("dino", dino), ("convnext", convnext)):
+        model.save_pretrained(root / f"hf_{name}")
+        out[name] = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    convert(["convert", "hf-to-orbax", f"--hf_dir={root / 'hf_llama'}",
+             f"--out_dir={root / 'llm'}"])
+    convert(["convert", "dinov2-to-orbax", f"--hf_dir={root / 'hf_dino'}",
+             f"--out_dir={root / 'vit'}"])
+    convert(["convert", "convnext-to-orbax", f"--weights={root / 'hf_convnext'}",
+             f"--out_dir={root / 'convnext'}"])
+    return root, out
+
+
+def _state(root, stage, **init):
+    config = mmrs.get_config("demo")
+    config.train.stage = stage
+    for part, path in init.items():
+        config.init[part] = str(root / path)
+    cfg = get_preset("tiny", vocab_size=64, llm_adapters=stage == "b")
+    trainer = train_lib.Trainer(config, cfg, parallel.build_mesh(config.mesh, jax.devices()[:1]))
+    return trainer.init_state(0)
+
+
+def test_converted_weights_become_the_initial_state(converted):
+    root, hf = converted
+    state = _state(root, "b", llm="llm", vit="vit", convnext="convnext")
+    p = state.params
+    np.testing.assert_array_equal(np.asarray(p["llm"]["layers"]["q_proj"]["kernel"][1]),
+                                  hf["llama"]["model.layers.1.self_attn.q_proj.weight"].T)
+    np.testing.assert_array_equal(np.asarray(p["llm"]["embed_tokens"]["embedding"]),
+                                  hf["llama"]["model.embed_tokens.weight"])
+    # Stage-B adapters are not in LLaMA-2: they start as the identity.
+    assert np.all(np.asarray(p["llm"]["layers"]["q_proj"]["adapter_scale"]) == 1.0)
+    assert np.all(np.asarray(p["llm"]["layers"]["q_proj"]["adapter_bias"]) == 0.0)
+    np.testing.assert_array_equal(np.asarray(p["vit"]["cls_token"]).ravel(),
+                                  hf["dino"]["embeddings.cls_token"].ravel())
+    dw = hf["convnext"]["encoder.stages.2.layers.0.dwconv.weight"]  # [C, 1, 7, 7]
+    np.testing.assert_array_equal(np.asarray(p["convnext"]["stage2_block0"]["dwconv"]["kernel"]),
+                                  dw.transpose(2, 3, 1, 0))
+    # The optimizer still starts from zero moments for what stage B trains.
+    assert int(state.step) == 0
+
+
+def test_a_checkpoint_of_another_size_is_refused_with_the_tensor_named(converted, tmp_path):
+    root, _ = converted
+    torch.manual_seed(1)
+    wrong = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    wrong.save_pretrained(tmp_path / "hf")
+    convert(["convert", "hf-to-orbax", f"--hf_dir={tmp_path / 'hf'}",
+             f"--out_dir={tmp_path / 'llm'}"])
+    with pytest.raises(ValueError, match=r"llm/layers/down_proj/kernel has shape \(2, 96, 64\)"
+                       r".*expects \(2, 128, 64\)"):
+        _state(tmp_path, "a", llm="llm")

@@ -1,0 +1,45 @@
+"""The same forward on an 8-device CPU mesh (fsdp x tensor) as on one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+import pytest
+
+from configs import mmrs
+from earthgpt_jax import parallel
+from earthgpt_jax.models.earthgpt import EarthGPT
+from earthgpt_jax.models.presets import get_preset
+from earthgpt_jax.train import abstract_params
+
+
+@pytest.mark.parametrize("ici", [{"data": 1, "fsdp": 2, "tensor": 4},
+                                 {"data": 2, "fsdp": 4, "tensor": 1}])
+def test_sharded_forward_equals_single_device(ici):
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    cfg = get_preset("tiny", vocab_size=64)
+    model = EarthGPT(cfg)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+    tokens = rng.integers(0, 64, (8, 12)).astype(np.int32)
+    valid = np.ones((8, 12), bool)
+    valid[:, 9:] = False
+    params = nn.unbox(model.init(jax.random.key(0), images, tokens, valid))["params"]
+    expected = jax.jit(model.apply)({"params": params}, images, tokens, valid)
+
+    config = mmrs.get_config("demo")
+    config.mesh.ici = ici
+    mesh = parallel.build_mesh(config.mesh)
+    rules = parallel.logical_rules(config)
+    shardings = parallel.shardings_for(abstract_params(model), mesh, rules)
+    sharded = jax.device_put(params, shardings)
+    batch = parallel.batch_sharding(mesh, 2)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        got = jax.jit(model.apply)({"params": sharded}, jax.device_put(images,
+                                   parallel.batch_sharding(mesh, 4)),
+                                   jax.device_put(tokens, batch), jax.device_put(valid, batch))
+    kernel = sharded["llm"]["layers"]["gate_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert len(kernel.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-5, rtol=1e-5)
