@@ -66,18 +66,20 @@ class Source:
     sensor: str      # optical | sar | infrared (the builder derives this from `name` itself)
     image_dir: str   # relative to root
     json_path: str   # train annotation file, relative to root
-    weight: int      # images per 600 train images
+    # Images per 600 train images. VQA is over-represented on purpose: a yes/no answer is one
+    # token, so presence has to be seen often to be learned next to long detection answers.
+    weight: int
 
 
 SOURCES = (
     Source("classification", "SynthScene", "optical", "data/classification/SynthScene",
-           "data/json/classification/SynthScene_cls.json", 120),
+           "data/json/classification/SynthScene_cls.json", 60),
     Source("caption", "SynthCap", "optical", "data/caption/SynthCap",
-           "data/json/caption/caption_synthcap.json", 80),
-    Source("vqa", "SynthVQA", "optical", "data/VQA/SynthVQA", "data/json/VQA/synthvqa.json", 60),
-    Source("vqa", "HRSID_mini", "sar", "data/VQA/HRSID_mini", "data/json/VQA/hrsid_mini.json", 30),
+           "data/json/caption/caption_synthcap.json", 60),
+    Source("vqa", "SynthVQA", "optical", "data/VQA/SynthVQA", "data/json/VQA/synthvqa.json", 100),
+    Source("vqa", "HRSID_mini", "sar", "data/VQA/HRSID_mini", "data/json/VQA/hrsid_mini.json", 50),
     Source("vqa", "infrared_ship_mini", "infrared", "data/VQA/infrared_ship_mini",
-           "data/json/VQA/infrared_ship_mini.json", 30),
+           "data/json/VQA/infrared_ship_mini.json", 50),
     Source("rsvg", "DIOR_RSVG", "optical", "data/RSVG/DIOR_RSVG/images",
            "data/json/RSVG/rsvg_trainval.json", 80),
     Source("detection", "DIOR_mini", "optical", "data/detection/DIOR_mini",
