@@ -76,6 +76,10 @@ def get_config(arg: str = ""):
     config.train.b2 = 0.95
     config.train.weight_decay = 0.0 if demo else 0.05
     config.train.grad_clip_norm = 1.0
+    # Microbatches per step (summed gradients): the same update with 1/N of the activations.
+    config.train.grad_accum_steps = 1
+    # Stop after this many non-finite steps in a row (each one is skipped and counted).
+    config.train.max_nonfinite_steps_in_row = 10
     # 'tokens': mean over all answer tokens of the batch; 'examples': mean of per-conversation
     # means, so short answers (classes, yes/no) weigh as much as long detection answers.
     config.train.loss_normalization = "examples" if demo else "tokens"

@@ -90,3 +90,215 @@ def greedy_generate_text(decoder: LlamaDecoder, params, prompt_tokens, prompt_va
     return _greedy_loop(functools.partial(decoder.apply, variables), embed,
                         embed(prompt_tokens), prompt_valid.astype(bool), cache,
                         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+
+
+# ----------------------------------------------------------------------------- beam search,
+# top-p sampling, step-wise decoding for streaming, stop strings.
+
+def _prefill_state(model: EarthGPT, params, images, prompt_tokens, prompt_valid, new_tokens: int,
+                   repeat: int = 1):
+    """Prefill once per prompt; the cache is then repeated `repeat` times per row (beams)."""
+    variables = {"params": params}
+    embeds = model.apply(variables, images, prompt_tokens, method=EarthGPT.embed_prompt)
+    prefix_valid = model.apply(variables, prompt_valid, method=EarthGPT.prefix_valid)
+    batch, prefill_len = prefix_valid.shape
+    cache = init_cache(model.cfg.llm, batch, prefill_len + new_tokens,
+                       jnp.dtype(model.cfg.dtype))
+    decode = functools.partial(model.apply, variables, method=EarthGPT.decode)
+    positions = jnp.cumsum(prefix_valid, axis=1) - 1
+    key_valid = jnp.zeros((batch, prefill_len + new_tokens), bool)
+    key_valid = key_valid.at[:, :prefill_len].set(prefix_valid)
+    logits, cache = decode(embeds, positions, key_valid, cache, 0)
+    if repeat > 1:
+        cache = jax.tree.map(lambda c: jnp.repeat(c, repeat, axis=1), cache)
+        key_valid = jnp.repeat(key_valid, repeat, axis=0)
+    return logits[:, -1].astype(jnp.float32), cache, key_valid, positions[:, -1], prefill_len
+
+
+def nucleus_filter(logits, top_p):
+    """Logits outside the smallest set of tokens whose probability reaches `top_p` -> -inf.
+
+    The most probable token is always kept, so `top_p` -> 0 is greedy decoding.
+    """
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    keep_sorted = keep_sorted.at[..., 0].set(True)
+    keep = jnp.zeros_like(keep_sorted).at[
+        jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def _sample_token(logits, rng, temperature, top_p):
+    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    return jax.random.categorical(rng, nucleus_filter(scaled, top_p), axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))
+def sample_generate(model: EarthGPT, params, images, prompt_tokens, prompt_valid, *,
+                    max_new_tokens: int, eos_id: int, pad_id: int, temperature=1.0, top_p=0.9,
+                    rng=None):
+    """Top-p (nucleus) sampling with temperature; same layout and padding as `greedy_generate`.
+
+    `temperature` and `top_p` are traced (changing them does not recompile); `rng` is a JAX key
+    (default `jax.random.key(0)`), so a fixed key gives the same tokens every time.
+    """
+    rng = jax.random.key(0) if rng is None else rng
+    logits, cache, key_valid, last_position, prefill_len = _prefill_state(
+        model, params, images, prompt_tokens, prompt_valid, max_new_tokens)
+    batch = prompt_tokens.shape[0]
+    variables = {"params": params}
+    decode = functools.partial(model.apply, variables, method=EarthGPT.decode)
+    embed = functools.partial(model.apply, variables, method=EarthGPT.embed_tokens)
+    rng, sub = jax.random.split(rng)
+    first = _sample_token(logits, sub, temperature, top_p)
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+
+    def cond(carry):
+        return (carry[0] < max_new_tokens) & ~jnp.all(carry[5])
+
+    def body(carry):
+        t, token, cache, key_valid, out, done, rng = carry
+        out = out.at[:, t].set(jnp.where(done, pad_id, token))
+        done = done | (token == eos_id)
+        index = prefill_len + t
+        key_valid = key_valid.at[:, index].set(True)
+        logits, cache = decode(embed(token[:, None]), (last_position + 1 + t)[:, None],
+                               key_valid, cache, index)
+        rng, sub = jax.random.split(rng)
+        token = _sample_token(logits[:, -1], sub, temperature, top_p)
+        return t + 1, token, cache, key_valid, out, done, rng
+
+    carry = (jnp.int32(0), first, cache, key_valid, out, jnp.zeros((batch,), bool), rng)
+    return jax.lax.while_loop(cond, body, carry)[4]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beam_width", "max_new_tokens", "eos_id",
+                                             "pad_id", "return_scores"))
+def beam_search_generate(model: EarthGPT, params, images, prompt_tokens, prompt_valid, *,
+                         beam_width: int, max_new_tokens: int, eos_id: int, pad_id: int,
+                         length_penalty=1.0, return_scores: bool = False):
+    """Beam search -> best beam's ids [B, max_new_tokens] (`pad_id` after `</s>`).
+
+    Beams are kept by their summed log-probability; a beam that has emitted `</s>` stays in the
+    beam with its score frozen (it extends only with padding at log-prob 0). The loop stops when
+    every beam of every row has finished or after `max_new_tokens`. The returned beam is the one
+    with the best `sum_logprob / length ** length_penalty` (length counts the `</s>`;
+    `length_penalty=0` ranks by the plain sum). With `return_scores`, also returns that beam's
+    summed log-probability [B]. `beam_width=1` is greedy decoding.
+    """
+    k = beam_width
+    batch = prompt_tokens.shape[0]
+    logits, cache, key_valid, last_position, prefill_len = _prefill_state(
+        model, params, images, prompt_tokens, prompt_valid, max_new_tokens, repeat=k)
+    vocab = logits.shape[-1]
+    variables = {"params": params}
+    decode = functools.partial(model.apply, variables, method=EarthGPT.decode)
+    embed = functools.partial(model.apply, variables, method=EarthGPT.embed_tokens)
+    # Every beam starts as the same prompt; only beam 0 is live so the first top-k is distinct.
+    logprobs = jnp.repeat(jax.nn.log_softmax(logits, axis=-1)[:, None], k, axis=1)  # [B,K,V]
+    scores = jnp.full((batch, k), -jnp.inf, jnp.float32).at[:, 0].set(0.0)
+    out = jnp.full((batch, k, max_new_tokens), pad_id, jnp.int32)
+    lengths = jnp.zeros((batch, k), jnp.int32)
+    done = jnp.zeros((batch, k), bool)
+    last_position = jnp.repeat(last_position, k, axis=0)
+    pad_only = jnp.full((vocab,), -jnp.inf, jnp.float32).at[pad_id].set(0.0)
+
+    def cond(carry):
+        return (carry[0] < max_new_tokens) & ~jnp.all(carry[5])
+
+    def body(carry):
+        t, logprobs, cache, key_valid, out, done, scores, lengths = carry
+        step = jnp.where(done[..., None], pad_only, logprobs)
+        candidates = (scores[..., None] + step).reshape(batch, k * vocab)
+        scores, flat = jax.lax.top_k(candidates, k)
+        parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+        gather = lambda x: jnp.take_along_axis(x, parent, axis=1)  # noqa: E731
+        was_done = gather(done)
+        out = jnp.take_along_axis(out, parent[..., None], axis=1)
+        token = jnp.where(was_done, pad_id, token)
+        out = out.at[:, :, t].set(token)
+        lengths = gather(lengths) + (~was_done).astype(jnp.int32)
+        done = was_done | (token == eos_id)
+        rows = (jnp.arange(batch)[:, None] * k + parent).reshape(-1)
+        cache = jax.tree.map(lambda c: jnp.take(c, rows, axis=1), cache)
+        index = prefill_len + t
+        key_valid = key_valid.at[:, index].set(True)
+        logits, cache = decode(embed(token.reshape(-1, 1)), (last_position + 1 + t)[:, None],
+                               key_valid, cache, index)
+        logprobs = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), -1).reshape(batch, k, -1)
+        return t + 1, logprobs, cache, key_valid, out, done, scores, lengths
+
+    carry = (jnp.int32(0), logprobs, cache, key_valid, out, done, scores, lengths)
+    _, _, _, _, out, _, scores, lengths = jax.lax.while_loop(cond, body, carry)
+    ranked = scores / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty
+    best = jnp.argmax(ranked, axis=1)
+    tokens = jnp.take_along_axis(out, best[:, None, None], axis=1)[:, 0]
+    if return_scores:
+        return tokens, jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
+    return tokens
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def prefill(model: EarthGPT, params, images, prompt_tokens, prompt_valid, *, max_new_tokens: int):
+    """First half of step-wise decoding: -> (last logits [B, V], cache, key_valid, position).
+
+    `position` is the RoPE position of the last prompt token; the prompt fills cache slots
+    [0, prefill_len) where prefill_len = 1 + visual tokens + prompt length.
+    """
+    logits, cache, key_valid, last_position, _ = _prefill_state(
+        model, params, images, prompt_tokens, prompt_valid, max_new_tokens)
+    return logits, cache, key_valid, last_position
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def decode_step(model: EarthGPT, params, token, cache, key_valid, position, index):
+    """Feed one token [B] at cache slot `index` and RoPE `position` [B] -> (logits, cache,
+    key_valid). Shapes never change between steps, so it compiles once per prompt bucket."""
+    variables = {"params": params}
+    key_valid = key_valid.at[:, index].set(True)
+    embeds = model.apply(variables, token[:, None].astype(jnp.int32),
+                         method=EarthGPT.embed_tokens)
+    logits, cache = model.apply(variables, embeds, position[:, None], key_valid, cache, index,
+                                method=EarthGPT.decode)
+    return logits[:, -1].astype(jnp.float32), cache, key_valid
+
+
+def stream_generate(model: EarthGPT, params, images, prompt_tokens, prompt_valid, *,
+                    max_new_tokens: int, eos_id: int, temperature: float = 0.0,
+                    top_p: float = 1.0, rng=None):
+    """Yields the generated ids of row 0 one at a time (host loop over `decode_step`), ending
+    after `</s>` (not yielded) or `max_new_tokens`. temperature 0 is greedy; otherwise top-p."""
+    logits, cache, key_valid, position = prefill(model, params, images, prompt_tokens,
+                                                 prompt_valid, max_new_tokens=max_new_tokens)
+    prefill_len = key_valid.shape[1] - max_new_tokens
+    rng = jax.random.key(0) if rng is None else rng
+    pick = jax.jit(lambda lg, key: _sample_token(lg, key, temperature, top_p))
+    for t in range(max_new_tokens):
+        if temperature > 0:
+            rng, sub = jax.random.split(rng)
+            token = pick(logits, sub)
+        else:
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        value = int(token[0])
+        if value == eos_id:
+            return
+        yield value
+        if t + 1 == max_new_tokens:
+            return
+        position = position + 1
+        logits, cache, key_valid = decode_step(model, params, token, cache, key_valid, position,
+                                               prefill_len + t)
+
+
+def apply_stop_strings(text: str, stops) -> str:
+    """Cut decoded text at the earliest occurrence of any stop string (the stop is dropped)."""
+    cut = len(text)
+    for stop in stops or ():
+        if stop:
+            at = text.find(stop)
+            if at != -1:
+                cut = min(cut, at)
+    return text[:cut]

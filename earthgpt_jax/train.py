@@ -51,6 +51,10 @@ class Trainer:
     """Owns the model, optimizer, mesh and the jitted functions of one training run."""
 
     def __init__(self, config, model_cfg: EarthGPTConfig, mesh):
+        if config.train.batch_size % (config.train.grad_accum_steps * jax.process_count()):
+            raise ValueError(f"config.train.batch_size={config.train.batch_size} must divide by "
+                             f"grad_accum_steps={config.train.grad_accum_steps} x "
+                             f"{jax.process_count()} processes")
         if config.train.loss_normalization not in ("tokens", "examples"):
             raise ValueError(f"config.train.loss_normalization must be 'tokens' or 'examples', "
                              f"got {config.train.loss_normalization!r}")
@@ -94,22 +98,51 @@ class Trainer:
                 state = state.replace(params=load_part(state.params, part, init_cfg[part]))
         return state
 
-    def loss_fn(self, params, batch):
+    def loss_terms(self, params, batch):
+        """(numerator, denominator, answer tokens): loss = numerator / denominator.
+
+        Kept as a ratio so gradient accumulation sums numerators and denominators over
+        microbatches and gets exactly the full batch's loss.
+        """
         logits = self.model.apply({"params": params}, batch["image"], batch["tokens"],
                                   batch["valid"])
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"])
         weights = batch["loss_mask"]
-        tokens = jnp.sum(weights)
+        per_example_tokens = jnp.sum(weights, axis=1)
         if self.config.train.loss_normalization == "examples":
             # Each conversation weighs the same, however long its answers: a one-word answer
             # ("yes") is not drowned by a detection answer of a hundred tokens.
-            per_example = jnp.sum(ce * weights, axis=1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
-            has_answer = (jnp.sum(weights, axis=1) > 0).astype(per_example.dtype)
-            return jnp.sum(per_example) / jnp.maximum(jnp.sum(has_answer), 1.0), tokens
-        return jnp.sum(ce * weights) / jnp.maximum(tokens, 1.0), tokens
+            per_example = jnp.sum(ce * weights, axis=1) / jnp.maximum(per_example_tokens, 1.0)
+            return (jnp.sum(per_example), jnp.sum(per_example_tokens > 0).astype(jnp.float32),
+                    jnp.sum(weights))
+        return jnp.sum(ce * weights), jnp.sum(weights), jnp.sum(weights)
+
+    def _grads(self, params, batch):
+        """Gradient of the batch loss, over `grad_accum_steps` sequential microbatches."""
+        accum = self.config.train.grad_accum_steps
+
+        def numerator(p, b):
+            num, den, tokens = self.loss_terms(p, b)
+            return num, (den, tokens)
+
+        numerator_grad = jax.value_and_grad(numerator, has_aux=True)
+        if accum == 1:
+            (num, (den, tokens)), grads = numerator_grad(params, batch)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+            def body(carry, mb):
+                (num, (den, tokens)), grads = numerator_grad(params, mb)
+                return jax.tree.map(jnp.add, carry, (num, den, tokens, grads)), None
+
+            zeros = (0.0, 0.0, 0.0, jax.tree.map(jnp.zeros_like, params))
+            (num, den, tokens, grads), _ = jax.lax.scan(body, zeros, micro)
+        den = jnp.maximum(den, 1.0)
+        return num / den, tokens, jax.tree.map(lambda g: g / den, grads)
 
     def _step(self, state: TrainState, batch):
-        (loss, tokens), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, batch)
+        loss, tokens, grads = self._grads(state.params, batch)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -272,30 +305,51 @@ def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainSt
         logging.info("No checkpoint in %s: starting from step 0", mngr.directory)
     start = int(jax.device_get(state.step))
     log = MetricsLog(workdir, tc.num_steps)
-    preempt = _Preemption()
-    history = []
 
-    def save(step, force=False):
+    def save(state, step, force=False):
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                 data=ocp.args.JsonSave(data_iter.get_state())),
                   force=force)
 
+    try:
+        state = _loop(config, trainer, state, start, data_iter, log, save, mngr)
+    finally:
+        # Whatever stopped the loop (an error, Ctrl-C, SIGTERM), a save already started is
+        # finished so the newest checkpoint on disk is complete.
+        mngr.wait_until_finished()
+        mngr.close()
+        log.close()
+    return state
+
+
+def _loop(config, trainer, state, start, data_iter, log, save, mngr):
+    tc = config.train
+    preempt = _Preemption()
+    history = []
+    nonfinite_in_row, previous = 0, None
     for step in range(start + 1, tc.num_steps + 1):
-        state, metrics = trainer.train_step(state, next(data_iter))
+        host_batch = next(data_iter)
+        state, metrics = trainer.train_step(state, host_batch)
         history.append(metrics)
+        # The previous step's flag: reading it costs no wait, the device is on this step.
+        if previous is not None:
+            nonfinite_in_row = nonfinite_in_row + 1 if int(previous[1]["skipped"]) else 0
+            if nonfinite_in_row >= tc.max_nonfinite_steps_in_row:
+                raise FloatingPointError(
+                    f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (all "
+                    f"skipped), the last at step {step - 1}; its examples: "
+                    f"{list(previous[0]['example_id'])}")
+        previous = (host_batch, metrics)
         if step % tc.log_every_steps == 0 or step == tc.num_steps:
             log.record(step, history)
             history = []
         if step % config.checkpoint.every_steps == 0:
-            save(step)
+            save(state, step)
         if preempt.requested:
-            save(step, force=True)
+            save(state, step, force=True)
             mngr.wait_until_finished()
             logging.info("Saved step %d after SIGTERM; exiting", step)
             raise SystemExit(0)
     if tc.num_steps > start and mngr.latest_step() != tc.num_steps:
-        save(tc.num_steps, force=True)
-    mngr.wait_until_finished()
-    mngr.close()
-    log.close()
+        save(state, tc.num_steps, force=True)
     return state

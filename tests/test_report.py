@@ -135,6 +135,11 @@ def test_baselines_from_training_answers():
     assert res["groups"]["grounding"]["all"]["baseline"]["mIoU"] == 0.0
 
 
+def _original_pixels(picture, scale):
+    """The picture's image part sampled back on the original pixel grid (top-left of each)."""
+    return picture[report.LEGEND_HEIGHT::scale, ::scale]
+
+
 def test_write_report_and_pictures(tmp_path):
     res = report.evaluate_predictions(_examples())
     table = report.write_report(res, str(tmp_path))
@@ -152,7 +157,9 @@ def test_write_report_and_pictures(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["grounding_optical_g_1.png",
                                                     "detection_infrared_d1.png"]
     img = np.asarray(Image.open(paths[1]).convert("RGB"))
-    assert img.shape == (80, 60, 3)                   # the original image size, not the square
+    # The original size (not the square), enlarged 5x under the legend strip.
+    assert img.shape == (80 * 5 + report.LEGEND_HEIGHT, 60 * 5, 3)
+    img = _original_pixels(img, 5)
     # B2 in pixels: pad_x = 10, side = 80 -> x 38..54, y 56..72; its left edge is green.
     x0, y0, x1, y1 = box_text.norm_to_pixel(B2, 60, 80)
     assert (x0, y0, x1, y1) == pytest.approx((38, 56, 54, 72))
@@ -162,7 +169,7 @@ def test_write_report_and_pictures(tmp_path):
     assert tuple(img[48, 14]) == report.PRED_COLOUR
     assert tuple(img[78, 2]) == (0, 0, 0)             # far from boxes and labels: untouched
     g = np.asarray(Image.open(paths[0]).convert("RGB"))
-    assert g.shape == (60, 80, 3)
+    assert g.shape == (60 * 5 + report.LEGEND_HEIGHT, 80 * 5, 3)
     assert (np.all(g == report.PRED_COLOUR, axis=-1)).sum() > 100
 
 
@@ -170,7 +177,8 @@ def test_draw_boxes_grayscale(tmp_path):
     path = report.draw_boxes_png(np.full((40, 50), 128, np.uint8), [[30, 30, 45, 38]],
                                  [[40, 26, 20, 30]], ["ship"], str(tmp_path / "a.png"))
     img = np.asarray(Image.open(path).convert("RGB"))
-    assert img.shape == (40, 50, 3)
+    assert img.shape == (40 * 8 + report.LEGEND_HEIGHT, 50 * 8, 3)
+    img = _original_pixels(img, 8)
     assert tuple(img[34, 30]) == report.TRUE_COLOUR and tuple(img[28, 20]) == report.PRED_COLOUR
     assert tuple(img[39, 0]) == (128, 128, 128)
 

@@ -169,3 +169,132 @@ def test_full_config_without_release_fails_fast(tmp_path):
     assert proc.returncode != 0
     assert str(tmp_path / "nowhere" / "data" / "json") in proc.stderr
     assert "make demo" in proc.stderr
+
+
+def _random_batch(cfg, batch=4, length=16, seed=0):
+    rng = np.random.default_rng(seed)
+    loss_mask = np.zeros((batch, length), np.float32)
+    loss_mask[:, 6:12] = 1.0
+    loss_mask[1, 6:] = 1.0  # examples with different answer lengths
+    return {"image": rng.integers(0, 255, (batch, cfg.image_size, cfg.image_size, 3), np.uint8),
+            "tokens": rng.integers(3, 60, (batch, length)).astype(np.int32),
+            "valid": np.ones((batch, length), bool), "loss_mask": loss_mask}
+
+
+@pytest.mark.parametrize("stage", ["a", "b"])
+def test_stage_masks_train_exactly_their_leaves(stage):
+    from flax import traverse_util
+    from earthgpt_jax.optim import STAGE_TRAINABLE
+    import re
+
+    config = tiny_config("/unused")
+    config.train.stage = stage
+    cfg = get_preset_for(config, vocab=64)
+    trainer = train_lib.Trainer(config, cfg, parallel.build_mesh(config.mesh, jax.devices()[:1]))
+    state = trainer.init_state(0)
+    before = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    for seed in range(2):
+        state, _ = trainer.train_step(state, _random_batch(cfg, seed=seed))
+    after = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    patterns = [re.compile(p) for p in STAGE_TRAINABLE[stage]]
+    trained = {p for p in before if not np.array_equal(before[p], after[p])}
+    expected = {p for p in before if any(r.search(p) for r in patterns)}
+    assert trained == expected and trained
+    if stage == "a":
+        assert "llm/layers/q_proj/kernel" in trained and "llm/layers/o_proj/kernel" not in trained
+    else:
+        assert trained == {p for p in before if "adapter_" in p or p.startswith("projector/")}
+
+
+def get_preset_for(config, vocab):
+    from earthgpt_jax.models.presets import get_preset
+    return get_preset(config.model.size, vocab_size=vocab, llm_adapters=config.train.stage == "b")
+
+
+def test_gradient_accumulation_gives_the_same_update():
+    states = {}
+    for accum in (1, 2):
+        config = tiny_config("/unused")
+        config.train.grad_accum_steps = accum
+        cfg = get_preset_for(config, vocab=64)
+        trainer = train_lib.Trainer(config, cfg,
+                                    parallel.build_mesh(config.mesh, jax.devices()[:1]))
+        state, metrics = trainer.train_step(trainer.init_state(0), _random_batch(cfg))
+        states[accum] = (jax.device_get(state.params), float(metrics["loss"]))
+    assert states[1][1] == pytest.approx(states[2][1], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(states[1][0]), jax.tree.leaves(states[2][0])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_examples(data, tmp_path):
+    config, tok = tiny_config(data["work"], num_steps=6), data["tokenizer"]
+    config.train.learning_rate = 1e30  # the first update overflows: every later loss is NaN
+    config.train.warmup_steps = 0
+    config.train.max_nonfinite_steps_in_row = 2
+    trainer, cfg = _trainer(config, tok, jax.devices()[:1])
+    pre = TrainPreprocess(tok.path, cfg.image_size, config.data.max_text_len)
+    with pytest.raises(FloatingPointError, match=r"2 steps in a row.*data/") as err:
+        train_lib.train(config, str(tmp_path), trainer, data["train"], pre)
+    assert "png" in str(err.value)
+
+
+def _main_cmd(data, workdir, **overrides):
+    config = data["config"]
+    args = {"model.size": "tiny", "data.manual_dir": config.data.manual_dir,
+            "data.tfds_dir": config.data.tfds_dir, "tokenizer.path": data["tokenizer"].path,
+            "train.batch_size": 4, "train.num_steps": 8, "train.warmup_steps": 2,
+            "train.log_every_steps": 1, "checkpoint.every_steps": 2, "eval.at_end": False,
+            "mesh.ici": "{'data': 1, 'fsdp': -1, 'tensor': 1}"} | overrides
+    return [sys.executable, "main.py", "--config=configs/mmrs.py:demo",
+            f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in args.items()]
+
+
+def _run_until(cmd, workdir, step, sig):
+    """Starts `cmd`, waits until metrics.jsonl reaches `step`, then sends `sig`."""
+    import signal
+    import time
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and max(_losses(workdir), default=0) >= step:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.05)
+    _, stderr = proc.communicate(timeout=240)
+    return proc.returncode, stderr
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_losses(data, tmp_path):
+    """The real thing: SIGKILL a training process mid-run, rerun the same command."""
+    import signal
+    straight = str(tmp_path / "straight")
+    config = tiny_config(data["work"], num_steps=8)
+    trainer, cfg = _trainer(config, data["tokenizer"], jax.devices()[:1])
+    train_lib.train(config, straight, trainer, data["train"],
+                    TrainPreprocess(data["tokenizer"].path, cfg.image_size,
+                                    config.data.max_text_len))
+    killed = str(tmp_path / "killed")
+    code, _ = _run_until(_main_cmd(data, killed), killed, 5, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    code, stderr = _run_until(_main_cmd(data, killed), killed, 99, signal.SIGKILL)
+    assert code == 0, stderr[-2000:]
+    assert "Resuming from the checkpoint of step" in stderr
+    expected, resumed = _losses(straight), _losses(killed)
+    assert sorted(resumed) == list(range(1, 9))
+    assert resumed == expected
+
+
+def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
+    import signal
+    workdir = str(tmp_path)
+    code, stderr = _run_until(_main_cmd(data, workdir, **{"train.num_steps": 200,
+                                                          "checkpoint.every_steps": 1000}),
+                              workdir, 3, signal.SIGTERM)
+    assert code == 0, stderr[-2000:]
+    assert "after SIGTERM" in stderr
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert saved and saved[-1] >= 3 and saved[-1] < 200

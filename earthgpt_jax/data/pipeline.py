@@ -51,7 +51,8 @@ class TrainPreprocess(grain.transforms.Map):
         image = square_and_resize(decode_image(record["image"], name), self.image_size)
         enc = encode_conversation(self._tok, conversation_turns(record), self.max_text_len)
         return {"image": image, "tokens": enc.tokens, "valid": enc.valid,
-                "loss_mask": enc.loss_mask, "truncated": np.int32(enc.truncated)}
+                "loss_mask": enc.loss_mask, "truncated": np.int32(enc.truncated),
+                "example_id": name}
 
 
 def train_dataset(source, preprocess: TrainPreprocess, *, batch_size: int, seed: int,

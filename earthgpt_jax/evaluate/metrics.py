@@ -251,3 +251,106 @@ def exact_match_accuracy(preds: Sequence[str], refs: Sequence[str | Sequence[str
 def _check_lengths(a: Sequence, b: Sequence) -> None:
     if len(a) != len(b):
         raise ValueError(f"length mismatch: {len(a)} predictions vs {len(b)} references")
+
+
+# ----------------------------------------------------------------------------- detection AP
+
+AP_RANKING_RULE = (
+    "A text answer has no confidences, so each predicted box gets the score 1 - r/n, where r is "
+    "its 0-based position among the boxes of its class in that image's answer and n their "
+    "number: the first box the model writes for a class ranks highest. Across images, equal "
+    "scores keep image order (a stable sort over images in input order, then answer order), "
+    "the same tie rule as pycocotools' mergesort.")
+
+
+def _all_point_ap(recall: Sequence[float], precision: Sequence[float]) -> float:
+    """VOC 2010+ AP: area under the precision envelope at every recall change."""
+    mrec = [0.0, *recall, 1.0]
+    mpre = [0.0, *precision, 0.0]
+    for i in range(len(mpre) - 2, -1, -1):
+        mpre[i] = max(mpre[i], mpre[i + 1])
+    return float(sum((mrec[i + 1] - mrec[i]) * mpre[i + 1] for i in range(len(mrec) - 1)
+                     if mrec[i + 1] != mrec[i]))
+
+
+def _coco101_ap(recall: Sequence[float], precision: Sequence[float]) -> float:
+    """COCO AP: the precision envelope sampled at recall 0, 0.01, ..., 1 (0 past the last).
+
+    The recall points are pycocotools' own `np.linspace(0, 1, 101)` (0.07 is 0.07000000000000001
+    there, which decides ties when a recall lands exactly on a point).
+    """
+    import bisect
+
+    import numpy as np
+    env = list(precision)
+    for i in range(len(env) - 2, -1, -1):
+        env[i] = max(env[i], env[i + 1])
+    total = 0.0
+    for r in np.linspace(0.0, 1.0, 101):
+        idx = bisect.bisect_left(recall, float(r))
+        total += env[idx] if idx < len(env) else 0.0
+    return total / 101
+
+
+def ranked_detections(pred_groups_per_image: Sequence[Iterable]) -> dict[str, list]:
+    """Per class: [(score, image_index, rank, box)] under `AP_RANKING_RULE`, best first."""
+    dets: dict[str, list] = defaultdict(list)
+    for i, groups in enumerate(pred_groups_per_image):
+        for cls, bxs in _as_class_dict(groups)[0].items():
+            n = len(bxs)
+            for r, box in enumerate(bxs):
+                dets[cls].append((1.0 - r / n, i, r, box))
+    for cls in dets:
+        dets[cls].sort(key=lambda d: (-d[0], d[1], d[2]))
+    return dict(dets)
+
+
+def detection_ap(pred_groups_per_image: Sequence[Iterable], gt_groups_per_image: Sequence[Iterable],
+                 iou_threshold: float = 0.5, interpolation: str = "voc") -> dict:
+    """Per-class AP at one IoU threshold and their mean (mAP), for answers without scores.
+
+    Groups per image are (class, boxes) or (class, count, boxes), as `detection_scores` takes.
+    Detections are ranked by `AP_RANKING_RULE`. Matching follows the VOC devkit: in rank order,
+    a detection is a true positive when its highest-IoU ground truth of the same class in the
+    same image has IoU >= `iou_threshold` and is not yet taken, otherwise a false positive.
+    IoU is continuous (no +1 pixel). `interpolation="voc"` is the all-point area under the
+    precision envelope (VOC 2010+); `"coco101"` samples it at 101 recall points as pycocotools.
+    mAP averages the classes that have ground truth; classes only predicted are reported with
+    `AP: None` and their false positives, and do not enter the mean.
+    """
+    if interpolation not in ("voc", "coco101"):
+        raise ValueError(f"interpolation must be 'voc' or 'coco101', got {interpolation!r}")
+    _check_lengths(pred_groups_per_image, gt_groups_per_image)
+    gts: dict[str, dict[int, list]] = defaultdict(dict)
+    for i, groups in enumerate(gt_groups_per_image):
+        for cls, bxs in _as_class_dict(groups)[0].items():
+            if bxs:
+                gts[cls][i] = list(bxs)
+    dets = ranked_detections(pred_groups_per_image)
+    area = _all_point_ap if interpolation == "voc" else _coco101_ap
+    per_class = {}
+    for cls in sorted(set(gts) | set(dets)):
+        n_gt = sum(len(v) for v in gts.get(cls, {}).values())
+        cls_dets = dets.get(cls, [])
+        if n_gt == 0:
+            per_class[cls] = {"AP": None, "n_gt": 0, "n_pred": len(cls_dets)}
+            continue
+        taken = {i: [False] * len(v) for i, v in gts[cls].items()}
+        tp = fp = 0
+        recall, precision = [], []
+        for _, i, _, box in cls_dets:
+            image_gts = gts[cls].get(i, [])
+            ious = [box_iou(box, g) for g in image_gts]
+            best = max(range(len(ious)), key=ious.__getitem__) if ious else None
+            if best is not None and ious[best] >= iou_threshold and not taken[i][best]:
+                taken[i][best] = True
+                tp += 1
+            else:
+                fp += 1
+            recall.append(tp / n_gt)
+            precision.append(tp / (tp + fp))
+        per_class[cls] = {"AP": area(recall, precision), "n_gt": n_gt, "n_pred": len(cls_dets)}
+    scored = [v["AP"] for v in per_class.values() if v["AP"] is not None]
+    return {f"mAP@{iou_threshold:g}": _mean(scored), "per_class_AP": per_class,
+            "n": len(gt_groups_per_image), "interpolation": interpolation,
+            "ranking": AP_RANKING_RULE}

@@ -111,7 +111,12 @@ def parse_number(text: str) -> int | None:
     s = str(text or "").lower()
     m = re.search(r"\d+(?:,\d{3})*(?:\.\d+)?", s)
     if m:
-        return int(round(float(m.group(0).replace(",", ""))))
+        digits = m.group(0).replace(",", "")
+        # Integers exactly (a 400-digit 'count' is a float overflow, not an answer to crash on).
+        if "." not in digits:
+            return int(digits)
+        value = float(digits)
+        return int(round(value)) if value != float("inf") else int(digits.split(".")[0])
     tokens = s.replace("-", " ").translate(_PUNCT_TABLE).split()
     value = _words_to_number(tokens)
     if value is not None:

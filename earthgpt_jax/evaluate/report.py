@@ -361,35 +361,45 @@ def _to_rgb(image) -> "PIL.Image.Image":
     return Image.fromarray(arr[..., :3], mode="RGB")
 
 
-def draw_boxes_png(image, true_boxes_px, pred_boxes_px, labels, path, pred_labels=None) -> str:
-    """Save the image with true boxes in green and predicted boxes in red, plus a legend.
+MIN_PICTURE_SIDE = 384  # small remote-sensing chips are enlarged so boxes and labels read
+LEGEND_HEIGHT = 26
 
-    `labels` (optional) name the true boxes, `pred_labels` the predicted ones.
+
+def draw_boxes_png(image, true_boxes_px, pred_boxes_px, labels, path, pred_labels=None) -> str:
+    """Save the image with true boxes in green and predicted boxes in red, under a legend strip.
+
+    Images smaller than `MIN_PICTURE_SIDE` are enlarged by a whole factor (nearest neighbour,
+    so pixels stay pixels). `labels` (optional) name the true boxes, `pred_labels` the
+    predicted ones. Boxes are in pixels of `image`.
     """
-    from PIL import ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont
     img = _to_rgb(image)
-    draw = ImageDraw.Draw(img)
+    scale = max(1, -(-MIN_PICTURE_SIDE // max(img.size)))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (max(img.width, 140), img.height + LEGEND_HEIGHT), (0, 0, 0))
+    canvas.paste(img, (0, LEGEND_HEIGHT))
+    draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     width = max(1, round(min(img.size) / 150))
 
     def _draw(bxs, names, colour):
         for k, b in enumerate(bxs or ()):
-            x0, x1 = sorted((float(b[0]), float(b[2])))
-            y0, y1 = sorted((float(b[1]), float(b[3])))
+            x0, x1 = sorted((float(b[0]) * scale, float(b[2]) * scale))
+            y0, y1 = sorted((float(b[1]) * scale + LEGEND_HEIGHT,
+                             float(b[3]) * scale + LEGEND_HEIGHT))
             draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
             if names is not None and k < len(names) and names[k]:
-                draw.text((x0 + 2, max(0.0, y0 - 11)), str(names[k]), fill=colour, font=font)
+                draw.text((x0 + 2, max(float(LEGEND_HEIGHT), y0 - 11)), str(names[k]),
+                          fill=colour, font=font)
 
     _draw(true_boxes_px, labels, TRUE_COLOUR)
     _draw(pred_boxes_px, pred_labels, PRED_COLOUR)
-    # Legend in the top-left corner on a dark backing so it reads on any image.
-    draw.rectangle([0, 0, 62, 25], fill=(0, 0, 0))
-    draw.rectangle([3, 3, 9, 9], fill=TRUE_COLOUR)
-    draw.text((13, 0), "truth", fill=(255, 255, 255), font=font)
-    draw.rectangle([3, 15, 9, 21], fill=PRED_COLOUR)
-    draw.text((13, 12), "predicted", fill=(255, 255, 255), font=font)
+    draw.rectangle([4, 8, 12, 16], fill=TRUE_COLOUR)
+    draw.text((16, 6), "truth", fill=(255, 255, 255), font=font)
+    draw.rectangle([60, 8, 68, 16], fill=PRED_COLOUR)
+    draw.text((72, 6), "predicted", fill=(255, 255, 255), font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path, format="PNG")
+    canvas.save(path, format="PNG")
     return path
 
 

@@ -1,0 +1,133 @@
+"""`python -m earthgpt_jax.chat` driven through stdin on a tiny model trained for 2 steps."""
+
+import io
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import mmrs
+from earthgpt_jax import chat, parallel, train as train_lib
+from earthgpt_jax.data import prepare
+from earthgpt_jax.data.pipeline import TrainPreprocess
+from earthgpt_jax.run import model_config, save_model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("chat"))
+    config = mmrs.get_config("demo")
+    config.model.size = "tiny"
+    config.data.manual_dir = os.path.join(work, "release")
+    config.data.tfds_dir = os.path.join(work, "tfds")
+    config.tokenizer.vocab_size = 400
+    config.train.batch_size = 2
+    config.train.num_steps = 2
+    config.train.warmup_steps = 1
+    config.train.log_every_steps = 1
+    config.checkpoint.every_steps = 2
+    config.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1}
+    from earthgpt_jax.data import synthetic
+    synthetic.write_release(config.data.manual_dir, seed=2, num_train_images=6,
+                            num_test_images=2)
+    data_dir = prepare.prepare_tfds(config, work)
+    source = prepare.data_source(data_dir, "train")
+    tok = prepare.prepare_tokenizer(config, work, source)
+    cfg = model_config(config, tok.vocab_size, tok.bos_id)
+    save_model_config(cfg, work)
+    trainer = train_lib.Trainer(config, cfg, parallel.build_mesh(config.mesh, jax.devices()[:1]))
+    train_lib.train(config, work, trainer, source,
+                    TrainPreprocess(tok.path, cfg.image_size, config.data.max_text_len))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(
+        os.path.join(work, "rgb.png"))
+    Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8)).save(
+        os.path.join(work, "sar.png"))
+    return work
+
+
+def test_chat_streams_a_multi_turn_dialogue_through_stdin(workdir):
+    script = "\n".join(["What is in this image?", "And the boats?", "/reset",
+                        f"/image {os.path.join(workdir, 'sar.png')}", "Describe it.",
+                        "/image /nowhere.png", "/quit", "never read"]) + "\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "earthgpt_jax.chat", f"--ckpt_dir={workdir}",
+         f"--image={os.path.join(workdir, 'rgb.png')}", "--max_new_tokens=6"],
+        input=script, cwd=ROOT, capture_output=True, text=True, timeout=240,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.count("ASSISTANT:") == 3, out
+    assert "(history cleared)" in out and "sar.png, 30x30" in out
+    assert "error: cannot read image /nowhere.png" in proc.stderr
+    assert "loaded step 2" in proc.stderr
+
+
+def test_session_matches_greedy_and_keeps_history(workdir):
+    from earthgpt_jax.data.tokenizer import Tokenizer, encode_dialogue_prompt
+    from earthgpt_jax.generate import greedy_generate, left_pad
+    from earthgpt_jax.data.images import square_and_resize
+    from earthgpt_jax.models.earthgpt import EarthGPT
+    model = EarthGPT(chat.load_model_config(os.path.join(workdir, "model_config.json")))
+    params, step = chat.restore_latest_params(os.path.join(workdir, "checkpoints"), model)
+    assert step == 2
+    tok = Tokenizer(os.path.join(workdir, "tokenizer.model"))
+    session = chat.Session(model, params, tok, workdir, max_new_tokens=5)
+    image = chat.load_image(os.path.join(workdir, "rgb.png"))
+    history = [("What is this?", "A harbor.")]
+    streamed = io.StringIO()
+    answer = session.answer(image, history, "How many ships?", streamed)
+    ids = encode_dialogue_prompt(tok, history, "How many ships?")
+    tokens, valid = left_pad([ids], tok.pad_id)
+    want = greedy_generate(model, params, square_and_resize(image, model.cfg.image_size)[None],
+                           tokens, valid, max_new_tokens=5, eos_id=tok.eos_id,
+                           pad_id=tok.pad_id)
+    from earthgpt_jax.generate import apply_stop_strings
+    want_text = apply_stop_strings(tok.decode(np.asarray(want)[0]), chat.STOP_STRINGS)
+    assert answer == want_text.strip()
+    assert streamed.getvalue().strip() == answer
+
+
+def test_boxes_are_drawn_next_to_the_image(workdir):
+    image = chat.load_image(os.path.join(workdir, "rgb.png"))
+    path = chat.draw_answer(image, os.path.join(workdir, "rgb.png"),
+                            "There are <p>2 ships</p>[0.10,0.20,0.30,0.40;0.5,0.5,0.6,0.6]",
+                            workdir, 1)
+    assert path == os.path.join(workdir, "rgb.earthgpt_turn1.png") and os.path.exists(path)
+    assert chat.draw_answer(image, os.path.join(workdir, "rgb.png"), "A harbor.", workdir, 2) \
+        is None
+    assert chat.answer_boxes("[0.1,0.1,0.5,0.5]")[0] == [[0.1, 0.1, 0.5, 0.5]]
+
+
+def test_clear_errors_exit_2(workdir, tmp_path):
+    def run(*argv):
+        err = io.StringIO()
+        code = chat.main(list(argv), stdin=io.StringIO(""), stdout=io.StringIO(), stderr=err)
+        return code, err.getvalue()
+
+    code, err = run(f"--ckpt_dir={tmp_path / 'none'}", f"--image={workdir}/rgb.png")
+    assert code == 2 and "checkpoint directory not found" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in ("model_config.json", "tokenizer.model"):
+        (empty / name).write_bytes(open(os.path.join(workdir, name), "rb").read())
+    code, err = run(f"--ckpt_dir={empty}", f"--image={workdir}/rgb.png")
+    assert code == 2 and "no checkpoint found" in err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    code, err = run(f"--ckpt_dir={workdir}", f"--image={bad}")
+    assert code == 2 and "cannot decode image" in err and err.count("\n") == 1
+    import tifffile
+    tifffile.imwrite(tmp_path / "ms.tif", np.zeros((8, 8, 5), np.uint16), photometric="minisblack",
+                     planarconfig="contig")
+    code, err = run(f"--ckpt_dir={workdir}", f"--image={tmp_path / 'ms.tif'}")
+    assert code == 2 and "unsupported band count 5" in err, err
+    tifffile.imwrite(tmp_path / "sar16.tif", (np.arange(64, dtype=np.uint16) * 900).reshape(8, 8))
+    arr = chat.load_image(str(tmp_path / "sar16.tif"))
+    assert arr.shape == (8, 8, 3) and arr.dtype == np.uint8 and arr.max() == 255
