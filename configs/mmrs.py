@@ -72,6 +72,9 @@ def get_config(arg: str = ""):
     config.train.learning_rate = 2e-3 if demo else 2e-5
     config.train.warmup_steps = 100 if demo else 500
     config.train.end_lr_fraction = 0.05
+    # Length of warmup + cosine; 0 means num_steps. Fix it to extend a run without changing
+    # the schedule of the steps already taken.
+    config.train.lr_decay_steps = 0
     config.train.b1 = 0.9
     config.train.b2 = 0.95
     config.train.weight_decay = 0.0 if demo else 0.05

@@ -40,7 +40,7 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
     """Linear warmup, then cosine decay to `end_lr_fraction` of the peak."""
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.num_steps, cfg.warmup_steps + 1),
+        decay_steps=max(cfg.get("lr_decay_steps") or cfg.num_steps, cfg.warmup_steps + 1),
         end_value=cfg.learning_rate * cfg.end_lr_fraction)
 
 
