@@ -13,8 +13,10 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmrs.py:demo.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, logs, metrics and evaluation go here.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (then eval if config.eval.at_end) "
-                  "or eval the latest checkpoint.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "compile"],
+                  "train (then eval if config.eval.at_end), eval the latest checkpoint, or "
+                  "compile the train step for config.compile.topology (a TPU pod) and report "
+                  "its memory per chip.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -106,9 +106,18 @@ def get_config(arg: str = ""):
     config.mesh.rules = DEFAULT_RULES
 
     config.distributed = ml_collections.ConfigDict()
+    # auto: jax.distributed.initialize() finds the cluster itself (TPU pods; launch_tpu.sh sets
+    # it). Otherwise a coordinator address joins a CPU/GPU multi-process run.
+    config.distributed.auto = False
     config.distributed.coordinator_address = ""
     config.distributed.num_processes = 1
     config.distributed.process_id = 0
+
+    # --mode=compile: AOT-compile the train step for a TPU topology on this host (needs libtpu).
+    config.compile = ml_collections.ConfigDict()
+    config.compile.topology = ""  # e.g. v4-32, v5e-64, v5p-128, or a chip grid v5e:4x4
+    config.compile.num_slices = 1
+    config.compile.report_json = ""
 
     config.eval = ml_collections.ConfigDict()
     config.eval.at_end = True

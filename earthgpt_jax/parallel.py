@@ -23,6 +23,12 @@ MESH_AXES = ("data", "fsdp", "tensor")
 def maybe_initialize_distributed(config) -> None:
     """Joins a multi-process run when the config or the environment describes one."""
     dist = config.get("distributed", None)
+    if dist is not None and dist.get("auto", False):
+        # Cloud TPU (and SLURM/MPI clusters JAX knows): every parameter is discovered.
+        jax.distributed.initialize()
+        logging.info("joined %d processes as process %d", jax.process_count(),
+                     jax.process_index())
+        return
     coordinator = (dist.coordinator_address if dist else "") or os.environ.get(
         "JAX_COORDINATOR_ADDRESS", "")
     if coordinator:

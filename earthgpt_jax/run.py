@@ -14,7 +14,7 @@ from earthgpt_jax.data import prepare
 from earthgpt_jax.data.pipeline import TrainPreprocess
 from earthgpt_jax.models.presets import EarthGPTConfig, get_preset
 
-MODES = ("train", "eval")
+MODES = ("train", "eval", "compile")
 
 
 def model_config(config, vocab_size: int, bos_id: int) -> EarthGPTConfig:
@@ -37,6 +37,8 @@ def run(config, workdir: str, mode: str) -> dict | None:
 
     if mode not in MODES:
         raise ValueError(f"unknown --mode={mode}; choose one of {', '.join(MODES)}")
+    if mode == "compile":
+        return compile_only(config)
     # Fail within seconds when the release is missing, before any compile.
     prepare.check_release(prepare.release_dir(config, workdir)) if not config.data.synthetic \
         else None
@@ -64,3 +66,22 @@ def run(config, workdir: str, mode: str) -> dict | None:
     eval_source = prepare.data_source(data_dir, config.eval.split)
     return run_eval(config, workdir, trainer.model, params, tokenizer, eval_source, mesh,
                     trainer.rules, train_source=train_source)
+
+
+def compile_only(config) -> dict:
+    """--mode=compile: the real train step compiled for config.compile.topology; no data, no
+    TPU. The vocabulary is the preset's (LLaMA-2's 32000 for 7b/13b)."""
+    from earthgpt_jax import aot
+
+    if not config.compile.topology:
+        raise ValueError("--mode=compile needs --config.compile.topology, e.g. v5p-128 or v5e:4x4")
+    cfg = get_preset(config.model.size, dtype=config.model.dtype,
+                     remat_policy=config.model.remat_policy,
+                     llm_adapters=config.train.stage == "b")
+    report = aot.compile_train_step(config, cfg, config.compile.topology,
+                                    config.compile.num_slices)
+    print(aot.format_report(report), flush=True)
+    if jax.process_index() == 0 and config.compile.report_json:
+        with open(config.compile.report_json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import flax.linen as nn
 from flax import struct, traverse_util
 
-from earthgpt_jax import optim, parallel
+from earthgpt_jax import optim, parallel, plots
 from earthgpt_jax.data import pipeline
 from earthgpt_jax.models.earthgpt import EarthGPT
 from earthgpt_jax.models import summary
@@ -319,6 +319,10 @@ def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainSt
         mngr.wait_until_finished()
         mngr.close()
         log.close()
+    if jax.process_index() == 0:
+        picture = plots.plot_loss_curve(log.path, os.path.join(workdir, "loss.png"))
+        if picture:
+            logging.info("Loss curve: %s", picture)
     return state
 
 

@@ -90,6 +90,8 @@ def test_resume_after_a_crash_repeats_the_same_losses(data, tmp_path):
     train_lib.train(config, crashed, trainer, data["train"], pre)
     expected, resumed = _losses(straight), _losses(crashed)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    from PIL import Image
+    assert Image.open(os.path.join(crashed, "loss.png")).size == (640, 360)
     # Bitwise on CPU: the same data order, the same optimizer state, the same numbers.
     assert resumed == expected
 

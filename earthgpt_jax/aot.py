@@ -1,0 +1,152 @@
+"""Ahead-of-time compilation of the real train step for a TPU topology, on any host.
+
+libtpu describes a TPU topology (chips, hosts, slices) without the chips being there, so the
+train step can be lowered and compiled for, say, a v5p-128 from a laptop: XLA then tells how much
+HBM each chip needs (arguments, temporaries, code) and whether the configuration fits, before any
+TPU time is paid for. This is MaxText's `train_compile` idea applied to this trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+# Cloud TPU accelerator types count TensorCores for v4/v5p (2 per chip) and chips for v5e/v6e.
+CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+# HBM per chip (GiB) and peak bf16 TFLOP/s per chip.
+HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}
+PEAK_TFLOPS = {"v4": 275, "v5p": 459, "v5e": 197, "v6e": 918}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    generation: str
+    chips: int
+    shape: tuple[int, ...]   # chip grid of one slice
+    num_slices: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.generation}:{'x'.join(map(str, self.shape))}"
+
+
+def _grid(chips: int, dims: int) -> tuple[int, ...]:
+    """The most cube-like power-of-two grid with `chips` chips (Cloud TPU slice shapes)."""
+    if chips & (chips - 1):
+        raise ValueError(f"{chips} chips is not a power of two; give the shape, e.g. v5p:4x4x8")
+    shape = [1] * dims
+    i = 0
+    while math.prod(shape) < chips:
+        shape[i % dims] *= 2
+        i += 1
+    return tuple(sorted(shape))
+
+
+def parse_topology(name: str, num_slices: int = 1) -> Topology:
+    """'v5p-128' (an accelerator type) or 'v5e:4x4' (an explicit chip grid) -> Topology."""
+    name = name.strip().lower()
+    explicit = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+)*)", name)
+    typed = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name)
+    if not (explicit or typed):
+        raise ValueError(f"unknown TPU topology {name!r}: use an accelerator type such as "
+                         f"v4-32, v5e-64, v5p-128, or a chip grid such as v5e:4x4")
+    generation = _ALIASES.get((explicit or typed).group(1), (explicit or typed).group(1))
+    if generation not in CORES_PER_CHIP:
+        raise ValueError(f"unknown TPU generation {generation!r}; known: "
+                         f"{', '.join(CORES_PER_CHIP)}")
+    if num_slices < 1:
+        raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+    if explicit:
+        shape = tuple(int(d) for d in explicit.group(2).split("x"))
+    else:
+        chips = int(typed.group(2)) // CORES_PER_CHIP[generation]
+        shape = _grid(max(chips, 1), 2 if generation in ("v5e", "v6e") else 3)
+    return Topology(generation, math.prod(shape), shape, num_slices)
+
+
+def topology_devices(topo: Topology):
+    from jax.experimental import topologies
+    bounds = (2, 2, 1) if len(topo.shape) == 3 or topo.chips >= 4 else (1, 1, 1)
+    desc = topologies.get_topology_desc(
+        platform="tpu", topology_name=topo.name, chip_config_name="default",
+        chips_per_host_bounds=bounds, num_slices=topo.num_slices)
+    return desc.devices
+
+
+def model_flops_per_step(summary: dict, trainable: int, tokens: int) -> float:
+    """Analytic matmul FLOPs of one step (attention's S^2 term left out): forward 2N per token;
+    backward 2N for activations, plus 2N for weight gradients of what is trained."""
+    n = summary["total"]
+    return tokens * (2 * n + 2 * n + 2 * trainable)
+
+
+def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) -> dict:
+    """Compiles the train step for `topology`; returns the per-chip memory/FLOP report."""
+    from earthgpt_jax import parallel
+    from earthgpt_jax.train import BATCH_KEYS, Trainer
+
+    topo = parse_topology(topology, num_slices)
+    devices = topology_devices(topo)
+    mesh = parallel.build_mesh(config.mesh, devices)
+    trainer = Trainer(config, model_cfg, mesh)
+    batch = config.train.batch_size
+    parallel.check_batch_divides(batch, mesh)
+    size, length = model_cfg.image_size, config.data.max_text_len
+    shapes = {"image": ((batch, size, size, 3), jnp.uint8),
+              "tokens": ((batch, length), jnp.int32), "valid": ((batch, length), jnp.bool_),
+              "loss_mask": ((batch, length), jnp.float32)}
+    abstract_batch = {k: jax.ShapeDtypeStruct(*shapes[k], sharding=trainer.batch_shardings[k])
+                      for k in BATCH_KEYS}
+    report = {"topology": topo.name, "num_slices": topo.num_slices,
+              "chips": topo.chips * topo.num_slices, "mesh": dict(mesh.shape),
+              "global_batch": batch, "hbm_gib_per_chip": HBM_GIB[topo.generation],
+              "parameters": trainer.summary}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
+        lowered = trainer._train_step.lower(trainer.abstract_state, abstract_batch)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # XLA says RESOURCE_EXHAUSTED with the bytes it needed
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            return report | {"fits": False, "error": str(e).splitlines()[0][:400]}
+    mem = compiled.memory_analysis()
+    gib = 1024 ** 3
+    per_chip = {
+        "arguments_gib": mem.argument_size_in_bytes / gib,
+        "outputs_gib": mem.output_size_in_bytes / gib,
+        "aliased_gib": mem.alias_size_in_bytes / gib,
+        "temporaries_gib": mem.temp_size_in_bytes / gib,
+        "code_gib": mem.generated_code_size_in_bytes / gib,
+    }
+    per_chip["total_gib"] = (per_chip["arguments_gib"] + per_chip["outputs_gib"]
+                             - per_chip["aliased_gib"] + per_chip["temporaries_gib"]
+                             + per_chip["code_gib"])
+    peak = getattr(mem, "peak_memory_in_bytes", 0) / gib
+    tokens = batch * (1 + model_cfg.num_visual_tokens + length)
+    flops = model_flops_per_step(trainer.summary, trainer.summary["trainable"], tokens)
+    chips = report["chips"]
+    return report | {
+        "fits": True, "per_chip": per_chip, "xla_peak_gib": peak,
+        "model_tflops_per_step": flops / 1e12,
+        # Step time at 50% MFU; and the MFU a given step time would mean.
+        "step_seconds_at_50pct_mfu": flops / (0.5 * PEAK_TFLOPS[topo.generation] * 1e12 * chips),
+    }
+
+
+def format_report(r: dict) -> str:
+    head = (f"{r['topology']} x{r['num_slices']} slice(s), {r['chips']} chips, mesh {r['mesh']}, "
+            f"global batch {r['global_batch']}")
+    if not r["fits"]:
+        return f"{head}\n  DOES NOT FIT: {r['error']}"
+    m = r["per_chip"]
+    return (f"{head}\n  per chip: arguments {m['arguments_gib']:.2f} GiB, temporaries "
+            f"{m['temporaries_gib']:.2f} GiB, code {m['code_gib']:.3f} GiB, total "
+            f"{m['total_gib']:.2f} GiB of {r['hbm_gib_per_chip']} GiB HBM (XLA peak "
+            f"{r['xla_peak_gib']:.2f} GiB)\n  model FLOPs per step {r['model_tflops_per_step']:.1f} "
+            f"TFLOP; {r['step_seconds_at_50pct_mfu']:.3f} s/step at 50% MFU")

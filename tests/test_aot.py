@@ -1,0 +1,51 @@
+"""--mode=compile: the train step compiled for TPU topologies on this CPU host (libtpu)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from earthgpt_jax import aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name,grid,chips", [("v5p-128", "v5p:4x4x4", 64),
+                                             ("v4-32", "v4:2x2x4", 16),
+                                             ("v5e-64", "v5e:8x8", 64),
+                                             ("v5litepod-16", "v5e:4x4", 16),
+                                             ("v5e:2x4", "v5e:2x4", 8)])
+def test_accelerator_types_become_chip_grids(name, grid, chips):
+    topo = aot.parse_topology(name)
+    assert (topo.name, topo.chips) == (grid, chips)
+
+
+@pytest.mark.parametrize("name,message", [("v9-8", "unknown TPU generation"),
+                                          ("tpu", "unknown TPU topology"),
+                                          ("v5e-24", "not a power of two")])
+def test_bad_topologies_are_named(name, message):
+    with pytest.raises(ValueError, match=message):
+        aot.parse_topology(name)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_compile_mode_reports_memory_per_chip(tmp_path):
+    report_path = tmp_path / "report.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/mmrs.py:demo", f"--workdir={tmp_path}",
+         "--mode=compile", "--config.model.size=tiny", "--config.compile.topology=v5e:2x2",
+         "--config.train.batch_size=8", f"--config.compile.report_json={report_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "v5e:2x2" in proc.stdout and "GiB of 16 GiB HBM" in proc.stdout
+    import json
+    report = json.loads(report_path.read_text())
+    assert report["fits"] and report["chips"] == 4 and report["mesh"]["fsdp"] == 4
+    # The sharded state is split over the 4 chips: less than the whole state on each.
+    per_chip = report["per_chip"]
+    whole_params_gib = report["parameters"]["total"] * 4 / 1024 ** 3
+    assert 0 < per_chip["arguments_gib"] < 3 * whole_params_gib
+    assert per_chip["temporaries_gib"] > 0 and report["model_tflops_per_step"] > 0
