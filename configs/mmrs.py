@@ -67,7 +67,7 @@ def get_config(arg: str = ""):
 
     config.train = ml_collections.ConfigDict()
     config.train.stage = "all" if demo else args.get("stage", "b")
-    config.train.num_steps = 1200 if demo else 20000
+    config.train.num_steps = 1300 if demo else 20000
     config.train.batch_size = 16 if demo else 256
     config.train.learning_rate = 2e-3 if demo else 2e-5
     config.train.warmup_steps = 100 if demo else 500

@@ -40,8 +40,8 @@ def run(config, workdir: str, mode: str) -> dict | None:
     if mode == "compile":
         return compile_only(config)
     # Fail within seconds when the release is missing, before any compile.
-    prepare.check_release(prepare.release_dir(config, workdir)) if not config.data.synthetic \
-        else None
+    if not config.data.synthetic:
+        prepare.check_release(prepare.release_dir(config, workdir))
     parallel.maybe_initialize_distributed(config)
     os.makedirs(workdir, exist_ok=True)
     data_dir = prepare.prepare_tfds(config, workdir)

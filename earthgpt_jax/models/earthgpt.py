@@ -27,11 +27,15 @@ def _normalise(images_uint8, mean, std, dtype):
     return ((x - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
 
 
-def pool_to_grid(feature_map, grid: int):
-    """[B, h, w, C] -> [B, grid, grid, C]: mean over blocks when h divides, resize otherwise."""
+def pool_to_grid(feature_map, grid: int, mode: str = "mean"):
+    """[B, h, w, C] -> [B, grid, grid, C]: mean (or max) over blocks when h divides, resize
+    otherwise. Max keeps a target that covers a sliver of a cell (a 3-pixel ship) visible."""
     batch, h, w, c = feature_map.shape
+    if mode not in ("mean", "max"):
+        raise ValueError(f"grid pooling must be 'mean' or 'max', got {mode!r}")
     if h % grid == 0 and w % grid == 0:
-        return feature_map.reshape(batch, grid, h // grid, grid, w // grid, c).mean(axis=(2, 4))
+        blocks = feature_map.reshape(batch, grid, h // grid, grid, w // grid, c)
+        return blocks.max(axis=(2, 4)) if mode == "max" else blocks.mean(axis=(2, 4))
     return jax.image.resize(feature_map, (batch, grid, grid, c), method="linear")
 
 
@@ -52,7 +56,8 @@ class EarthGPT(nn.Module):
         grid = self.cfg.grid_size
         maps = self.vit(_normalise(images, IMAGENET_MEAN, IMAGENET_STD, dtype))
         maps += self.convnext(_normalise(images, CLIP_MEAN, CLIP_STD, dtype))
-        fused = jnp.concatenate([pool_to_grid(m, grid) for m in maps], axis=-1)
+        fused = jnp.concatenate([pool_to_grid(m, grid, self.cfg.grid_pooling) for m in maps],
+                                axis=-1)
         if self.cfg.freeze_vision:
             # Frozen towers: no backward pass through them at all, not just zero updates.
             fused = jax.lax.stop_gradient(fused)

@@ -63,6 +63,7 @@ class EarthGPTConfig:
     convnext: ConvNeXtConfig
     image_size: int
     grid_size: int  # each feature map is pooled to grid_size x grid_size visual tokens
+    grid_pooling: str = "mean"  # mean | max over the cells of that grid
     bos_id: int = 1
     dtype: str = "float32"  # compute dtype; parameters keep their stored dtype
     freeze_vision: bool = True
@@ -102,8 +103,9 @@ def get_preset(size: str, *, vocab_size: int | None = None, **overrides) -> Eart
         vit = ViTConfig(patch_size=8, hidden_size=96, num_layers=4, num_heads=4, mlp_dim=256,
                                         feature_layers=(0, 1, 2, 3), pretrain_image_size=64)
         convnext = ConvNeXtConfig(dims=(24, 48, 96, 144), depths=(1, 1, 1, 1))
+        # Max pooling: the demo's 4x4 grid cells are 16 pixels wide and its targets 3-6.
         cfg = EarthGPTConfig(llm=llm, vit=vit, convnext=convnext, image_size=64, grid_size=4,
-                                                  freeze_vision=False)
+                             grid_pooling="max", freeze_vision=False)
     elif size in ("7b", "13b"):
         shapes = {"7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40)}[size]
         hidden, inter, layers, heads = shapes
