@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import mmrs
+from tests.test_train import tiny_config
 from earthgpt_jax import chat, parallel, train as train_lib
 from earthgpt_jax.data import prepare
 from earthgpt_jax.data.pipeline import TrainPreprocess
@@ -22,17 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("chat"))
-    config = mmrs.get_config("demo")
-    config.model.size = "tiny"
-    config.data.manual_dir = os.path.join(work, "release")
-    config.data.tfds_dir = os.path.join(work, "tfds")
-    config.tokenizer.vocab_size = 400
-    config.train.batch_size = 2
-    config.train.num_steps = 2
-    config.train.warmup_steps = 1
-    config.train.log_every_steps = 1
-    config.checkpoint.every_steps = 2
-    config.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1}
+    config = tiny_config(work, batch_size=2, num_steps=2, warmup_steps=1)
     from earthgpt_jax.data import synthetic
     synthetic.write_release(config.data.manual_dir, seed=2, num_train_images=6,
                             num_test_images=2)
