@@ -29,53 +29,69 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.nd
     return tokens, valid
 
 
-def _greedy_loop(decode, embed_tokens, embeds, prefix_valid, cache, *, max_new_tokens, eos_id,
-                 pad_id):
-    """Prefill `embeds`, then one token per step; shared by every model that decodes text.
+def _argmax_token(logits, rng):
+    del rng  # greedy decoding draws nothing
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _decode_loop(decode, embed_tokens, embeds, prefix_valid, cache, *, max_new_tokens, eos_id,
+                 pad_id, pick=_argmax_token, rng=None):
+    """Prefill `embeds`, then one token per step; shared by every model that decodes text and
+    by greedy decoding and sampling, which differ only in `pick`.
 
     decode(embeddings, positions, key_valid, cache, cache_index) -> (logits, cache);
-    embed_tokens(ids [B, 1]) -> embeddings.
+    embed_tokens(ids [B, 1]) -> embeddings; pick(logits [B, V], rng) -> ids [B].
     """
+    rng = jax.random.key(0) if rng is None else rng
     batch, prefill_len = prefix_valid.shape
     total = prefill_len + max_new_tokens
     key_valid = jnp.zeros((batch, total), bool).at[:, :prefill_len].set(prefix_valid)
     positions = jnp.cumsum(prefix_valid, axis=1) - 1
     logits, cache = decode(embeds, positions, key_valid, cache, 0)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    rng, sub = jax.random.split(rng)
+    first = pick(logits[:, -1].astype(jnp.float32), sub)
     last_position = positions[:, -1]
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
 
     def cond(carry):
-        t, _, _, _, _, done = carry
+        t, _, _, _, _, done, _ = carry
         return (t < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        t, token, cache, key_valid, out, done = carry
+        t, token, cache, key_valid, out, done, rng = carry
         out = out.at[:, t].set(jnp.where(done, pad_id, token))
         done = done | (token == eos_id)
         index = prefill_len + t
         key_valid = key_valid.at[:, index].set(True)
         logits, cache = decode(embed_tokens(token[:, None]), (last_position + 1 + t)[:, None],
                                key_valid, cache, index)
-        token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        return t + 1, token, cache, key_valid, out, done
+        rng, sub = jax.random.split(rng)
+        token = pick(logits[:, -1].astype(jnp.float32), sub)
+        return t + 1, token, cache, key_valid, out, done, rng
 
-    carry = (jnp.int32(0), first, cache, key_valid, out, jnp.zeros((batch,), bool))
+    carry = (jnp.int32(0), first, cache, key_valid, out, jnp.zeros((batch,), bool), rng)
     return jax.lax.while_loop(cond, body, carry)[4]
+
+
+def _image_prompt(model: EarthGPT, params, images, prompt_tokens, prompt_valid,
+                  max_new_tokens: int):
+    """(decode, embed_tokens, embeds, prefix_valid, cache): `_decode_loop`'s inputs for EarthGPT."""
+    variables = {"params": params}
+    embeds = model.apply(variables, images, prompt_tokens, method=EarthGPT.embed_prompt)
+    prefix_valid = model.apply(variables, prompt_valid, method=EarthGPT.prefix_valid)
+    cache = init_cache(model.cfg.llm, prompt_tokens.shape[0],
+                       embeds.shape[1] + max_new_tokens, jnp.dtype(model.cfg.dtype))
+    return (functools.partial(model.apply, variables, method=EarthGPT.decode),
+            functools.partial(model.apply, variables, method=EarthGPT.embed_tokens),
+            embeds, prefix_valid, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))
 def greedy_generate(model: EarthGPT, params, images, prompt_tokens, prompt_valid, *,
                     max_new_tokens: int, eos_id: int, pad_id: int):
     """Image + left-padded prompt -> generated ids [B, max_new_tokens]; `pad_id` after `</s>`."""
-    variables = {"params": params}
-    embeds = model.apply(variables, images, prompt_tokens, method=EarthGPT.embed_prompt)
-    prefix_valid = model.apply(variables, prompt_valid, method=EarthGPT.prefix_valid)
-    cache = init_cache(model.cfg.llm, prompt_tokens.shape[0],
-                       embeds.shape[1] + max_new_tokens, jnp.dtype(model.cfg.dtype))
-    decode = functools.partial(model.apply, variables, method=EarthGPT.decode)
-    embed = functools.partial(model.apply, variables, method=EarthGPT.embed_tokens)
-    return _greedy_loop(decode, embed, embeds, prefix_valid, cache,
+    return _decode_loop(*_image_prompt(model, params, images, prompt_tokens, prompt_valid,
+                                       max_new_tokens),
                         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
 
@@ -87,7 +103,7 @@ def greedy_generate_text(decoder: LlamaDecoder, params, prompt_tokens, prompt_va
     embed = functools.partial(decoder.apply, variables, method=LlamaDecoder.embed)
     cache = init_cache(decoder.cfg, prompt_tokens.shape[0],
                        prompt_tokens.shape[1] + max_new_tokens, decoder.dtype)
-    return _greedy_loop(functools.partial(decoder.apply, variables), embed,
+    return _decode_loop(functools.partial(decoder.apply, variables), embed,
                         embed(prompt_tokens), prompt_valid.astype(bool), cache,
                         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
@@ -145,34 +161,10 @@ def sample_generate(model: EarthGPT, params, images, prompt_tokens, prompt_valid
     `temperature` and `top_p` are traced (changing them does not recompile); `rng` is a JAX key
     (default `jax.random.key(0)`), so a fixed key gives the same tokens every time.
     """
-    rng = jax.random.key(0) if rng is None else rng
-    logits, cache, key_valid, last_position, prefill_len = _prefill_state(
-        model, params, images, prompt_tokens, prompt_valid, max_new_tokens)
-    batch = prompt_tokens.shape[0]
-    variables = {"params": params}
-    decode = functools.partial(model.apply, variables, method=EarthGPT.decode)
-    embed = functools.partial(model.apply, variables, method=EarthGPT.embed_tokens)
-    rng, sub = jax.random.split(rng)
-    first = _sample_token(logits, sub, temperature, top_p)
-    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-
-    def cond(carry):
-        return (carry[0] < max_new_tokens) & ~jnp.all(carry[5])
-
-    def body(carry):
-        t, token, cache, key_valid, out, done, rng = carry
-        out = out.at[:, t].set(jnp.where(done, pad_id, token))
-        done = done | (token == eos_id)
-        index = prefill_len + t
-        key_valid = key_valid.at[:, index].set(True)
-        logits, cache = decode(embed(token[:, None]), (last_position + 1 + t)[:, None],
-                               key_valid, cache, index)
-        rng, sub = jax.random.split(rng)
-        token = _sample_token(logits[:, -1], sub, temperature, top_p)
-        return t + 1, token, cache, key_valid, out, done, rng
-
-    carry = (jnp.int32(0), first, cache, key_valid, out, jnp.zeros((batch,), bool), rng)
-    return jax.lax.while_loop(cond, body, carry)[4]
+    return _decode_loop(
+        *_image_prompt(model, params, images, prompt_tokens, prompt_valid, max_new_tokens),
+        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+        pick=lambda logits, key: _sample_token(logits, key, temperature, top_p), rng=rng)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_width", "max_new_tokens", "eos_id",
