@@ -4,8 +4,6 @@
 #   configs/mmrs.py:size=13b,stage=b  EarthGPT-13B, stage B (unified instruction tuning)
 """EarthGPT on MMRS-1M. Every field can be overridden with --config.<key>=<value>."""
 
-import ml_collections
-
 # Logical parameter/activation axes -> mesh axes. FSDP shards the embedding dimension inside a
 # slice; tensor parallelism splits heads and MLP; the vision towers are replicated.
 DEFAULT_RULES = (
@@ -34,6 +32,10 @@ def _parse_arg(arg: str) -> dict:
 
 
 def get_config(arg: str = ""):
+    # Imported here so DEFAULT_RULES loads without ml_collections (benchmarks/gpu_bench.py runs
+    # on bare GPU images that lack it).
+    import ml_collections
+
     args = _parse_arg(arg)
     demo = args.get("preset") == "demo"
     unknown = set(args) - {"preset", "size", "stage"}
@@ -59,6 +61,11 @@ def get_config(arg: str = ""):
     config.data.max_text_len = 128 if demo else 1024
     config.data.num_threads = 2
     config.data.max_bad_fraction = 0.01
+    # Held-out validation slice, chosen by a hash of the image path (the demo has its own test
+    # split and keeps every training image).
+    config.data.validation_fraction = 0.0 if demo else 0.01
+    # File listing evaluation-test images to keep out of training (overlap removal); "" = none.
+    config.data.exclude_images = ""
 
     config.tokenizer = ml_collections.ConfigDict()
     # A LLaMA-2 tokenizer.model for real runs; the demo trains its own on the training text.
@@ -88,6 +95,9 @@ def get_config(arg: str = ""):
     config.train.loss_normalization = "examples" if demo else "tokens"
     config.train.seed = 0
     config.train.log_every_steps = 50 if demo else 10
+    # Datasheet bf16 FLOP/s of one device for the logged MFU; 0 = known from the device kind
+    # (TPU v4/v5e/v5p/v6e, H100/H200/A100/B200), no MFU where unknown (CPU).
+    config.train.peak_flops_per_device = 0.0
 
     # Converted weights to start from (python -m earthgpt_jax.convert ...): a LLaMA-2 checkpoint
     # from hf-to-orbax, DINOv2 from dinov2-to-orbax, CLIP ConvNeXt from convnext-to-orbax.
@@ -126,4 +136,20 @@ def get_config(arg: str = ""):
     config.eval.max_new_tokens = 120 if demo else 256
     config.eval.max_examples = 0  # 0: the whole split
     config.eval.num_pictures = 4
+    # The paper's evaluation suites (earthgpt_jax/evaluate/suites.py), comma-separated; empty:
+    # the mmrs1m `config.eval.split` instead. --mode=eval writes the paper's tables beside ours.
+    config.eval.suites = "" if demo else "clrs,nasc_tg2,nwpu_captions,crsvqa,rsvqa_hr," \
+                                         "dior_rsvg,ssdd,hrsid,hit_uav"
+    # Where the suites' TFDS sets are prepared; empty: config.data.tfds_dir (or <workdir>/tfds).
+    config.eval.suites_data_dir = ""
+    # Optional folder holding each suite's raw download as <suite name>/: a set not prepared yet
+    # is prepared from it during the run.
+    config.eval.suites_manual_dir = ""
+    # Largest fraction of skipped records per split when preparing a suite (the builders' 1%).
+    config.eval.suites_max_bad_fraction = 0.01
+    # False: a suite that is neither prepared nor preparable stops the run with the command
+    # that prepares it. True: it is skipped and listed in results.md.
+    config.eval.skip_missing_suites = False
+    # METEOR and SPICE need Java (pycocoevalcap's jars); skipped with a note when it is absent.
+    config.eval.java_metrics = not demo
     return config

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from earthgpt_jax.models.flops import train_step_flops
+
 # Cloud TPU accelerator types count TensorCores for v4/v5p (2 per chip) and chips for v5e/v6e.
 CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 # HBM per chip (GiB) and peak bf16 TFLOP/s per chip.
@@ -45,7 +47,9 @@ def _grid(chips: int, dims: int) -> tuple[int, ...]:
     while math.prod(shape) < chips:
         shape[i % dims] *= 2
         i += 1
-    return tuple(sorted(shape))
+    # Ascending like Cloud TPU's names (v4-32 is 2x2x4), but a unit axis goes last: a 4-chip
+    # slice is 2x2x1, which is what libtpu's 2x2x1 chips-per-host bounds divide.
+    return tuple(sorted(shape, key=lambda d: (d == 1, d)))
 
 
 def parse_topology(name: str, num_slices: int = 1) -> Topology:
@@ -74,16 +78,11 @@ def topology_devices(topo: Topology):
     from jax.experimental import topologies
     bounds = (2, 2, 1) if len(topo.shape) == 3 or topo.chips >= 4 else (1, 1, 1)
     desc = topologies.get_topology_desc(
-        platform="tpu", topology_name=topo.name, chip_config_name="default",
+        platform="tpu", topology_name=topo.name,
+        # Two-core chips (v4, v5p) run as one device per chip ("megacore"), as on Cloud TPU.
+        chip_config_name="megacore" if CORES_PER_CHIP[topo.generation] == 2 else "default",
         chips_per_host_bounds=bounds, num_slices=topo.num_slices)
     return desc.devices
-
-
-def model_flops_per_step(summary: dict, trainable: int, tokens: int) -> float:
-    """Analytic matmul FLOPs of one step (attention's S^2 term left out): forward 2N per token;
-    backward 2N for activations, plus 2N for weight gradients of what is trained."""
-    n = summary["total"]
-    return tokens * (2 * n + 2 * n + 2 * trainable)
 
 
 def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) -> dict:
@@ -128,8 +127,7 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
                              - per_chip["aliased_gib"] + per_chip["temporaries_gib"]
                              + per_chip["code_gib"])
     peak = getattr(mem, "peak_memory_in_bytes", 0) / gib
-    tokens = batch * (1 + model_cfg.num_visual_tokens + length)
-    flops = model_flops_per_step(trainer.summary, trainer.summary["trainable"], tokens)
+    flops = train_step_flops(model_cfg, batch, length, config.train.stage)["total"]
     chips = report["chips"]
     return report | {
         "fits": True, "per_chip": per_chip, "xla_peak_gib": peak,

@@ -8,6 +8,7 @@ text-only decoder.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -16,6 +17,25 @@ import numpy as np
 
 from earthgpt_jax.models.earthgpt import EarthGPT
 from earthgpt_jax.models.llama import LlamaDecoder, init_cache
+
+
+def unrolled_for_decoding(model: EarthGPT, params) -> tuple[EarthGPT, dict]:
+    """The same model with its decoder layers unrolled (`layers_0`, `layers_1`, ...).
+
+    Training stacks layers under `nn.scan`; decoding that layout reads each step's weights
+    through a dynamic slice of the stacked arrays, which XLA on GPU materialises as a copy, so
+    every generated token moves the weights about three times instead of once. Serving and
+    benchmarks call this once and decode with the result (same maths, same tokens).
+    """
+    cfg = model.cfg
+    if not cfg.llm.scan_layers:
+        return model, params
+    llm = dict(params["llm"])
+    stacked = llm.pop("layers")
+    for i in range(cfg.llm.num_layers):
+        llm[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    unrolled = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, scan_layers=False))
+    return EarthGPT(unrolled), {**params, "llm": llm}
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +123,8 @@ def greedy_generate_text(decoder: LlamaDecoder, params, prompt_tokens, prompt_va
     embed = functools.partial(decoder.apply, variables, method=LlamaDecoder.embed)
     cache = init_cache(decoder.cfg, prompt_tokens.shape[0],
                        prompt_tokens.shape[1] + max_new_tokens, decoder.dtype)
-    return _decode_loop(functools.partial(decoder.apply, variables), embed,
+    # head_from=-1: the LM head at the last position only (the prefill needs no other logits).
+    return _decode_loop(functools.partial(decoder.apply, variables, head_from=-1), embed,
                         embed(prompt_tokens), prompt_valid.astype(bool), cache,
                         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 

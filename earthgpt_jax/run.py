@@ -31,21 +31,42 @@ def save_model_config(cfg: EarthGPTConfig, workdir: str) -> None:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
 
 
+def _needs_release(config, workdir: str, mode: str, evaluates_suites: bool) -> bool:
+    """Training, the demo and the mmrs1m test split read MMRS-1M. The paper's suites only use
+    its training answers for the blind baselines, so they are evaluated without it (baselines
+    then come from each suite's own references) when it is not there."""
+    if mode == "train" or config.data.synthetic or not evaluates_suites:
+        return True
+    return os.path.isdir(os.path.join(prepare.release_dir(config, workdir), "data", "json"))
+
+
 def run(config, workdir: str, mode: str) -> dict | None:
     from earthgpt_jax import train as train_lib
-    from earthgpt_jax.evaluate.runner import run_eval
+    from earthgpt_jax.evaluate import suites
+    from earthgpt_jax.evaluate.runner import run_eval, run_suites
 
     if mode not in MODES:
         raise ValueError(f"unknown --mode={mode}; choose one of {', '.join(MODES)}")
     if mode == "compile":
         return compile_only(config)
+    evaluates_suites = bool(config.eval.suites) and (mode == "eval" or config.eval.at_end)
+    needs_release = _needs_release(config, workdir, mode, evaluates_suites)
     # Fail within seconds when the release is missing, before any compile.
-    if not config.data.synthetic:
+    if needs_release and not config.data.synthetic:
         prepare.check_release(prepare.release_dir(config, workdir))
     parallel.maybe_initialize_distributed(config)
     os.makedirs(workdir, exist_ok=True)
-    data_dir = prepare.prepare_tfds(config, workdir)
-    train_source = prepare.data_source(data_dir, "train")
+    opened, skipped = [], {}
+    if evaluates_suites:
+        # Before any compile (and before training): an unprepared suite costs seconds, not a
+        # run. Training never stops for one; its end-of-run evaluation lists it as skipped.
+        opened, skipped = suites.open_suites(
+            config, workdir, skip_missing=config.eval.skip_missing_suites or mode == "train",
+            may_prepare=jax.process_count() == 1)
+    train_source = None
+    if needs_release:
+        data_dir = prepare.prepare_tfds(config, workdir)
+        train_source = prepare.data_source(data_dir, "train")
     tokenizer = prepare.prepare_tokenizer(config, workdir, train_source)
     cfg = model_config(config, tokenizer.vocab_size, tokenizer.bos_id)
     save_model_config(cfg, workdir)
@@ -59,10 +80,14 @@ def run(config, workdir: str, mode: str) -> dict | None:
         if not config.eval.at_end:
             return None
         params = state.params
+        step = int(jax.device_get(state.step))
     else:
         params, step = train_lib.restore_params(
             os.path.join(os.path.abspath(workdir), "checkpoints"), trainer)
         logging.info("Evaluating the checkpoint of step %d", step)
+    if evaluates_suites:
+        return run_suites(config, workdir, trainer.model, params, tokenizer, opened, skipped,
+                          mesh, trainer.rules, train_source=train_source, step=step)
     eval_source = prepare.data_source(data_dir, config.eval.split)
     return run_eval(config, workdir, trainer.model, params, tokenizer, eval_source, mesh,
                     trainer.rules, train_source=train_source)

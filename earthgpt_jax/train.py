@@ -20,9 +20,8 @@ import flax.linen as nn
 from flax import struct, traverse_util
 
 from earthgpt_jax import optim, parallel, plots
-from earthgpt_jax.data import pipeline
 from earthgpt_jax.models.earthgpt import EarthGPT
-from earthgpt_jax.models import summary
+from earthgpt_jax.models import flops, summary
 from earthgpt_jax.models.presets import EarthGPTConfig
 
 BATCH_KEYS = ("image", "tokens", "valid", "loss_mask")
@@ -83,6 +82,14 @@ class Trainer:
             nn.unbox(abstract), self.state_shardings)
         self.batch_shardings = {k: parallel.batch_sharding(mesh, 4 if k == "image" else 2)
                                 for k in BATCH_KEYS}
+        # Model FLOPs of one step (earthgpt_jax/models/flops.py) and the mesh's datasheet peak:
+        # the MFU the logs report (None on devices without a known peak, e.g. CPU).
+        self.step_flops = flops.train_step_flops(
+            model_cfg, config.train.batch_size, config.data.max_text_len,
+            config.train.stage)["total"]
+        peak = config.train.get("peak_flops_per_device") or flops.device_peak_flops(
+            mesh.devices.flat[0].device_kind)
+        self.peak_flops = peak * mesh.devices.size if peak else None
         self._train_step = jax.jit(self._step, in_shardings=(self.state_shardings,
                                                              self.batch_shardings),
                                    out_shardings=(self.state_shardings, None), donate_argnums=0)
@@ -117,33 +124,55 @@ class Trainer:
                     jnp.sum(weights))
         return jnp.sum(ce * weights), jnp.sum(weights), jnp.sum(weights)
 
-    def _grads(self, params, batch):
-        """Gradient of the batch loss, over `grad_accum_steps` sequential microbatches."""
-        accum = self.config.train.grad_accum_steps
+    def split_trainable(self, params) -> tuple[dict, dict]:
+        """(trainable, frozen) flat dicts keyed by parameter path, per `self.labels`."""
+        flat = traverse_util.flatten_dict(params)
+        labels = traverse_util.flatten_dict(self.labels)
+        trainable = {k: v for k, v in flat.items() if labels[k] == "train"}
+        frozen = {k: v for k, v in flat.items() if labels[k] != "train"}
+        return trainable, frozen
 
-        def numerator(p, b):
-            num, den, tokens = self.loss_terms(p, b)
+    def _grads(self, params, batch):
+        """Gradient of the batch loss w.r.t. the trainable parameters only, over
+        `grad_accum_steps` sequential microbatches.
+
+        Differentiating only the trainable subset means no weight gradient is ever computed or
+        stored for frozen weights: in stage B that is all 7B/13B decoder weights and both towers,
+        so the backward pass does activation gradients only (about 4N instead of 6N FLOPs per
+        token) and the accumulation carry holds adapter-sized gradients, not a model-sized one.
+        """
+        accum = self.config.train.grad_accum_steps
+        trainable, frozen = self.split_trainable(params)
+
+        def numerator(t, b):
+            merged = traverse_util.unflatten_dict({**frozen, **t})
+            num, den, tokens = self.loss_terms(merged, b)
             return num, (den, tokens)
 
         numerator_grad = jax.value_and_grad(numerator, has_aux=True)
         if accum == 1:
-            (num, (den, tokens)), grads = numerator_grad(params, batch)
+            (num, (den, tokens)), grads = numerator_grad(trainable, batch)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
             def body(carry, mb):
-                (num, (den, tokens)), grads = numerator_grad(params, mb)
+                (num, (den, tokens)), grads = numerator_grad(trainable, mb)
                 return jax.tree.map(jnp.add, carry, (num, den, tokens, grads)), None
 
-            zeros = (0.0, 0.0, 0.0, jax.tree.map(jnp.zeros_like, params))
+            zeros = (0.0, 0.0, 0.0, jax.tree.map(jnp.zeros_like, trainable))
             (num, den, tokens, grads), _ = jax.lax.scan(body, zeros, micro)
         den = jnp.maximum(den, 1.0)
-        return num / den, tokens, jax.tree.map(lambda g: g / den, grads)
+        grads = jax.tree.map(lambda g: g / den, grads)
+        grad_norm = optax.tree.norm(grads)
+        # The optimizer is a multi_transform over the full tree; frozen leaves get zeros, which
+        # its set_to_zero branch never reads (XLA drops them).
+        full = traverse_util.unflatten_dict(
+            {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **grads})
+        return num / den, tokens, grad_norm, full
 
     def _step(self, state: TrainState, batch):
-        loss, tokens, grads = self._grads(state.params, batch)
-        grad_norm = optax.tree.norm(grads)
+        loss, tokens, grad_norm, grads = self._grads(state.params, batch)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # Numerics guard: a non-finite loss or gradient leaves the state untouched (counted).
@@ -235,9 +264,11 @@ class _Preemption:
 class MetricsLog:
     """Console line + `metrics.jsonl` + TensorBoard, all from process 0."""
 
-    def __init__(self, workdir: str, total_steps: int):
+    def __init__(self, workdir: str, total_steps: int, step_flops: float | None = None,
+                 peak_flops: float | None = None):
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
+        self.step_flops, self.peak_flops = step_flops, peak_flops
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.writer = None
         if self.enabled:
@@ -257,6 +288,10 @@ class MetricsLog:
                "skipped_steps": int(sum(m["skipped"] for m in fetched)),
                "tokens_per_s": tokens / elapsed,
                "steps_per_s": len(fetched) / elapsed}
+        if self.step_flops:
+            row["model_tflops_per_s"] = self.step_flops * row["steps_per_s"] / 1e12
+            if self.peak_flops:
+                row["mfu"] = self.step_flops * row["steps_per_s"] / self.peak_flops
         eta = (self.total_steps - step) / max(row["steps_per_s"], 1e-9)
         self._t0 = now
         if not self.enabled:
@@ -267,9 +302,10 @@ class MetricsLog:
             if key != "step":
                 self.writer.add_scalar(f"train/{key}", value, step)
         self.writer.flush()
-        logging.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s  ETA %s",
+        mfu = f"  MFU {100 * row['mfu']:.1f}%" if "mfu" in row else ""
+        logging.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s%s  ETA %s",
                      step, self.total_steps, row["loss"], row["grad_norm"],
-                     row["learning_rate"], row["tokens_per_s"], _hms(eta))
+                     row["learning_rate"], row["tokens_per_s"], mfu, _hms(eta))
         return row
 
     def close(self):
@@ -286,6 +322,10 @@ def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainSt
     """Runs (or resumes) training to `config.train.num_steps`; returns the final state."""
     tc = config.train
     parallel.check_batch_divides(tc.batch_size, trainer.mesh)
+    # Imported here: the Trainer itself needs no grain (benchmarks/gpu_bench.py drives it with
+    # in-memory batches on images that lack grain and TFDS).
+    from earthgpt_jax.data import pipeline
+
     dataset = pipeline.train_dataset(
         source, preprocess, batch_size=tc.batch_size // jax.process_count(),
         seed=config.data.seed, process_index=jax.process_index(),
@@ -304,7 +344,7 @@ def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainSt
         state = trainer.init_state(config.train.seed)
         logging.info("No checkpoint in %s: starting from step 0", mngr.directory)
     start = int(jax.device_get(state.step))
-    log = MetricsLog(workdir, tc.num_steps)
+    log = MetricsLog(workdir, tc.num_steps, trainer.step_flops, trainer.peak_flops)
 
     def save(state, step, force=False):
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -48,5 +48,6 @@ def test_missing_arguments_are_named():
 def test_shellcheck_is_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (.ci/run installs it)")
-    proc = subprocess.run(["shellcheck", SCRIPT], capture_output=True, text=True)
+    scripts = [SCRIPT, os.path.join(ROOT, "benchmarks", "gpu.sh"), os.path.join(ROOT, ".ci", "run")]
+    proc = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout

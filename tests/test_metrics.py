@@ -83,6 +83,8 @@ def test_caption_scores_identical_beats_different():
         assert same[k] == pytest.approx(1.0, abs=1e-6)
     # CIDEr-D of a perfect match is 10 (x10 scaled cosine, every n-gram order equal to 1).
     assert same["CIDEr"] == pytest.approx(10.0, abs=1e-6)
+    assert same["ROUGE-L"] == pytest.approx(1.0) and other["ROUGE-L"] < 0.3
+    assert same["METEOR"] is None and "METEOR" in same["not_computed"]  # java_metrics is off
     assert other["CIDEr"] < 0.5 and other["BLEU-4"] < 0.01
     assert same["n"] == other["n"] == 2
 

@@ -81,3 +81,33 @@ def test_parameter_summary_counts_parts_and_stage_b_trainables():
     assert counts["trainable"] == counts["adapters"] + counts["projector"]
     assert counts["total"] == sum(counts[k] for k in ("llm", "vit", "convnext", "projector",
                                                        "adapters"))
+
+
+def test_fused_attention_equals_einsum_on_right_padded_batches():
+    base = get_preset("tiny", vocab_size=64)
+    images = np.random.default_rng(2).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    tokens = np.random.default_rng(3).integers(3, 64, (2, 7)).astype(np.int32)
+    valid = np.arange(7)[None] < np.array([[7], [4]])  # row 1 right-padded
+    params = nn.unbox(EarthGPT(base).init(jax.random.key(0), images, tokens, valid))["params"]
+    want = EarthGPT(base).apply({"params": params}, images, tokens, valid)
+    fused = get_preset("tiny", vocab_size=64, llm_attention_impl="xla")
+    got = EarthGPT(fused).apply({"params": params}, images, tokens, valid)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="attention_impl 'flash'"):
+        get_preset("tiny", llm_attention_impl="flash")
+
+
+def test_unrolled_decoding_gives_the_scanned_tokens():
+    from earthgpt_jax.generate import unrolled_for_decoding
+
+    model = EarthGPT(get_preset("tiny", vocab_size=64))
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    tokens, valid = left_pad([list(rng.integers(3, 64, 3)), list(rng.integers(3, 64, 6))], 0)
+    params = nn.unbox(model.init(jax.random.key(1), images, tokens, valid))["params"]
+    unrolled, unrolled_params = unrolled_for_decoding(model, params)
+    assert "layers" not in unrolled_params["llm"] and "layers_1" in unrolled_params["llm"]
+    kwargs = dict(max_new_tokens=5, eos_id=-1, pad_id=0)
+    want = greedy_generate(model, params, images, tokens, valid, **kwargs)
+    got = greedy_generate(unrolled, unrolled_params, images, tokens, valid, **kwargs)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

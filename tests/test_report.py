@@ -196,3 +196,26 @@ def test_empty_inputs(tmp_path):
     assert _row(res, "grounding", "sar", "Acc@0.5") == {
         "task": "grounding", "sensor": "sar", "metric": "Acc@0.5", "model": None,
         "baseline": None, "n": 0}
+
+
+def test_detection_map_per_sensor_and_rsvqa_columns():
+    """mAP@0.5 (answer-order ranking) per sensor, by hand: infrared person [B1 (TP), FP] over
+    [B1, B2] -> precision 1 at recall 0.5 -> AP 0.5; optical ship B3 found -> AP 1 (the (air)plane
+    has no ground truth and stays out of the mean); all sensors: (0.5 + 1) / 2."""
+    res = report.evaluate_predictions(_examples())
+    det = res["groups"]["detection"]
+    assert det["infrared"]["model"]["mAP@0.5"] == pytest.approx(0.5)
+    assert det["optical"]["model"]["mAP@0.5"] == pytest.approx(1.0)
+    assert det["all"]["model"]["mAP@0.5"] == pytest.approx(0.75)
+    assert det["optical"]["model"]["per_class_AP"] == {"airplane": None, "ship": 1.0}
+    assert _row(res, "detection", "infrared", "mAP@0.5")["model"] == pytest.approx(0.5)
+    assert any("1 - r/n" in n for n in res["notes"])
+    # RSVQA's wordings: 'Is a parking present?' is presence, equal/number/more-than comparison.
+    qa = [("Is a parking present?", "no", "no"), ("Is there a road?", "yes", "yes"),
+          ("Is the number of roads equal to the number of parkings?", "yes", "no"),
+          ("Are there more roads than buildings?", "no", "no")]
+    res = report.evaluate_predictions([_ex("vqa", "optical", q, p, [a]) for q, a, p in qa])
+    g = res["groups"]
+    assert (g["vqa_presence"]["all"]["n"], g["vqa_comparison"]["all"]["n"]) == (2, 2)
+    assert g["vqa_presence"]["all"]["model"]["accuracy"] == 1.0
+    assert g["vqa_comparison"]["all"]["model"]["accuracy"] == 0.5

@@ -31,6 +31,8 @@ def tiny_config(workdir, **train):
     config.train.warmup_steps = 2
     config.train.log_every_steps = 1
     config.checkpoint.every_steps = 2
+    # CPU has no datasheet peak: a stand-in one so the logged MFU is exercised.
+    config.train.peak_flops_per_device = 1e11
     config.eval.batch_size = 8
     config.eval.max_new_tokens = 8
     config.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1}
@@ -90,28 +92,40 @@ def test_resume_after_a_crash_repeats_the_same_losses(data, tmp_path):
     train_lib.train(config, crashed, trainer, data["train"], pre)
     expected, resumed = _losses(straight), _losses(crashed)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    with open(os.path.join(straight, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for row in rows:  # MFU = model FLOPs per step x steps/s / (peak x devices)
+        assert row["mfu"] == pytest.approx(
+            trainer.step_flops * row["steps_per_s"] / 1e11, rel=1e-6)
+        assert row["model_tflops_per_s"] > 0
     from PIL import Image
     assert Image.open(os.path.join(crashed, "loss.png")).size == (640, 360)
     # Bitwise on CPU: the same data order, the same optimizer state, the same numbers.
     assert resumed == expected
 
 
-def test_sharded_step_matches_single_device(data, tmp_path):
+def test_sharded_step_matches_single_device_and_resumes_on_another_device_count(data, tmp_path):
     if jax.device_count() < 8:
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    config, tok = data["config"], data["tokenizer"]
-    config = tiny_config(data["work"], num_steps=3)
+    tok = data["tokenizer"]
+    config = tiny_config(data["work"], num_steps=6)
     single, cfg = _trainer(config, tok, jax.devices()[:1])
     pre = TrainPreprocess(tok.path, cfg.image_size, config.data.max_text_len)
     train_lib.train(config, str(tmp_path / "one"), single, data["train"], pre)
+    # Steps 1-3 on a 2x2x2 mesh of 8 devices...
+    config.train.num_steps = 3
     config.mesh.ici = {"data": 2, "fsdp": 2, "tensor": 2}
-    config.train.batch_size = 4
     sharded, _ = _trainer(config, tok)
     state = train_lib.train(config, str(tmp_path / "eight"), sharded, data["train"], pre)
     q_kernel = state.params["llm"]["layers"]["q_proj"]["kernel"]
     assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    # ...then steps 4-6 resumed from that checkpoint on one device: orbax reshards on restore.
+    config.train.num_steps = 6
+    config.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1}
+    train_lib.train(config, str(tmp_path / "eight"), single, data["train"], pre)
     one, eight = _losses(str(tmp_path / "one")), _losses(str(tmp_path / "eight"))
-    np.testing.assert_allclose([eight[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)],
+    assert sorted(eight) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([eight[s] for s in range(1, 7)], [one[s] for s in range(1, 7)],
                                rtol=2e-5)
 
 

@@ -51,7 +51,9 @@ def prepare_tfds(config, workdir: str) -> str:
 
     root = prepare_release(config, workdir)
     data_dir = os.path.abspath(config.data.tfds_dir or os.path.join(workdir, "tfds"))
-    build(root, data_dir, max_bad_fraction=config.data.max_bad_fraction)
+    build(root, data_dir, max_bad_fraction=config.data.max_bad_fraction,
+          validation_fraction=config.data.validation_fraction,
+          exclude_images=config.data.exclude_images or None)
     return data_dir
 
 

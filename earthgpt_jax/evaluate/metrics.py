@@ -9,7 +9,11 @@ both.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import os
+import shutil
+import subprocess
 from collections import defaultdict
 from typing import Iterable, Sequence
 
@@ -29,13 +33,17 @@ def classification_accuracy(preds: Sequence[str], refs: Sequence[str]) -> dict:
     return {"accuracy": _mean([float(h) for h in hits]), "n": len(hits)}
 
 
-def caption_scores(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> dict:
-    """BLEU-1..4 and CIDEr (pycocoevalcap) over simple lowercase/no-punctuation tokens.
+def caption_scores(preds: Sequence[str], refs_list: Sequence[Sequence[str]],
+                   java_metrics: bool = False) -> dict:
+    """BLEU-1..4, ROUGE-L and CIDEr (pycocoevalcap) over simple lowercase/no-punctuation tokens;
+    METEOR and SPICE too when `java_metrics` and their Java parts are present (`java_status`).
 
     CIDEr's IDF comes from the references of the evaluated set itself, as in the COCO toolkit,
     so a score depends on which captions are evaluated together. Items without references are
     skipped. With a single item every n-gram has document frequency 1 and CIDEr is 0 by
-    construction.
+    construction. A Java metric that cannot run is `None`, with its reason under `not_computed`.
+    METEOR and SPICE are off by default because each starts a JVM (tens of seconds on a
+    loaded 2-core machine; `--mode=eval` turns them on with `config.eval.java_metrics`).
     """
     _check_lengths(preds, refs_list)
     gts, res = {}, {}
@@ -48,19 +56,72 @@ def caption_scores(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> 
             continue
         gts[i] = refs
         res[i] = [" ".join(parsers.simple_tokens(pred))]
-    out = {"BLEU-1": None, "BLEU-2": None, "BLEU-3": None, "BLEU-4": None, "CIDEr": None,
-           "n": len(gts)}
-    if not gts:
-        return out
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    with contextlib.redirect_stdout(io.StringIO()):  # BleuScorer prints its ratio line.
-        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        cider, _ = Cider().compute_score(gts, res)
-    for k in range(4):
-        out[f"BLEU-{k + 1}"] = float(bleu[k])
-    out["CIDEr"] = float(cider)
+    out = {"BLEU-1": None, "BLEU-2": None, "BLEU-3": None, "BLEU-4": None, "METEOR": None,
+           "ROUGE-L": None, "CIDEr": None, "SPICE": None, "n": len(gts)}
+    status = java_status() if java_metrics else dict.fromkeys(JAVA_METRICS, JAVA_NOT_REQUESTED)
+    skipped = {name: reason for name, reason in status.items() if reason}
+    if gts:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+        with contextlib.redirect_stdout(io.StringIO()):  # BleuScorer prints its ratio line.
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            cider, _ = Cider().compute_score(gts, res)
+        for k in range(4):
+            out[f"BLEU-{k + 1}"] = float(bleu[k])
+        out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+        out["CIDEr"] = float(cider)
+        for name in JAVA_METRICS:
+            if name in skipped:
+                continue
+            try:
+                out[name] = _java_score(name, gts, res)
+            except (OSError, ValueError, subprocess.SubprocessError) as e:
+                # A JVM that dies (memory, a broken jar) costs this one figure, not the run.
+                skipped[name] = f"{name} failed: {type(e).__name__}: {e}"
+    if skipped:
+        out["not_computed"] = skipped
     return out
+
+
+# ----------------------------------------------------------------------------- Java metrics
+
+JAVA_METRICS = ("METEOR", "SPICE")
+JAVA_NOT_REQUESTED = "not requested (java_metrics=False; --config.eval.java_metrics=True)"
+# SPICE parses captions with Stanford CoreNLP, whose jars pycocoevalcap downloads on first use;
+# they are looked for, never downloaded, here.
+SPICE_CORENLP_JAR = "stanford-corenlp-3.6.0.jar"
+
+
+def java_status() -> dict[str, str | None]:
+    """{metric: None if it can run here, else why not}: METEOR needs `java` on PATH; SPICE
+    also needs the CoreNLP jars next to pycocoevalcap's spice-1.0.jar."""
+    if shutil.which("java") is None:
+        reason = "java not on PATH (pycocoevalcap runs {} as a Java program)"
+        return {name: reason.format(name) for name in JAVA_METRICS}
+    import pycocoevalcap.spice
+    lib = os.path.join(os.path.dirname(pycocoevalcap.spice.__file__), "lib")
+    spice = None
+    if not os.path.exists(os.path.join(lib, SPICE_CORENLP_JAR)):
+        spice = (f"{SPICE_CORENLP_JAR} (+ models jar) missing from {lib}; fetch them once with "
+                 f"`python -m pycocoevalcap.spice.get_stanford_models` (needs internet)")
+    return {"METEOR": None, "SPICE": spice}
+
+
+@functools.lru_cache(maxsize=1)
+def _meteor():
+    """One METEOR JVM per process: starting it (loading its paraphrase tables) is the slow part,
+    so every caption group of an evaluation shares it."""
+    from pycocoevalcap.meteor.meteor import Meteor
+    return Meteor()
+
+
+def _java_score(name: str, gts: dict, res: dict) -> float:
+    if name == "METEOR":
+        return float(_meteor().compute_score(gts, res)[0])
+    from pycocoevalcap.spice.spice import Spice
+    with contextlib.redirect_stdout(io.StringIO()):
+        return float(Spice().compute_score(gts, res)[0])
 
 
 def vqa_answer_correct(pred: str, answers: str | Sequence[str]) -> tuple[bool, bool]:

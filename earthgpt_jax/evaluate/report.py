@@ -26,18 +26,22 @@ from earthgpt_jax.data import boxes as box_text
 from earthgpt_jax.evaluate import metrics, parsers
 
 TASKS = ("classification", "captioning", "vqa", "grounding", "region_captioning", "detection")
-# Rows of the report, in order; VQA is also reported on its presence and counting questions.
-REPORT_TASKS = ("classification", "captioning", "vqa", "vqa_presence", "vqa_count", "grounding",
-                "region_captioning", "detection")
+# Rows of the report, in order; VQA is also reported on its presence, comparison and counting
+# questions (RSVQA's presence and comparison columns).
+REPORT_TASKS = ("classification", "captioning", "vqa", "vqa_presence", "vqa_comparison",
+                "vqa_count", "grounding", "region_captioning", "detection")
+VQA_SUBTASKS = ("presence", "comparison", "count")
 HEADLINE_METRICS = {
     "classification": ("accuracy",),
-    "captioning": ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"),
+    "captioning": ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
+                   "SPICE"),
     "vqa": ("accuracy",),
     "vqa_presence": ("accuracy",),
+    "vqa_comparison": ("accuracy",),
     "vqa_count": ("accuracy",),
     "grounding": ("Acc@0.5", "mIoU", "cIoU"),
     "region_captioning": ("exact_match", "BLEU-4", "CIDEr"),
-    "detection": ("precision@0.5", "recall@0.5", "count_accuracy"),
+    "detection": ("mAP@0.5", "precision@0.5", "recall@0.5", "count_accuracy"),
 }
 ALL = "all"
 TRUE_COLOUR = (0, 255, 0)
@@ -46,12 +50,19 @@ PRED_COLOUR = (255, 0, 0)
 
 # ----------------------------------------------------------------------------- answer parsing
 
+# RSVQA's wordings: presence 'Is there a road?' / 'Is a parking present?'; comparison 'Are
+# there more roads than buildings?' / 'Is the number of roads equal to the number of parkings?'.
+_ASKS_PRESENCE = re.compile(r"\b(is|are) there\b|\bpresent\b")
+_COMPARES = re.compile(r"\b(more|less|fewer|than|equal|number)\b")
+
+
 def vqa_question_type(question: str, reference: str) -> str:
-    """presence ('Is there a road?'), count ('How many ...'), comparison (other yes/no), other."""
+    """presence ('Is there a road?', 'Is a parking present?'), count ('How many ...'),
+    comparison (any other yes/no question), other."""
     q = str(question or "").lower()
     ref = parsers.normalise_vqa_answer(reference)
     if ref in ("yes", "no"):
-        if re.search(r"\b(is|are) there\b", q) and not re.search(r"\b(more|less|fewer|than)\b", q):
+        if _ASKS_PRESENCE.search(q) and not _COMPARES.search(q):
             return "presence"
         return "comparison"
     if "how many" in q or ref.isdigit():
@@ -171,8 +182,10 @@ def _baseline_answer_groups(gt_groups, stats):
 
 # ----------------------------------------------------------------------------- scoring
 
-def _score_group(task: str, examples: Sequence[dict], stats: dict) -> dict:
-    """Model and baseline metrics of one (task, sensor) group; task may be a VQA sub-task."""
+def _score_group(task: str, examples: Sequence[dict], stats: dict,
+                 java_metrics: bool = False) -> dict:
+    """Model and baseline metrics of one (task, sensor) group; task may be a VQA sub-task.
+    `java_metrics` adds METEOR/SPICE to captioning (see `metrics.caption_scores`)."""
     preds = [str(e.get("prediction") or "") for e in examples]
     out = {"n": len(examples), "n_malformed": 0, "model": {}, "baseline": {}, "details": {}}
     if task == "classification":
@@ -193,9 +206,10 @@ def _score_group(task: str, examples: Sequence[dict], stats: dict) -> dict:
         out["details"]["majority_by_type"] = by_type
     elif task == "captioning":
         refs = [list(e.get("references") or []) for e in examples]
-        out["model"] = metrics.caption_scores(preds, refs)
+        out["model"] = metrics.caption_scores(preds, refs, java_metrics=java_metrics)
         base = stats.get("caption") or ""
-        out["baseline"] = metrics.caption_scores([base] * len(refs), refs)
+        out["baseline"] = metrics.caption_scores([base] * len(refs), refs,
+                                                 java_metrics=java_metrics)
         out["details"]["baseline_caption"] = base
         out["n_malformed"] = sum(not parsers.simple_tokens(p) for p in preds)
     elif task == "region_captioning":
@@ -240,6 +254,11 @@ def _score_group(task: str, examples: Sequence[dict], stats: dict) -> dict:
             base_groups.append(_baseline_answer_groups(gt, stats))
         out["model"] = metrics.detection_scores(pred_groups, gts)
         out["baseline"] = metrics.detection_scores(base_groups, gts)
+        # VOC AP with answer-order ranking (metrics.AP_RANKING_RULE, quoted in the notes).
+        for side, groups in (("model", pred_groups), ("baseline", base_groups)):
+            ap = metrics.detection_ap(groups, gts)
+            out[side]["mAP@0.5"] = ap["mAP@0.5"]
+            out[side]["per_class_AP"] = {c: v["AP"] for c, v in ap["per_class_AP"].items()}
         out["n_malformed"] = malformed
         out["details"].update(mean_box=stats.get("mean_box"),
                               majority_count=stats.get("majority_count"))
@@ -254,15 +273,17 @@ def _report_task_of(example: dict) -> list[str]:
     if task != "vqa":
         return [task]
     qtype = vqa_question_type(example.get("question", ""), _reference(example))
-    return ["vqa"] + ([f"vqa_{qtype}"] if qtype in ("presence", "count") else [])
+    return ["vqa"] + ([f"vqa_{qtype}"] if qtype in VQA_SUBTASKS else [])
 
 
-def evaluate_predictions(examples: Sequence[dict], baselines: dict | None = None) -> dict:
+def evaluate_predictions(examples: Sequence[dict], baselines: dict | None = None,
+                         java_metrics: bool = False) -> dict:
     """Metrics per task and per (task, sensor), each with its baseline; see module docstring.
 
     Returns {'n_examples', 'n_unknown_task', 'baseline_source', 'groups': {task: {sensor|'all':
     {'n', 'n_malformed', 'model': {...}, 'baseline': {...}, 'details': {...}}}}, 'rows': [{'task',
-    'sensor', 'metric', 'model', 'baseline', 'n'}]}.
+    'sensor', 'metric', 'model', 'baseline', 'n'}], 'notes': [why a figure is missing, how
+    detection answers are ranked]}. `java_metrics` asks for METEOR and SPICE on captioning.
     """
     examples = list(examples or ())
     known = [e for e in examples if e.get("task") in TASKS]
@@ -279,7 +300,8 @@ def evaluate_predictions(examples: Sequence[dict], baselines: dict | None = None
             continue
         stats_task = "vqa" if task.startswith("vqa") else task
         sensors = [ALL] + sorted(s for s in grouped[task] if s != ALL)
-        groups[task] = {s: _score_group(task, grouped[task][s], _stats_for(baselines, stats_task, s))
+        groups[task] = {s: _score_group(task, grouped[task][s],
+                                        _stats_for(baselines, stats_task, s), java_metrics)
                         for s in sensors}
     return {
         "n_examples": len(examples),
@@ -287,7 +309,22 @@ def evaluate_predictions(examples: Sequence[dict], baselines: dict | None = None
         "baseline_source": baselines.get("source", "given"),
         "groups": groups,
         "rows": _rows(groups),
+        "notes": _notes(groups),
     }
+
+
+def _notes(groups: dict) -> list[str]:
+    """Why a reported figure is missing (a Java metric that could not run), once per reason."""
+    notes = []
+    # Only captioning reports METEOR/SPICE (region captioning scores short phrases without them).
+    for g in groups.get("captioning", {}).values():
+        for name, reason in (g["model"].get("not_computed") or {}).items():
+            note = f"{name} not computed: {reason}"
+            if note not in notes:
+                notes.append(note)
+    if "detection" in groups:
+        notes.append(f"Detection mAP@0.5: {metrics.AP_RANKING_RULE}")
+    return notes
 
 
 def _rows(groups: dict) -> list[dict]:
@@ -336,7 +373,12 @@ def write_report(results: dict, out_dir: str) -> str:
         f.write(f"{results.get('n_examples', 0)} examples; baselines from "
                 f"{results.get('baseline_source', '-')}.\n\n")
         f.write(table)
+        f.write(notes_markdown(results.get("notes")))
     return table
+
+
+def notes_markdown(notes) -> str:
+    return "\n" + "".join(f"- {n}\n" for n in notes) if notes else ""
 
 
 def _json_default(obj):

@@ -1,5 +1,6 @@
 """Evaluation of a trained model on a TFDS split: batched greedy decoding of the first question
-of each record, scoring against the record's answers, report + box pictures + predictions."""
+of each record, scoring against the record's answers, report + box pictures + predictions;
+`run_suites` does the same for each of the paper's suites and writes the paper tables."""
 
 from __future__ import annotations
 
@@ -50,19 +51,21 @@ def baseline_examples(train_source, limit: int = BASELINE_SAMPLE) -> list[dict]:
     return [e for i in indices for e in eval_examples(train_source[int(i)], int(i))]
 
 
-def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, mesh, rules,
-             train_source=None) -> dict:
+def pending_examples(source, max_examples: int = 0) -> list[dict]:
+    """Every question of the first `max_examples` records (0: all), gathered before decoding so
+    batches are full across record boundaries and a progress bar knows its total."""
+    n = len(source) if not max_examples else min(len(source), max_examples)
+    return [e for i in range(n) for e in eval_examples(source[i], i)]
+
+
+def predict(config, model, params, tokenizer: Tokenizer, source, pending: list[dict], mesh,
+            rules, progress) -> list[dict]:
+    """Greedy answers to `pending` (filled in as `prediction`); the few grounding/detection
+    examples that get a picture keep their original image as `image`."""
     ec = config.eval
-    n = len(source) if not ec.max_examples else min(len(source), ec.max_examples)
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
     size = model.cfg.image_size
-    # Images are decoded per batch (a split's images need not fit in memory); the questions are
-    # gathered first so batches are full across record boundaries.
-    pending = [e for i in range(n) for e in eval_examples(source[i], i)]
     examples, pictured = [], collections.Counter()
-    progress = tqdm(total=len(pending), desc="eval", unit="question",
-                    disable=jax.process_index() != 0)
+    # Images are decoded per batch: a split's images need not fit in memory.
     for start in range(0, len(pending), ec.batch_size):
         batch = pending[start:start + ec.batch_size]
         originals = [decode_image(source[e["record"]]["image"], e["image_path"]) for e in batch]
@@ -90,9 +93,33 @@ def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, 
             example["image"] = image if keep else None
             examples.append(example)
         progress.update(len(batch))
-    progress.close()
-    baselines = report.baselines_from(baseline_examples(train_source)) if train_source else None
-    results = report.evaluate_predictions(examples, baselines)
+    return examples
+
+
+def _progress(total: int, desc: str = "eval"):
+    # tqdm's bar shows the rate and the ETA over everything still to decode.
+    return tqdm(total=total, desc=desc, unit="question", disable=jax.process_index() != 0)
+
+
+def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, mesh, rules,
+             train_source=None, *, out_dir: str | None = None, pending: list[dict] | None = None,
+             progress=None, baselines: dict | None = None, print_table: bool = True) -> dict:
+    """Decode, score and write results.json/md, predictions.jsonl and box pictures into
+    `out_dir` (default <workdir>/eval). `run_suites` passes its own subfolder, the questions
+    it already gathered, the progress bar shared by all suites and baselines computed once."""
+    ec = config.eval
+    out_dir = out_dir or os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    if pending is None:
+        pending = pending_examples(source, ec.max_examples)
+    own_progress = progress is None
+    progress = _progress(len(pending)) if own_progress else progress
+    examples = predict(config, model, params, tokenizer, source, pending, mesh, rules, progress)
+    if own_progress:
+        progress.close()
+    if baselines is None and train_source:
+        baselines = report.baselines_from(baseline_examples(train_source))
+    results = report.evaluate_predictions(examples, baselines, java_metrics=ec.java_metrics)
     table = report.write_report(results, out_dir)
     pictures = report.write_box_pictures(examples, out_dir, max_per_task=ec.num_pictures)
     with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
@@ -101,5 +128,33 @@ def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, 
                     + "\n")
     logging.info("Evaluation of %d examples written to %s (%d pictures)", len(examples), out_dir,
                  len(pictures))
-    print(table, flush=True)
+    if print_table:
+        print(table, flush=True)
     return results
+
+
+def run_suites(config, workdir: str, model, params, tokenizer: Tokenizer, opened, skipped, mesh,
+               rules, train_source=None, step: int | None = None) -> dict:
+    """`run_eval` over each opened suite [(Suite, source)] into <workdir>/eval/<suite>/, under
+    one progress bar, then the paper-layout results.md and results.json in <workdir>/eval/."""
+    from earthgpt_jax.evaluate import suites
+
+    out_root = os.path.join(workdir, "eval")
+    pending = {s.name: pending_examples(src, config.eval.max_examples) for s, src in opened}
+    baselines = report.baselines_from(baseline_examples(train_source)) if train_source else None
+    progress = _progress(sum(map(len, pending.values())))
+    per_suite = {}
+    for suite, source in opened:
+        progress.set_description(f"eval {suite.name}")
+        per_suite[suite.name] = run_eval(
+            config, workdir, model, params, tokenizer, source, mesh, rules,
+            out_dir=os.path.join(out_root, suite.name), pending=pending[suite.name],
+            progress=progress, baselines=baselines, print_table=False)
+    progress.close()
+    summary = suites.write_suite_report(
+        per_suite, skipped, out_root, step=step,
+        baseline_source=baselines["source"] if baselines else "each suite's own references")
+    logging.info("Paper tables of %d suites (%d skipped) written to %s", len(per_suite),
+                 len(skipped), os.path.join(out_root, "results.md"))
+    print(suites.paper_tables_markdown(summary), flush=True)
+    return summary

@@ -32,7 +32,9 @@ A line without the fields its task needs (no `prediction`, no reference, pixel b
 `width`/`height`) is not scored: it is counted in `skipped`, with its reason in
 `skipped_lines` (the first 20).
 
-Output keys per task: classification `accuracy`; caption `BLEU-1..4`, `CIDEr`; vqa `accuracy`,
+Output keys per task: classification `accuracy`; caption `BLEU-1..4`, `ROUGE-L`, `CIDEr` (and
+`METEOR`, `SPICE` with --java_metrics; a metric that could not run is null, its reason under
+`not_computed`); vqa `accuracy`,
 `per_type`, `n_malformed`; grounding `Acc@0.5`, `mIoU`, `cIoU`, `n_malformed`; detection
 `mAP@0.5` and `per_class_AP` (VOC all-point AP; a text answer has no confidences, so the k-th of
 n boxes a class gets in an answer is scored 1 - k/n, see `metrics.AP_RANKING_RULE`), plus
@@ -161,7 +163,8 @@ def read_rows(lines: Iterable[str], name: str = "<predictions>") -> list[tuple[i
     return rows
 
 
-def score_rows(task: str, rows, iou_threshold: float = 0.5, name: str = "<predictions>") -> dict:
+def score_rows(task: str, rows, iou_threshold: float = 0.5, name: str = "<predictions>",
+               java_metrics: bool = False) -> dict:
     """Metrics of `task` over rows (dicts, or (line number, dict) pairs from `read_rows`)."""
     task = _ALIASES.get(task, task)
     if task not in TASKS:
@@ -193,7 +196,7 @@ def score_rows(task: str, rows, iou_threshold: float = 0.5, name: str = "<predic
     if task == "classification":
         out = metrics.classification_accuracy(preds, [r[0] for r in refs])
     elif task == "caption":
-        out = metrics.caption_scores(preds, refs)
+        out = metrics.caption_scores(preds, refs, java_metrics=java_metrics)
     elif task == "vqa":
         out = metrics.vqa_accuracy(preds, refs, qtypes)
     elif task == "grounding":
@@ -215,11 +218,15 @@ def main(argv=None) -> int:
     parser.add_argument("--task", required=True, choices=TASKS + tuple(_ALIASES))
     parser.add_argument("--predictions", required=True, help="JSONL file, schema in --help")
     parser.add_argument("--iou_threshold", type=float, default=0.5)
+    parser.add_argument("--java_metrics", action="store_true",
+                        help="caption: also METEOR and SPICE (need `java`; SPICE also the "
+                             "Stanford CoreNLP jars); reasons under `not_computed` otherwise")
     args = parser.parse_args(argv)
     try:
         with open(args.predictions, encoding="utf-8") as f:
             rows = read_rows(f, args.predictions)
-        out = score_rows(args.task, rows, args.iou_threshold, args.predictions)
+        out = score_rows(args.task, rows, args.iou_threshold, args.predictions,
+                         java_metrics=args.java_metrics)
     except OSError as e:
         print(f"error: cannot read {args.predictions}: {e.strerror or e}", file=sys.stderr)
         return 2

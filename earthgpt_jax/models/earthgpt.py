@@ -82,13 +82,17 @@ class EarthGPT(nn.Module):
         x = self.embed_prompt(images, tokens)
         valid = self.prefix_valid(text_valid)
         positions = jnp.cumsum(valid, axis=1) - 1
-        logits, _ = self.llm(x, positions, valid)
+        # Position v (the last visual token) predicts text token 0, so the head starts there.
         v = self.cfg.num_visual_tokens
-        return logits[:, v:v + tokens.shape[1]]
+        logits, _ = self.llm(x, positions, valid, head_from=v, head_to=v + tokens.shape[1])
+        return logits
 
     def decode(self, embeddings, positions, key_valid, cache, cache_index):
-        """One cached forward over `embeddings` written at `cache_index`."""
-        return self.llm(embeddings, positions, key_valid, cache, cache_index)
+        """One cached forward over `embeddings` written at `cache_index` -> (logits of the last
+        position [B, 1, vocab], cache): a prefill needs no LM head at the prompt's other
+        positions."""
+        return self.llm(embeddings, positions, key_valid, cache, cache_index,
+                        head_from=embeddings.shape[1] - 1)
 
     def embed_tokens(self, tokens):
         return self.llm.embed(tokens)

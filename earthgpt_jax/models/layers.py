@@ -95,3 +95,15 @@ def grouped_query_attention(q, k, v, query_index, key_valid):
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(batch, tq, heads, dim)
+
+
+def prefix_causal_attention(q, k, v, key_valid, implementation: str):
+    """Causal attention through `jax.nn.dot_product_attention` ("xla" or "cudnn").
+
+    Padding is given to it as key lengths, so each row's valid keys must be a prefix (right
+    padding); the result then equals `grouped_query_attention` with query_index = arange(T).
+    q: [B, T, H, D]; k, v: [B, T, KV, D]; key_valid: [B, T] bool.
+    """
+    lengths = jnp.sum(key_valid, axis=1, dtype=jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths,
+                                        implementation=implementation)

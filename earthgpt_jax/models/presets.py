@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 
 
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int
@@ -28,6 +31,16 @@ class LlamaConfig:
     # Layers stacked under nn.scan (params `layers/...` with a leading [num_layers] axis) or
     # unrolled (params `layers_0/...`, `layers_1/...`).
     scan_layers: bool = True
+    # Attention of cache-less passes (training, teacher-forced eval): "einsum" (ours, any mask),
+    # or jax.nn.dot_product_attention with implementation "xla" or "cudnn" (flash attention on
+    # NVIDIA GPUs; needs bf16/fp16). Those two need each row's valid keys to be a prefix
+    # (right padding, as in training batches). Decoding with a KV cache always uses "einsum".
+    attention_impl: str = "einsum"
+
+    def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} is not one of "
+                             f"{', '.join(ATTENTION_IMPLS)}")
 
     @property
     def head_dim(self) -> int:

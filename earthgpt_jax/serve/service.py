@@ -1,0 +1,270 @@
+"""What the chat serves, without HTTP: conversations, upload checks, prompts, limits.
+
+A conversation is an uploaded image (decoded once, kept with the model's view of it) and its
+dialogue. Every refusal is an `ApiError` whose status and message the HTTP layer passes on.
+Decoding itself is `engine.Engine`'s; this module only prepares requests and files answers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import os
+import secrets
+import tempfile
+import threading
+
+import numpy as np
+
+from earthgpt_jax import chat
+from earthgpt_jax.data import boxes as box_text
+from earthgpt_jax.data.images import square_and_resize
+from earthgpt_jax.data.synthetic import CAPTION_PROMPTS, CLASSIFICATION_PROMPT
+from earthgpt_jax.data.tokenizer import encode_dialogue_prompt
+from earthgpt_jax.serve.engine import Engine, QueueFull, Request as DecodeRequest
+
+# The page's task shortcuts send exactly the prompts the model was trained with.
+TASK_PROMPTS = {
+    "describe": CAPTION_PROMPTS[0],
+    "classify": CLASSIFICATION_PROMPT,
+    "detect": box_text.DETECTION_PROMPT,
+    "find": box_text.GROUNDING_PROMPT,  # {phrase} is filled in by the page
+}
+
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"II*\x00", ".tif"),
+               (b"MM\x00*", ".tif"), (b"II+\x00", ".tif"), (b"MM\x00+", ".tif"))
+
+
+@dataclasses.dataclass
+class Limits:
+    max_upload_bytes: int = 25 * 2**20
+    max_image_pixels: int = 50_000_000
+    max_question_chars: int = 2000
+    max_new_tokens: int = 256
+    max_conversations: int = 256
+    max_json_bytes: int = 64 * 2**10
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclasses.dataclass
+class Conversation:
+    id: str
+    name: str
+    image: np.ndarray   # uint8 [H, W, 3], as uploaded (1-band images replicated)
+    pixels: np.ndarray  # the model's view: padded square, resized
+    bands: int
+    history: list = dataclasses.field(default_factory=list)
+    busy: bool = False
+    png: bytes | None = None
+
+    def facts(self) -> dict:
+        h, w = self.image.shape[:2]
+        return {"id": self.id, "name": self.name, "width": w, "height": h, "bands": self.bands,
+                "image_url": f"/api/conversations/{self.id}/image",
+                "history": [{"question": q, "answer": a} for q, a in self.history]}
+
+
+def decode_upload(data: bytes, name: str, limits: Limits) -> tuple[np.ndarray, int]:
+    """Uploaded bytes -> (uint8 [H, W, 3], band count); ApiError naming the upload otherwise."""
+    if not data:
+        raise ApiError(400, f"{name}: the upload is empty; send the image file's bytes")
+    suffix = next((ext for magic, ext in _SIGNATURES if data.startswith(magic)), None)
+    if suffix is None:
+        raise ApiError(415, f"{name}: not a PNG, JPEG or TIFF image")
+    bands = None
+    try:  # read the header only, so a huge image is refused before it is decoded
+        from PIL import Image
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            bands = len([b for b in img.getbands() if b != "A"]) if img.mode != "P" else 3
+        if width * height > limits.max_image_pixels:
+            raise ApiError(413, f"{name}: {width}x{height} pixels is over the limit of "
+                                f"{limits.max_image_pixels} pixels")
+    except ApiError:
+        raise
+    except Exception:  # noqa: BLE001 - PIL cannot read every TIFF; chat.load_image tries more
+        pass
+    # chat.load_image is the one decoder of the terminal chat too (bands, bit depths, TIFF
+    # layouts); it reads a path and picks TIFF handling by the suffix.
+    with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+        f.write(data)
+        f.flush()
+        try:
+            image = chat.load_image(f.name)
+        except chat.ChatError as e:
+            raise ApiError(400, str(e).replace(f.name, name)) from None
+    if image.shape[0] * image.shape[1] > limits.max_image_pixels:
+        raise ApiError(413, f"{name}: {image.shape[1]}x{image.shape[0]} pixels is over the "
+                            f"limit of {limits.max_image_pixels} pixels")
+    if bands is None:
+        bands = 1 if np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(
+            image[..., 1], image[..., 2]) else 3
+    return image, bands
+
+
+def answer_boxes(answer: str, width: int, height: int) -> list[dict]:
+    """Boxes of a grounding or detection answer: label, [0,1] box of the padded square, and the
+    box in the original image's pixels (clipped to the image)."""
+    found, labels = chat.answer_boxes(answer)
+    out = []
+    for box, label in zip(found, labels):
+        x0, y0, x1, y1 = box_text.norm_to_pixel(box, width, height)
+        pixels = [min(max(x0, 0), width), min(max(y0, 0), height),
+                  min(max(x1, 0), width), min(max(y1, 0), height)]
+        out.append({"label": label, "box": [round(v, 4) for v in box],
+                    "pixels": [round(v, 1) for v in pixels]})
+    return out
+
+
+def find_examples(ckpt_dir: str, examples_dir: str = "", limit: int = 9) -> dict[str, str]:
+    """name -> path of example images: every image in `examples_dir`, or else the test images of
+    the miniature release a demo workdir holds (one per source folder: optical, SAR, IR)."""
+    images = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+    if examples_dir:
+        names = sorted(n for n in os.listdir(examples_dir) if n.lower().endswith(images))
+        return {n: os.path.join(examples_dir, n) for n in names[:limit]}
+    release = os.path.join(ckpt_dir, "mini_mmrs1m", "data")
+    firsts = []
+    for folder, _, files in os.walk(release):
+        tests = sorted(f for f in files if f.startswith("test_") and f.lower().endswith(images))
+        if tests:
+            firsts.append(os.path.relpath(os.path.join(folder, tests[0]), release))
+
+    def rank(rel):  # detection scenes first (they show boxes), then grounding, then the rest
+        return 0 if rel.startswith("detection") else 1 if rel.startswith("RSVG") else 2, rel
+
+    return {rel: os.path.join(release, rel) for rel in sorted(firsts, key=rank)[:limit]}
+
+
+class ChatService:
+    """Conversations and prompts; hands decoding to the engine. Thread-safe."""
+
+    def __init__(self, engine: Engine, tokenizer, model_cfg, limits: Limits,
+                 examples: dict[str, str] | None = None, description: str = ""):
+        self.engine, self.tok, self.cfg, self.limits = engine, tokenizer, model_cfg, limits
+        self.examples = examples or {}
+        self.description = description
+        self._conversations: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- conversations
+
+    def create(self, data: bytes, name: str) -> Conversation:
+        image, bands = decode_upload(data, name, self.limits)
+        pixels = square_and_resize(image, self.cfg.image_size)
+        conv = Conversation(secrets.token_urlsafe(12), name, image, pixels, bands)
+        with self._lock:
+            self._conversations[conv.id] = conv
+            while len(self._conversations) > self.limits.max_conversations:
+                idle = next((k for k, c in self._conversations.items() if not c.busy), None)
+                if idle is None:
+                    break
+                del self._conversations[idle]  # least recently used first
+        return conv
+
+    def get(self, conversation_id: str) -> Conversation:
+        with self._lock:
+            conv = self._conversations.get(conversation_id)
+            if conv is None:
+                raise ApiError(404, f"unknown conversation id {conversation_id!r} (never created, "
+                                    "deleted, or expired); upload the image again")
+            self._conversations.move_to_end(conversation_id)
+            return conv
+
+    def count(self) -> int:
+        return len(self._conversations)
+
+    def delete(self, conversation_id: str) -> None:
+        self.get(conversation_id)
+        with self._lock:
+            self._conversations.pop(conversation_id, None)
+
+    def image_png(self, conv: Conversation) -> bytes:
+        if conv.png is None:
+            from PIL import Image
+            buf = io.BytesIO()
+            Image.fromarray(conv.image).save(buf, format="PNG")
+            conv.png = buf.getvalue()
+        return conv.png
+
+    # ---------------------------------------------------------------- questions
+
+    def settings(self, body: dict) -> dict:
+        """Validated decoding settings from a message body."""
+        def number(key, default, kind, lo, hi):
+            value = body.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    kind is int and not float(value).is_integer()):
+                what = "an integer" if kind is int else "a number"
+                raise ApiError(400, f"{key} must be {what}, got {value!r}")
+            if not lo <= value <= hi:
+                raise ApiError(400, f"{key}={value} is out of range [{lo}, {hi}]")
+            return kind(value)
+        return {"max_new_tokens": number("max_new_tokens", min(128, self.limits.max_new_tokens),
+                                         int, 1, self.limits.max_new_tokens),
+                "temperature": number("temperature", 0.0, float, 0.0, 5.0),
+                "top_p": number("top_p", 0.9, float, 0.0, 1.0),
+                "seed": number("seed", 0, int, 0, 2**31 - 1)}
+
+    def prompt(self, conv: Conversation, question: str, max_new_tokens: int
+               ) -> tuple[list[int], int]:
+        """Prompt ids and how many earlier turns it drops so image + dialogue + answer fit the
+        model's context (the oldest turns go first)."""
+        context = self.cfg.llm.max_position_embeddings
+        budget = context - 1 - self.cfg.num_visual_tokens - max_new_tokens
+        for dropped in range(len(conv.history) + 1):
+            ids = encode_dialogue_prompt(self.tok, conv.history[dropped:], question)
+            if len(ids) <= budget:
+                return ids, dropped
+        raise ApiError(413, f"question is {len(ids)} tokens; the model's context of {context} "
+                            f"positions leaves {max(budget, 0)} for it after the image "
+                            f"({1 + self.cfg.num_visual_tokens}) and max_new_tokens="
+                            f"{max_new_tokens}")
+
+    def start_answer(self, conv: Conversation, body: dict, emit) -> tuple[DecodeRequest, dict]:
+        question = body.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise ApiError(400, "question is empty; ask something about the image")
+        question = question.strip()
+        if len(question) > self.limits.max_question_chars:
+            raise ApiError(413, f"question is {len(question)} characters; the limit is "
+                                f"{self.limits.max_question_chars}")
+        settings = self.settings(body)
+        ids, dropped = self.prompt(conv, question, settings["max_new_tokens"])
+        with self._lock:
+            if conv.busy:
+                raise ApiError(409, f"conversation {conv.id} is still answering; wait for the "
+                                    "answer or reset the conversation")
+            conv.busy = True
+        request = DecodeRequest(conv.pixels, ids, emit=emit, **settings)
+        try:
+            self.engine.submit(request)
+        except QueueFull as e:
+            conv.busy = False
+            raise ApiError(503, f"server busy ({e}); try again shortly") from None
+        return request, {"question": question, "dropped_turns": dropped,
+                         "prompt_tokens": len(ids), **settings}
+
+    def finish_answer(self, conv: Conversation, question: str, event: dict) -> dict:
+        h, w = conv.image.shape[:2]
+        event = dict(event, boxes=answer_boxes(event.get("answer", ""), w, h))
+        if event.get("finish") != "cancelled":
+            conv.history.append((question, event.get("answer", "")))
+        return event
+
+    def info(self) -> dict:
+        llm = self.cfg.llm
+        return {
+            "model": {"description": self.description, "image_size": self.cfg.image_size,
+                      "visual_tokens": self.cfg.num_visual_tokens, "layers": llm.num_layers,
+                      "hidden_size": llm.hidden_size, "vocab_size": llm.vocab_size,
+                      "context": llm.max_position_embeddings},
+            "limits": dataclasses.asdict(self.limits),
+            "prompts": TASK_PROMPTS,
+            "examples": [{"name": n, "url": f"/api/examples/{n}"} for n in self.examples]}

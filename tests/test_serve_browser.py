@@ -1,0 +1,88 @@
+"""End to end in a real browser: `python -m earthgpt_jax.serve` on a trained tiny checkpoint,
+driven by headless Chromium (Debian's chromium + chromedriver through Selenium): upload an image,
+ask for detection, wait for the streamed answer, check the boxes on the canvas, screenshot."""
+
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_serve_api import trained_workdir
+from earthgpt_jax.data import boxes
+from earthgpt_jax.serve.screenshot import ask_on_page, find_browser, open_browser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.skipif(
+    not all(find_browser()),
+    reason="headless Chromium not installed here (apt-get install -y chromium chromium-driver; "
+           "CI installs them)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    trained = trained_workdir(tmp_path_factory)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "earthgpt_jax.serve", f"--ckpt_dir={trained['work']}",
+         "--port=0", "--warmup_tokens=64", "--log_level=warning"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT))
+    lines: queue.Queue = queue.Queue()
+    # Keep draining the pipe for the server's whole life so it never blocks on a full pipe.
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen, url, deadline = [], None, time.time() + 240
+    while url is None and time.time() < deadline and proc.poll() is None:
+        try:
+            seen.append(lines.get(timeout=1))
+        except queue.Empty:
+            continue
+        found = re.search(r"EarthGPT web chat .*: (http://127\.0\.0\.1:\d+/)", seen[-1])
+        url = found and found.group(1)
+    try:
+        assert url, "server did not start:\n" + "".join(seen)[-3000:]
+        time.sleep(0.2)
+        seen += [lines.get_nowait() for _ in range(lines.qsize())]
+        assert any("Listening on loopback only" in line for line in seen), seen
+        yield dict(trained, url=url)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_page_streams_a_detection_answer_and_draws_its_boxes(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    driver = open_browser()
+    try:
+        page = ask_on_page(driver, server["url"], os.path.join(server["work"], "ships.png"),
+                           task="detect", max_tokens=64)  # the shapes warmed up
+        shot = str(tmp_path / "page.png")
+        assert driver.save_screenshot(shot)
+        chunks = driver.execute_script(
+            "return document.querySelector('#thread .msg.assistant').dataset.chunks")
+        driver.find_element(By.ID, "reset").click()
+        reset = driver.execute_script(
+            "return [document.querySelectorAll('#thread .msg.assistant').length,"
+            " document.getElementById('image-canvas').dataset.boxes]")
+    finally:
+        driver.quit()
+    assert page["state"] == "done", page
+    assert page["answer"] == server["answers"][boxes.DETECTION_PROMPT + "ships"]
+    assert int(chunks) > 5  # the answer arrived in pieces, not at the end
+    # The boxes are on the canvas: counted in its state, listed with labels, and the pixel on
+    # each box's left edge has the box's colour.
+    assert page["canvas_boxes"] == 2 and page["listed"] == ["ship", "ship"]
+    assert all(edge["pixel"] == edge["colour"] for edge in page["edges"]), page["edges"]
+    picture = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    colour = np.array([int(page["edges"][0]["colour"][i:i + 2], 16) for i in (1, 3, 5)])
+    assert (np.abs(picture - colour).sum(-1) <= 6).sum() > 200  # box strokes in the screenshot
+    assert reset == [0, "0"]
