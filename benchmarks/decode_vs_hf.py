@@ -18,13 +18,10 @@ the figure least):
 Compile time (ours; HF compiles nothing) is reported apart and excluded from the above.
 
 --unrolled also times ours after `generate.unrolled_for_decoding` (the serving engine's layout);
---prototype also times a prefill that applies the LM head to the last position only (a proposed
-change to `LlamaDecoder`, prototyped here; its logits are checked equal to `generate.prefill`'s).
 The exit status is 1 if any greedy sequence differs from HF's.
 
   JAX_PLATFORMS=cpu NPROC=16 HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python \
-      benchmarks/decode_vs_hf.py [--batches=1,8] [--repeats=2] [--unrolled] [--prototype] \
-      [--no_append]
+      benchmarks/decode_vs_hf.py [--batches=1,8] [--repeats=2] [--unrolled] [--no_append]
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ import datetime
 import functools
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -177,102 +173,6 @@ def hf_runner(hf_model, embeds: np.ndarray, new_tokens: int):
     return once
 
 
-def last_logits_prefill(model, new_tokens: int):
-    """Prototype fix (not in generate.py): the prefill's LM head over the last position only.
-
-    `generate.prefill` runs `LlamaDecoder.__call__`, which projects all 321 prefix positions
-    onto the 32000-word vocabulary and keeps one: at hidden 768 that is ~20% of the prefill's
-    FLOPs. Same cache and last logits, as a jitted function of (params, images, tokens, valid).
-    """
-    from earthgpt_jax.models.llama import init_cache
-
-    def body(module, images, tokens, valid):
-        llm = module.llm
-        embeds = module.embed_prompt(images, tokens)
-        prefix_valid = module.prefix_valid(valid)
-        batch, length = prefix_valid.shape
-        cache = init_cache(module.cfg.llm, batch, length + new_tokens,
-                           jnp.dtype(module.cfg.dtype))
-        key_valid = jnp.zeros((batch, length + new_tokens), bool).at[:, :length].set(
-            prefix_valid)
-        positions = jnp.cumsum(prefix_valid, axis=1) - 1
-        x, cache = llm.layers(embeds.astype(llm.dtype), cache, positions, key_valid, 0)
-        return llm.lm_head(llm.norm(x[:, -1:]))[:, -1].astype(jnp.float32), cache
-
-    return jax.jit(lambda params, *args: model.apply({"params": params}, *args, method=body))
-
-
-def in_place_cache_decoder(model, new_tokens: int):
-    """Prototype fix (not in models/llama.py): a decode loop that writes only the new token's
-    K/V slot into the stacked cache, once per step for all layers.
-
-    Today every cached one-token step rewrites each layer's whole [B, S, kv, hd] cache (the
-    layer's dynamic_update_slice result is the scan output, or is re-stacked when unrolled):
-    at batch 8 that moves several times the cache's 265 MB per token. Here each layer attends
-    to the cache as it is (the new slot still masked) plus the new key as one extra column, and
-    the loop writes the [L, B, 1, kv, hd] new keys/values with one dynamic_update_slice into
-    the carried cache, which XLA updates in place. fp32, no adapters/biases (this benchmark's
-    model). Jitted (params, prefill state) -> generated ids [B, new_tokens].
-    """
-    from earthgpt_jax.models.layers import rotary_embedding
-
-    cfg = model.cfg.llm
-    heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-
-    def rms(x, scale):
-        return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.rms_norm_eps) * scale
-
-    def step(llm, token, position, cache_k, cache_v, key_valid):
-        batch = token.shape[0]
-        x = llm["embed_tokens"]["embedding"][token][:, None]  # [B, 1, E]
-        new_k, new_v = [], []
-        for i in range(cfg.num_layers):
-            w = jax.tree.map(lambda a, i=i: a[i], llm["layers"])
-            h = rms(x, w["input_layernorm"]["scale"])
-            q = (h @ w["q_proj"]["kernel"]).reshape(batch, 1, heads, dim)
-            k = (h @ w["k_proj"]["kernel"]).reshape(batch, 1, kv_heads, dim)
-            v = (h @ w["v_proj"]["kernel"]).reshape(batch, 1, kv_heads, dim)
-            q = rotary_embedding(q, position[:, None], cfg.rope_theta)
-            k = rotary_embedding(k, position[:, None], cfg.rope_theta)
-            q = q.reshape(batch, kv_heads, heads // kv_heads, dim)
-            old = jnp.einsum("bkgd,bskd->bkgs", q, cache_k[i]) / np.sqrt(dim)
-            old = jnp.where(key_valid[:, None, None, :], old, jnp.finfo(jnp.float32).min)
-            new = jnp.einsum("bkgd,bkd->bkg", q, k[:, 0])[..., None] / np.sqrt(dim)
-            probs = jax.nn.softmax(jnp.concatenate([old, new], -1), -1)
-            attn = (jnp.einsum("bkgs,bskd->bkgd", probs[..., :-1], cache_v[i])
-                    + probs[..., -1:] * v[:, 0, :, None, :])
-            x = x + attn.reshape(batch, 1, heads * dim) @ w["o_proj"]["kernel"]
-            h = rms(x, w["post_attention_layernorm"]["scale"])
-            mlp = jax.nn.silu(h @ w["gate_proj"]["kernel"]) * (h @ w["up_proj"]["kernel"])
-            x = x + mlp @ w["down_proj"]["kernel"]
-            new_k.append(k)
-            new_v.append(v)
-        logits = rms(x, llm["norm"]["scale"]) @ llm["lm_head"]["kernel"]
-        return logits[:, -1], jnp.stack(new_k), jnp.stack(new_v)
-
-    @jax.jit
-    def decode(params, logits, cache, key_valid, position):
-        llm = params["llm"]
-        prefill_len = key_valid.shape[1] - new_tokens
-        token = jnp.argmax(logits, -1).astype(jnp.int32)
-        out = jnp.zeros((token.shape[0], new_tokens), jnp.int32).at[:, 0].set(token)
-
-        def body(t, carry):
-            token, (cache_k, cache_v), key_valid, out = carry
-            index = prefill_len + t
-            logits, k, v = step(llm, token, position + 1 + t, cache_k, cache_v, key_valid)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k, (0, 0, index, 0, 0))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v, (0, 0, index, 0, 0))
-            key_valid = key_valid.at[:, index].set(True)
-            token = jnp.argmax(logits, -1).astype(jnp.int32)
-            return token, (cache_k, cache_v), key_valid, out.at[:, t + 1].set(token)
-
-        return jax.lax.fori_loop(0, new_tokens - 1, body,
-                                 (token, cache, key_valid, out))[3]
-
-    return decode
-
-
 def _timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -294,7 +194,7 @@ def compare_tokens(ours: np.ndarray, hf: np.ndarray, hf_margins: np.ndarray) -> 
 
 
 def run_batch(model, params, hf_model, batch: int, prompt_len: int, new_tokens: int,
-              repeats: int, prototype: bool = False, unrolled=None) -> dict:
+              repeats: int, unrolled=None) -> dict:
     """`unrolled`: (model, params) from `generate.unrolled_for_decoding`, timed as a third side
     ("ours_unrolled", what the serving engine decodes with)."""
     from earthgpt_jax.models.earthgpt import EarthGPT
@@ -310,27 +210,15 @@ def run_batch(model, params, hf_model, batch: int, prompt_len: int, new_tokens: 
     ours_tokens = ours_run["generate"]()
     ours_run["prefill"]()
     hf_tokens, hf_margins, _, _ = hf_once()
-    o_total, o_prefill, h_total, h_prefill, proto_prefill = [], [], [], [], []
+    o_total, o_prefill, h_total, h_prefill = [], [], [], []
     u_total, u_prefill = [], []
     if unrolled is not None:
         unrolled_run = ours_runners(*unrolled, images, tokens, valid, new_tokens)
         unrolled_tokens = unrolled_run["generate"]()
         unrolled_run["prefill"]()
-    if prototype:
-        proto_fn = last_logits_prefill(model, new_tokens)
-        proto = lambda: jax.block_until_ready(proto_fn(*ours_run["args"]))  # noqa: E731
-        proto_diff = float(jnp.abs(proto()[0] - ours_run["prefill"]()[0]).max())
-        decode_fn = in_place_cache_decoder(model, new_tokens)
-        state = ours_run["prefill"]()
-        in_place = lambda: np.asarray(jax.block_until_ready(  # noqa: E731
-            decode_fn(ours_run["args"][0], *state)))
-        in_place_tokens, in_place_decode = in_place(), []
     for _ in range(repeats):
         o_total.append(_timed(ours_run["generate"])[0])
         o_prefill.append(_timed(ours_run["prefill"])[0])
-        if prototype:
-            proto_prefill.append(_timed(proto)[0])
-            in_place_decode.append(_timed(in_place)[0])
         if unrolled is not None:
             u_total.append(_timed(unrolled_run["generate"])[0])
             u_prefill.append(_timed(unrolled_run["prefill"])[0])
@@ -367,14 +255,6 @@ def run_batch(model, params, hf_model, batch: int, prompt_len: int, new_tokens: 
         row["ours_unrolled"]["compile_s"] = unrolled_run["compile_s"]
         row["ratio_decode_unrolled"] = (row["ours_unrolled"]["decode_tokens_per_s"]
                                         / row["hf"]["decode_tokens_per_s"])
-    if prototype:
-        row["prototype"] = {"last_logits_prefill_s": min(proto_prefill),
-                            "max_abs_logit_diff": proto_diff,
-                            "in_place_decode_s": min(in_place_decode),
-                            "in_place_decode_tokens_per_s":
-                                batch * (new_tokens - 1) / min(in_place_decode),
-                            "in_place_check": compare_tokens(in_place_tokens, hf["tokens"],
-                                                             hf["margins"])}
     row["ratio_decode"] = row["ours"]["decode_tokens_per_s"] / row["hf"]["decode_tokens_per_s"]
     row["ratio_end_to_end"] = (row["ours"]["end_to_end_tokens_per_s"]
                                / row["hf"]["end_to_end_tokens_per_s"])
@@ -383,7 +263,7 @@ def run_batch(model, params, hf_model, batch: int, prompt_len: int, new_tokens: 
 
 
 def run(batches=(1, 8), prompt_len: int = 64, new_tokens: int = 128, repeats: int = 2,
-        cfg=None, prototype: bool = False, unrolled: bool = False, log=print) -> dict:
+        cfg=None, unrolled: bool = False, log=print) -> dict:
     import torch
 
     cfg = cfg or earthgpt_config()
@@ -398,7 +278,7 @@ def run(batches=(1, 8), prompt_len: int = 64, new_tokens: int = 128, repeats: in
         unrolled = unrolled_for_decoding(model, params)
     for batch in batches:
         row = run_batch(model, params, hf_model, batch, prompt_len, new_tokens, repeats,
-                        prototype, unrolled or None)
+                        unrolled or None)
         log(format_row(row))
         result["rows"].append(row)
     return result
@@ -488,19 +368,6 @@ def result_lines(result: dict, target: float = 2.0) -> list[str]:
                        f"{h['prefill_s'] / o['prefill_s']:.2f}x | "
                        f"{u['equal_positions']}/{u['positions']} | {u['leading_agreement']} |")
     for row in result["rows"]:
-        if "prototype" in row:
-            p = row["prototype"]
-            out.append(f"- Batch {row['batch']} prototype fix, prefill with the LM head on the "
-                       f"last position only: {p['last_logits_prefill_s']:.3f} s vs "
-                       f"{row['ours']['prefill_s']:.3f} s now (max |logit diff| "
-                       f"{p['max_abs_logit_diff']:.1e})")
-            c, rate = p["in_place_check"], p["in_place_decode_tokens_per_s"]
-            out.append(f"- Batch {row['batch']} prototype fix, decode writing only the new "
-                       f"K/V slot: {rate:.1f} decode tok/s ({p['in_place_decode_s']:.3f} s for "
-                       f"{row['new_tokens'] - 1} steps; "
-                       f"{rate / row['hf']['decode_tokens_per_s']:.2f}x HF), greedy tokens "
-                       f"equal to HF {c['equal_positions']}/{c['positions']}")
-    for row in result["rows"]:
         if row["batch"] == 8:
             met = row["ratio_decode"] >= target
             out += ["", f"Target decode tokens/s >= {target:g}x HF at batch 8: "
@@ -515,8 +382,6 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--prototype", action="store_true",
-                        help="also time the last-position-logits prefill (a proposed fix)")
     parser.add_argument("--unrolled", action="store_true",
                         help="also time ours with generate.unrolled_for_decoding (serving path)")
     parser.add_argument("--no_append", action="store_true", help="print only")
@@ -524,7 +389,7 @@ def main(argv=None) -> int:
     header = machine_lines()
     result = run(batches=tuple(int(b) for b in args.batches.split(",")),
                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                 prototype=args.prototype, unrolled=args.unrolled)
+                 unrolled=args.unrolled)
     result["repeats"] = args.repeats
     lines = header + result_lines(result)
     print("\n".join(lines))

@@ -78,23 +78,50 @@ def rotary_embedding(x, positions, theta: float):
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def grouped_query_attention(q, k, v, query_index, key_valid):
-    """softmax(q k^T / sqrt(d)) v with causal + padding masks, any kv_heads dividing heads.
+def masked_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d) + mask) v, any kv_heads dividing heads.
 
-    q: [B, Tq, H, D]; k, v: [B, S, KV, D]; query_index: [Tq] index of each query in the key
-    axis (causality); key_valid: [B, S] bool, False for padding and unwritten cache slots.
+    q: [B, Tq, H, D]; k, v: [B, S, KV, D]; mask: [B, Tq, S] bool, True where a query may look.
     """
     batch, tq, heads, dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, tq, kv_heads, heads // kv_heads, dim)
     # The 1/sqrt(d) scale is applied here, never folded into weights (DESIGN).
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(dim)
-    causal = jnp.arange(k.shape[1])[None, :] <= query_index[:, None]  # [Tq, S]
-    mask = causal[None, None, None] & key_valid[:, None, None, None, :]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(batch, tq, heads, dim)
+
+
+def grouped_query_attention(q, k, v, query_index, key_valid):
+    """Attention with causal + padding masks.
+
+    query_index: [Tq] index of each query in the key axis (causality); key_valid: [B, S] bool,
+    False for padding and unwritten cache slots.
+    """
+    causal = jnp.arange(k.shape[1])[None, :] <= query_index[:, None]  # [Tq, S]
+    return masked_attention(q, k, v, causal[None] & key_valid[:, None, :])
+
+
+def cached_attention(q, k, v, cache_k, cache_v, key_valid, cache_index):
+    """Attention of T new queries over the cache's earlier slots and the T new keys.
+
+    The cache is only read: its slots [cache_index, cache_index + T) are stale (the new keys
+    come in as extra columns instead), so the caller writes just the T new slots afterwards
+    (one in-place dynamic_update_slice for all layers), not a fresh copy of every layer's
+    cache per token. key_valid [B, S] covers the cache slots, the new ones included.
+    """
+    tq = q.shape[1]
+    slots = jnp.arange(cache_k.shape[1])
+    earlier = key_valid & (slots < cache_index)[None]                          # [B, S]
+    new_valid = jax.lax.dynamic_slice_in_dim(key_valid, cache_index, tq, axis=1)  # [B, T]
+    causal = jnp.tril(jnp.ones((tq, tq), bool))
+    mask = jnp.concatenate([jnp.broadcast_to(earlier[:, None], (q.shape[0], tq, slots.size)),
+                            causal[None] & new_valid[:, None, :]], axis=2)
+    keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
+    values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
+    return masked_attention(q, keys, values, mask)
 
 
 def prefix_causal_attention(q, k, v, key_valid, implementation: str):

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from earthgpt_jax.models.layers import (Linear, RMSNorm, grouped_query_attention,
-                                        prefix_causal_attention, rotary_embedding)
+from earthgpt_jax.models.layers import (Linear, RMSNorm, cached_attention,
+                                        grouped_query_attention, prefix_causal_attention,
+                                        rotary_embedding)
 from earthgpt_jax.models.presets import LlamaConfig
 
 REMAT_POLICIES = {
@@ -45,20 +46,15 @@ class DecoderLayer(nn.Module):
                              cfg.rope_theta)
         v = v.reshape(batch, tq, cfg.num_kv_heads, hd)
         if cache is None:
-            keys, values, new_cache = k, v, None
+            new_kv = None
+            if cfg.attention_impl == "einsum":
+                attn = grouped_query_attention(q, k, v, jnp.arange(tq), key_valid)
+            else:
+                attn = prefix_causal_attention(q, k, v, key_valid, cfg.attention_impl)
         else:
-            cache_k, cache_v = cache
-            keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype),
-                                                (0, cache_index, 0, 0))
-            values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype),
-                                                  (0, cache_index, 0, 0))
-            new_cache = (keys, values)
-        if cache is None and cfg.attention_impl != "einsum":
-            attn = prefix_causal_attention(q, k, v, key_valid, cfg.attention_impl)
-        else:
-            query_index = cache_index + jnp.arange(tq)
-            attn = grouped_query_attention(q, keys.astype(self.dtype), values.astype(self.dtype),
-                                           query_index, key_valid)
+            # Returns only the new slots' k/v; LlamaDecoder writes them into the cache.
+            new_kv = (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
+            attn = cached_attention(q, k, v, cache[0], cache[1], key_valid, cache_index)
         attn = nn.with_logical_constraint(attn, ("batch", "length", "heads", None))
         x = x + self._linear(cfg.hidden_size, ("heads", "embed"), "o_proj",
                              cfg.attention_bias)(attn.reshape(batch, tq, -1))
@@ -70,7 +66,7 @@ class DecoderLayer(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         # Kept only when the caller asks for it (mutable=['intermediates']): layer-by-layer checks.
         self.sow("intermediates", "hidden_state", x)
-        return x, new_cache
+        return x, new_kv
 
 
 class LlamaDecoder(nn.Module):
@@ -118,15 +114,20 @@ class LlamaDecoder(nn.Module):
         """
         x = nn.with_logical_constraint(embeddings.astype(self.dtype), ("batch", "length", "embed"))
         if self.cfg.scan_layers:
-            x, new_cache = self.layers(x, cache, positions, key_valid, cache_index)
+            x, new_kv = self.layers(x, cache, positions, key_valid, cache_index)
         else:
-            caches = []
+            per_layer = []
             for i, layer in enumerate(self.layers):
                 layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-                x, layer_cache = layer(x, layer_cache, positions, key_valid, cache_index)
-                caches.append(layer_cache)
-            new_cache = None if cache is None else tuple(
-                jnp.stack([c[j] for c in caches]) for j in range(2))
+                x, kv = layer(x, layer_cache, positions, key_valid, cache_index)
+                per_layer.append(kv)
+            new_kv = None if cache is None else tuple(
+                jnp.stack([kv[j] for kv in per_layer]) for j in range(2))
+        # Only the new slots [cache_index, cache_index + T) of every layer are written: in a
+        # decode loop XLA updates the carried cache in place.
+        new_cache = None if cache is None else tuple(
+            jax.lax.dynamic_update_slice(c, n, (0, 0, cache_index, 0, 0))
+            for c, n in zip(cache, new_kv))
         logits = self.lm_head(self.norm(x[:, head_from:head_to])).astype(jnp.float32)
         return logits, new_cache
 
