@@ -36,10 +36,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets (SXM parts), FLOP/s.
-DATASHEET_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
-
-
 class Namespace(dict):
     """The slice of an ml_collections.ConfigDict the Trainer reads (attributes + .get)."""
 
@@ -59,7 +55,9 @@ def train_config(args) -> Namespace:
                       weight_decay=0.05, grad_clip_norm=1.0)
     mesh = Namespace(ici={"data": 1, "fsdp": -1, "tensor": 1},
                      dcn={"data": -1, "fsdp": 1, "tensor": 1}, rules=DEFAULT_RULES)
-    return Namespace(train=train, mesh=mesh, init=Namespace())
+    # data.max_text_len: the Trainer sizes its logged model FLOPs (MFU) with it.
+    return Namespace(train=train, mesh=mesh, init=Namespace(),
+                     data=Namespace(max_text_len=args.text_len))
 
 
 def environment() -> dict:
@@ -75,13 +73,6 @@ def environment() -> dict:
     return {"device": getattr(device, "device_kind", str(device)), "platform": device.platform,
             "device_count": jax.device_count(), "versions": versions,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-
-
-def datasheet_peak(device_kind: str) -> float | None:
-    for name, peak in DATASHEET_BF16_PEAK.items():
-        if name in device_kind.upper():
-            return peak
-    return None
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -160,6 +151,7 @@ def device_memory_gb() -> dict:
 def phase_train(args, report: dict, deadline: float) -> None:
     import jax
     import flops
+    from earthgpt_jax.models.flops import device_peak_flops
     from earthgpt_jax.parallel import build_mesh
     from earthgpt_jax.train import Trainer
 
@@ -202,7 +194,7 @@ def phase_train(args, report: dict, deadline: float) -> None:
                                                  args.stage)
             seq = 1 + model_cfg.num_visual_tokens + args.text_len
             peak = report.get("peak", {}).get("matmul_bf16_flops")
-            sheet = datasheet_peak(report["env"]["device"])
+            sheet = device_peak_flops(report["env"]["device"])
             row = {
                 "compile_and_first_step_s": compile_s, "step_s_median": step_s,
                 "step_s_min": min(times), "steps_timed": args.steps,
