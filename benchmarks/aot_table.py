@@ -6,7 +6,11 @@ host memory), and writes per-chip HBM, FLOPs and the step time at 50% MFU as a m
 
     JAX_PLATFORMS=cpu PYTHONPATH=. python benchmarks/aot_table.py \
         [--sizes=7b,13b] [--stages=a,b] [--topologies=v4-8,v5p-8,v5e-16] [--per_chip_batch=1] \
-        [--out=benchmarks/results/aot_table.md]
+        [--pack_length=0] [--out=benchmarks/results/aot_table.md]
+
+Rows are padded single samples of 1 + 256 + text_len positions (the README's table), or with
+--pack_length=N packed rows of N positions with --images_per_pack image slots (the real configs'
+default: 2048 and 8).
 
 Each compile takes 1-3 minutes on a 2-core host; progress and an ETA are printed as it goes.
 """
@@ -27,7 +31,8 @@ from earthgpt_jax.aot import parse_topology  # noqa: E402
 
 
 def compile_one(size: str, stage: str, topology: str, per_chip_batch: int, text_len: int,
-                remat: str, workdir: str) -> dict:
+                remat: str, workdir: str, pack_length: int = 0, images_per_pack: int = 8
+                ) -> dict:
     topo = parse_topology(topology)
     report_json = os.path.join(workdir, f"{size}_{stage}_{topology}.json")
     cmd = [sys.executable, "main.py", f"--config=configs/mmrs.py:size={size},stage={stage}",
@@ -35,7 +40,11 @@ def compile_one(size: str, stage: str, topology: str, per_chip_batch: int, text_
            f"--config.compile.topology={topology}",
            f"--config.compile.report_json={report_json}",
            f"--config.train.batch_size={per_chip_batch * topo.chips}",
-           f"--config.data.max_text_len={text_len}", f"--config.model.remat_policy={remat}"]
+           f"--config.data.max_text_len={text_len}", f"--config.model.remat_policy={remat}",
+           f"--config.data.packing={bool(pack_length)}"]
+    if pack_length:
+        cmd += [f"--config.data.pack_length={pack_length}",
+                f"--config.data.images_per_pack={images_per_pack}"]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.time() - start
@@ -67,13 +76,18 @@ def main() -> None:
     p.add_argument("--per_chip_batch", type=int, default=1)
     p.add_argument("--text_len", type=int, default=767, help="1 + 256 + 767 = 1024 positions")
     p.add_argument("--remat", default="full")
+    p.add_argument("--pack_length", type=int, default=0, help="0: padded rows")
+    p.add_argument("--images_per_pack", type=int, default=8)
     p.add_argument("--out", default="benchmarks/results/aot_table.md")
     args = p.parse_args()
     jobs = [(s, st, t) for s in args.sizes.split(",") for st in args.stages.split(",")
             for t in args.topologies.split(",")]
-    lines = [f"Per-chip batch {args.per_chip_batch}, {1 + 256 + args.text_len} positions "
-             f"(BOS + 256 visual + {args.text_len} text), remat {args.remat}, fp32 master weights, "
-             "bf16 compute, FSDP over all chips. GiB per chip from XLA's memory analysis.", "",
+    rows = (f"packed rows of {args.pack_length} positions with {args.images_per_pack} image "
+            f"slots" if args.pack_length else f"{1 + 256 + args.text_len} positions (BOS + 256 "
+            f"visual + {args.text_len} text)")
+    lines = [f"Per-chip batch {args.per_chip_batch}, {rows}, remat {args.remat}, fp32 master "
+             "weights, bf16 compute, FSDP over all chips. GiB per chip from XLA's memory "
+             "analysis.", "",
              "| model | stage | topology | fits | arguments GiB | temporaries GiB | "
              "XLA peak / HBM GiB | model TFLOP/step | s/step at 50% MFU | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -81,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         for i, (size, stage, topology) in enumerate(jobs):
             r = compile_one(size, stage, topology, args.per_chip_batch, args.text_len,
-                            args.remat, workdir)
+                            args.remat, workdir, args.pack_length, args.images_per_pack)
             lines.append(row(size, stage, topology, r))
             done = time.time() - start
             eta = done / (i + 1) * (len(jobs) - i - 1)

@@ -21,7 +21,8 @@ assumption (see `seven_b_consumption`).
 
 Figures: examples/s; non-padding tokens/s (text tokens, and LLM tokens counting the BOS and the
 visual prefix, which are never padding); padding efficiency = non-padding / all tokens of the
-padded batches (packing is not implemented yet).
+padded batches. Packed rows (config.data.packing, the real configs' default) are measured by
+benchmarks/packing.py.
 
   JAX_PLATFORMS=cpu NPROC=16 PYTHONPATH=. .venv/bin/python benchmarks/data_pipeline.py \
       [--workers=0,1,2] [--batches=30] [--sizes=demo,7b] [--source_px=0] [--no_train_step]
@@ -101,12 +102,11 @@ def batch_reader(source, preprocess, *, batch_size: int, workers: int, num_threa
     import grain
     from earthgpt_jax.data import pipeline
 
-    dataset = pipeline.train_dataset(source, preprocess, batch_size=batch_size, seed=0)
+    dataset = pipeline.train_dataset(source, preprocess, batch_size=batch_size, seed=0,
+                                     num_threads=num_threads)
     if workers == 0:
-        return pipeline.iterate(dataset, num_threads)
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
-    return iter(dataset.to_iter_dataset(options).mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=workers)))
+        return pipeline.iterate(dataset)
+    return iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
 
 
 def measure_pipeline(source, preprocess, *, batch_size: int, workers: int, num_batches: int,

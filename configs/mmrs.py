@@ -66,6 +66,15 @@ def get_config(arg: str = ""):
     config.data.validation_fraction = 0.0 if demo else 0.01
     # File listing evaluation-test images to keep out of training (overlap removal); "" = none.
     config.data.exclude_images = ""
+    # Sequence packing (earthgpt_jax/data/packing.py): whole samples, each with its image, share
+    # rows of pack_length positions (BOS + visual + text tokens); attention stays inside each
+    # sample. A row holds at most images_per_pack samples (image slots the towers encode), and
+    # config.train.batch_size then counts rows. pack_bins: rows filled at once (first fit).
+    # The demo trains unpacked, one sample per row, as its measured table in the README did.
+    config.data.packing = not demo
+    config.data.pack_length = 256 if demo else 2048
+    config.data.images_per_pack = 4 if demo else 8
+    config.data.pack_bins = 64
 
     config.tokenizer = ml_collections.ConfigDict()
     # A LLaMA-2 tokenizer.model for real runs; the demo trains its own on the training text.

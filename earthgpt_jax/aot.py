@@ -13,10 +13,8 @@ import math
 import re
 
 import jax
-import jax.numpy as jnp
 import flax.linen as nn
 
-from earthgpt_jax.models.flops import train_step_flops
 
 # Cloud TPU accelerator types count TensorCores for v4/v5p (2 per chip) and chips for v5e/v6e.
 CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
@@ -88,7 +86,7 @@ def topology_devices(topo: Topology):
 def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) -> dict:
     """Compiles the train step for `topology`; returns the per-chip memory/FLOP report."""
     from earthgpt_jax import parallel
-    from earthgpt_jax.train import BATCH_KEYS, Trainer
+    from earthgpt_jax.train import Trainer
 
     topo = parse_topology(topology, num_slices)
     devices = topology_devices(topo)
@@ -96,12 +94,8 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
     trainer = Trainer(config, model_cfg, mesh)
     batch = config.train.batch_size
     parallel.check_batch_divides(batch, mesh)
-    size, length = model_cfg.image_size, config.data.max_text_len
-    shapes = {"image": ((batch, size, size, 3), jnp.uint8),
-              "tokens": ((batch, length), jnp.int32), "valid": ((batch, length), jnp.bool_),
-              "loss_mask": ((batch, length), jnp.float32)}
-    abstract_batch = {k: jax.ShapeDtypeStruct(*shapes[k], sharding=trainer.batch_shardings[k])
-                      for k in BATCH_KEYS}
+    abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_shardings[k])
+                      for k, (shape, dtype) in trainer.batch_shapes.items()}
     report = {"topology": topo.name, "num_slices": topo.num_slices,
               "chips": topo.chips * topo.num_slices, "mesh": dict(mesh.shape),
               "global_batch": batch, "hbm_gib_per_chip": HBM_GIB[topo.generation],
@@ -127,7 +121,7 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
                              - per_chip["aliased_gib"] + per_chip["temporaries_gib"]
                              + per_chip["code_gib"])
     peak = getattr(mem, "peak_memory_in_bytes", 0) / gib
-    flops = train_step_flops(model_cfg, batch, length, config.train.stage)["total"]
+    flops = trainer.step_flops
     chips = report["chips"]
     return report | {
         "fits": True, "per_chip": per_chip, "xla_peak_gib": peak,

@@ -24,7 +24,44 @@ from earthgpt_jax.models.earthgpt import EarthGPT
 from earthgpt_jax.models import flops, summary
 from earthgpt_jax.models.presets import EarthGPTConfig
 
-BATCH_KEYS = ("image", "tokens", "valid", "loss_mask")
+def packing_enabled(config) -> bool:
+    return bool(config.data.get("packing", False))
+
+
+def batch_shapes(config, model_cfg: EarthGPTConfig, batch: int) -> dict[str, tuple]:
+    """{name: (shape, dtype)} of a global batch of `batch` rows, as the train step takes it:
+    padded examples, or packed rows (earthgpt_jax/data/packing.py) with `config.data.packing`."""
+    size = model_cfg.image_size
+    if packing_enabled(config):
+        length, slots = config.data.pack_length, config.data.images_per_pack
+        return {"image": ((batch, slots, size, size, 3), jnp.uint8),
+                "tokens": ((batch, length), jnp.int32),
+                "segment_ids": ((batch, length), jnp.int32),
+                "positions": ((batch, length), jnp.int32),
+                "loss_mask": ((batch, length), jnp.float32)}
+    length = config.data.max_text_len
+    return {"image": ((batch, size, size, 3), jnp.uint8), "tokens": ((batch, length), jnp.int32),
+            "valid": ((batch, length), jnp.bool_), "loss_mask": ((batch, length), jnp.float32)}
+
+
+def packing_options(config, model_cfg: EarthGPTConfig):
+    """The pipeline's packing options from the config, or None when packing is off."""
+    if not packing_enabled(config):
+        return None
+    from earthgpt_jax.data.packing import PackingOptions
+    return PackingOptions(length=config.data.pack_length,
+                          images_per_row=config.data.images_per_pack,
+                          visual_tokens=model_cfg.num_visual_tokens, bos_id=model_cfg.bos_id,
+                          bins_per_batch=config.data.get("pack_bins", 64))
+
+
+def step_flops(config, model_cfg: EarthGPTConfig) -> float:
+    """Model FLOPs of one train step of this config (packed or not): MFU's numerator."""
+    packed = packing_enabled(config)
+    return flops.train_step_flops(
+        model_cfg, config.train.batch_size, config.data.max_text_len, config.train.stage,
+        packed_length=config.data.pack_length if packed else None,
+        images_per_row=config.data.images_per_pack if packed else 1)["total"]
 
 
 @struct.dataclass
@@ -80,13 +117,13 @@ class Trainer:
         self.abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             nn.unbox(abstract), self.state_shardings)
-        self.batch_shardings = {k: parallel.batch_sharding(mesh, 4 if k == "image" else 2)
-                                for k in BATCH_KEYS}
+        self.packed = packing_enabled(config)
+        self.batch_shapes = batch_shapes(config, model_cfg, config.train.batch_size)
+        self.batch_shardings = {k: parallel.batch_sharding(mesh, len(shape))
+                                for k, (shape, _) in self.batch_shapes.items()}
         # Model FLOPs of one step (earthgpt_jax/models/flops.py) and the mesh's datasheet peak:
         # the MFU the logs report (None on devices without a known peak, e.g. CPU).
-        self.step_flops = flops.train_step_flops(
-            model_cfg, config.train.batch_size, config.data.max_text_len,
-            config.train.stage)["total"]
+        self.step_flops = step_flops(config, model_cfg)
         peak = config.train.get("peak_flops_per_device") or flops.device_peak_flops(
             mesh.devices.flat[0].device_kind)
         self.peak_flops = peak * mesh.devices.size if peak else None
@@ -111,16 +148,33 @@ class Trainer:
         Kept as a ratio so gradient accumulation sums numerators and denominators over
         microbatches and gets exactly the full batch's loss.
         """
-        logits = self.model.apply({"params": params}, batch["image"], batch["tokens"],
-                                  batch["valid"])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"])
-        weights = batch["loss_mask"]
-        per_example_tokens = jnp.sum(weights, axis=1)
+        if self.packed:
+            logits = self.model.apply({"params": params}, batch["image"], batch["tokens"],
+                                      batch["segment_ids"], batch["positions"],
+                                      method=EarthGPT.packed_logits)
+            # Entry t predicts token t + 1; placeholders (negative ids) carry no loss weight.
+            targets = jnp.maximum(batch["tokens"][:, 1:], 0)
+            weights = batch["loss_mask"][:, 1:]
+            # Which sample each target belongs to: [B, T, samples per row].
+            samples = batch["image"].shape[1]
+            membership = (batch["segment_ids"][:, 1:, None]
+                          == jnp.arange(1, samples + 1)).astype(weights.dtype)
+        else:
+            logits = self.model.apply({"params": params}, batch["image"], batch["tokens"],
+                                      batch["valid"])
+            targets, weights = batch["tokens"], batch["loss_mask"]
+            membership = None  # one sample per row
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         if self.config.train.loss_normalization == "examples":
             # Each conversation weighs the same, however long its answers: a one-word answer
             # ("yes") is not drowned by a detection answer of a hundred tokens.
-            per_example = jnp.sum(ce * weights, axis=1) / jnp.maximum(per_example_tokens, 1.0)
-            return (jnp.sum(per_example), jnp.sum(per_example_tokens > 0).astype(jnp.float32),
+            if membership is None:
+                sums, tokens = jnp.sum(ce * weights, axis=1), jnp.sum(weights, axis=1)
+            else:
+                sums = jnp.einsum("bt,bts->bs", ce * weights, membership)
+                tokens = jnp.einsum("bt,bts->bs", weights, membership)
+            per_example = sums / jnp.maximum(tokens, 1.0)
+            return (jnp.sum(per_example), jnp.sum(tokens > 0).astype(jnp.float32),
                     jnp.sum(weights))
         return jnp.sum(ce * weights), jnp.sum(weights), jnp.sum(weights)
 
@@ -187,7 +241,7 @@ class Trainer:
 
     def train_step(self, state, host_batch):
         batch = {k: jax.make_array_from_process_local_data(self.batch_shardings[k], host_batch[k])
-                 for k in BATCH_KEYS}
+                 for k in self.batch_shapes}
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self._train_step(state, batch)
 
@@ -329,8 +383,9 @@ def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainSt
     dataset = pipeline.train_dataset(
         source, preprocess, batch_size=tc.batch_size // jax.process_count(),
         seed=config.data.seed, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    data_iter = pipeline.iterate(dataset, config.data.num_threads)
+        process_count=jax.process_count(), num_threads=config.data.num_threads,
+        packing=packing_options(config, trainer.model.cfg))
+    data_iter = pipeline.iterate(dataset)
     mngr = checkpoint_manager(workdir, config)
     latest = mngr.latest_step()
     if latest is not None:
@@ -382,7 +437,7 @@ def _loop(config, trainer, state, start, data_iter, log, save, mngr):
                 raise FloatingPointError(
                     f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (all "
                     f"skipped), the last at step {step - 1}; its examples: "
-                    f"{list(previous[0]['example_id'])}")
+                    f"{[i for i in np.ravel(previous[0]['example_id']) if i]}")
         previous = (host_batch, metrics)
         if step % tc.log_every_steps == 0 or step == tc.num_steps:
             log.record(step, history)

@@ -37,7 +37,8 @@ def test_compile_mode_reports_memory_per_chip(tmp_path):
     proc = subprocess.run(
         [sys.executable, "main.py", "--config=configs/mmrs.py:demo", f"--workdir={tmp_path}",
          "--mode=compile", "--config.model.size=tiny", "--config.compile.topology=v5e:2x2",
-         "--config.train.batch_size=8", f"--config.compile.report_json={report_path}"],
+         "--config.train.batch_size=8", "--config.data.packing=True",
+         f"--config.compile.report_json={report_path}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "v5e:2x2" in proc.stdout and "GiB of 16 GiB HBM" in proc.stdout

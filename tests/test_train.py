@@ -1,6 +1,7 @@
 """Training end to end on a generated release: resume is exact, the box path is learnable and
 parses back to pixels, evaluation writes its report, a missing release fails fast."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -67,8 +68,21 @@ def _losses(workdir):
         return {row["step"]: row["loss"] for row in map(json.loads, f)}
 
 
-def test_resume_after_a_crash_repeats_the_same_losses(data, tmp_path):
+def packed(config):
+    """The tiny config with sequence packing: rows of 160 positions, up to 3 samples each."""
+    config = config.copy_and_resolve_references()
+    config.data.packing = True
+    config.data.pack_length = 160  # >= 1 + 4 visual + 128 text: the longest sample fits
+    config.data.images_per_pack = 3
+    config.data.pack_bins = 8
+    return config
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_resume_after_a_crash_repeats_the_same_losses(data, tmp_path, packing):
     config, tok = data["config"], data["tokenizer"]
+    if packing:  # the packer's iterator state is checkpointed and restored the same way
+        config = packed(config)
     trainer, cfg = _trainer(config, tok, jax.devices()[:1])
     pre = TrainPreprocess(tok.path, cfg.image_size, config.data.max_text_len)
     straight = str(tmp_path / "straight")
@@ -314,3 +328,56 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     assert "after SIGTERM" in stderr
     saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert saved and saved[-1] >= 3 and saved[-1] < 200
+
+
+def test_packed_rows_hold_whole_samples_apart(data):
+    """Every segment of a packed row is exactly its sample's unpacked layout: BOS, V image
+    placeholders, the sample's text tokens and loss mask; positions restart; image slots follow
+    the segments; nothing but padding is left over."""
+    from earthgpt_jax.data import packing, pipeline
+    from earthgpt_jax.models.presets import IMAGE_TOKEN
+
+    config, tok = packed(data["config"]), data["tokenizer"]
+    cfg = model_config(config, tok.vocab_size, tok.bos_id)
+    v = cfg.num_visual_tokens
+    pre = TrainPreprocess(tok.path, cfg.image_size, config.data.max_text_len)
+    options = train_lib.packing_options(config, cfg)
+    rows = pipeline.iterate(pipeline.train_dataset(data["train"], pre, batch_size=4, seed=3,
+                                                   packing=options))
+    alone = {}  # image path -> its samples (several conversations may share an image)
+    for i in range(len(data["train"])):
+        sample = pre.map(data["train"][i])
+        alone.setdefault(sample["example_id"], []).append(sample)
+    seen = 0
+    for _ in range(3):
+        batch = next(rows)
+        assert batch["image"].shape == (4, 3, cfg.image_size, cfg.image_size, 3)
+        for r in range(4):
+            seg, tokens = batch["segment_ids"][r], batch["tokens"][r]
+            count = int(seg.max())
+            assert 1 <= count <= 3 and set(np.unique(seg[seg > 0])) == set(range(1, count + 1))
+            for k in range(count):
+                at = np.flatnonzero(seg == k + 1)
+                assert np.array_equal(at, np.arange(at[0], at[0] + at.size))  # contiguous
+                text = tokens[at[1 + v:]]
+                matches = [c for c in alone[batch["example_id"][r][k]]
+                           if np.array_equal(c["tokens"][:int(c["valid"].sum())], text)]
+                assert matches, "a packed segment matches none of its image's samples"
+                sample = matches[0]
+                n = int(sample["valid"].sum())
+                assert at.size == 1 + v + n
+                assert tokens[at[0]] == tok.bos_id
+                assert (tokens[at[1:1 + v]] == IMAGE_TOKEN).all()
+                assert np.array_equal(tokens[at[1 + v:]], sample["tokens"][:n])
+                assert np.array_equal(batch["loss_mask"][r][at[1 + v:]], sample["loss_mask"][:n])
+                assert not batch["loss_mask"][r][at[:1 + v]].any()
+                assert np.array_equal(batch["positions"][r][at], np.arange(at.size))
+                assert np.array_equal(batch["image"][r, k], sample["image"])
+                seen += 1
+            assert not batch["image"][r, count:].any()  # unused slots are blank
+            assert (tokens[seg == 0] == 0).all() and not batch["loss_mask"][r][seg == 0].any()
+            assert packing.visual_slot_index(tokens).max() == count * v - 1
+    assert seen > 12  # more samples than rows: packing happened
+    with pytest.raises(ValueError, match="pack_length=100 is shorter than one sample"):
+        pipeline.train_dataset(data["train"], pre, batch_size=4, seed=0,
+                               packing=dataclasses.replace(options, length=100))

@@ -1,5 +1,5 @@
 """grain pipelines over `tfds.data_source`: shuffle, per-process slice, decode, pad-to-square,
-resize, tokenise with the chat template and loss mask, batch.
+resize, tokenise with the chat template and loss mask, pack (optional: `packing.py`), batch.
 
 Training reads a random-access `MapDataset`, so the iterator's state is one small JSON dict that
 the checkpoint stores beside the model: a resumed run sees exactly the batches it would have.
@@ -13,6 +13,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from earthgpt_jax.data import packing as packing_lib
 from earthgpt_jax.data.images import decode_image, square_and_resize
 from earthgpt_jax.data.tokenizer import Tokenizer, encode_conversation
 
@@ -56,10 +57,12 @@ class TrainPreprocess(grain.transforms.Map):
 
 
 def train_dataset(source, preprocess: TrainPreprocess, *, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                  process_index: int = 0, process_count: int = 1, num_threads: int = 2,
+                  packing: packing_lib.PackingOptions | None = None) -> grain.IterDataset:
     """Endless, globally shuffled batches of this process's slice of `source`.
 
-    `batch_size` is per process.
+    `batch_size` is per process: examples, or packed rows with `packing`. `num_threads` read and
+    preprocess records ahead of the consumer.
     """
     if len(source) < process_count * batch_size:
         raise ValueError(
@@ -68,11 +71,16 @@ def train_dataset(source, preprocess: TrainPreprocess, *, batch_size: int, seed:
     # Shuffle before repeat: each epoch is a fresh permutation of the whole split. Slicing after
     # the global shuffle gives each process a disjoint share of every epoch.
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds[process_index::process_count]
-    return ds.map(preprocess).batch(batch_size, drop_remainder=True)
-
-
-def iterate(dataset: grain.MapDataset, num_threads: int = 2):
-    """A checkpointable iterator (`get_state`/`set_state`) with threaded prefetch."""
+    ds = ds[process_index::process_count].map(preprocess)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
-    return iter(dataset.to_iter_dataset(options))
+    if packing is None:
+        return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(options)
+    packing.check_fits(preprocess.max_text_len)
+    ds = ds.map(packing_lib.ToPackable(packing.visual_tokens, packing.bos_id))
+    rows = packing_lib.pack(ds.to_iter_dataset(options), packing, seed=seed)
+    return rows.batch(batch_size, drop_remainder=True)
+
+
+def iterate(dataset: grain.IterDataset):
+    """A checkpointable iterator (`get_state`/`set_state`)."""
+    return iter(dataset)

@@ -3,6 +3,8 @@ one linear projection to LLM tokens, and the LLaMA decoder with the visual token
 
 Sequence layout: [BOS] [V visual tokens] [text tokens...]. Logits at position V (the last
 visual token) predict text token 0, so `__call__` returns the logits aligned with `tokens`.
+Packed rows (several such samples in one row, `earthgpt_jax/data/packing.py`) go through
+`packed_logits`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import flax.linen as nn
 from earthgpt_jax.models.convnext import ConvNeXt
 from earthgpt_jax.models.layers import Linear
 from earthgpt_jax.models.llama import LlamaDecoder
-from earthgpt_jax.models.presets import EarthGPTConfig
+from earthgpt_jax.models.presets import IMAGE_TOKEN, EarthGPTConfig
 from earthgpt_jax.models.vit import ViT
 
 # Each tower gets the normalisation it was pre-trained with.
@@ -85,6 +87,26 @@ class EarthGPT(nn.Module):
         # Position v (the last visual token) predicts text token 0, so the head starts there.
         v = self.cfg.num_visual_tokens
         logits, _ = self.llm(x, positions, valid, head_from=v, head_to=v + tokens.shape[1])
+        return logits
+
+    def packed_logits(self, images, tokens, segment_ids, positions):
+        """Teacher-forced logits of packed rows, [B, L-1, vocab]: entry t predicts tokens[:, t+1].
+
+        images uint8 [B, K, S, S, 3] (K image slots per row); tokens int [B, L] with BOS ids and
+        IMAGE_TOKEN placeholders written by the pipeline: the j-th placeholder of a row takes
+        the j-th visual token of the row's images in slot order. segment_ids [B, L] (0 =
+        padding) keep attention inside each sample; positions [B, L] restart per sample.
+        """
+        batch, slots = images.shape[:2]
+        visual = self.encode_images(images.reshape((batch * slots,) + images.shape[2:]))
+        visual = visual.reshape(batch, slots * visual.shape[1], visual.shape[2])
+        is_visual = tokens == IMAGE_TOKEN
+        slot = jnp.clip(jnp.cumsum(is_visual, axis=1) - 1, 0, visual.shape[1] - 1)
+        text = self.llm.embed(jnp.maximum(tokens, 0))
+        gathered = jnp.take_along_axis(visual, slot[..., None], axis=1).astype(text.dtype)
+        x = jnp.where(is_visual[..., None], gathered, text)
+        logits, _ = self.llm(x, positions, None, head_to=tokens.shape[1] - 1,
+                             segment_ids=segment_ids)
         return logits
 
     def decode(self, embeddings, positions, key_valid, cache, cache_index):

@@ -79,27 +79,38 @@ def convnext_forward_flops(cnx, image_size: int) -> float:
     return total
 
 
-def train_step_flops(model_cfg, batch: int, text_len: int, stage: str) -> dict[str, float]:
+def train_step_flops(model_cfg, batch: int, text_len: int, stage: str, *,
+                     packed_length: int | None = None, images_per_row: int = 1
+                     ) -> dict[str, float]:
     """Model FLOPs of one train step of `batch` examples with `text_len` text tokens each,
-    broken down by part; 'total' is their sum. See the module docstring for the formula."""
+    broken down by part; 'total' is their sum. See the module docstring for the formula.
+
+    Packed rows (`packed_length` positions, `images_per_row` image slots each; `text_len` is
+    then unused): S = packed_length, every slot's image runs through the towers and the
+    projector, and the LM head runs at S - 1 positions (which of them are answers is data).
+    """
     if stage not in STAGE_TRAINED_MATMULS:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_TRAINED_MATMULS)}")
     llm = model_cfg.llm
     d, vocab = llm.hidden_size, llm.vocab_size
     visual = model_cfg.num_visual_tokens
-    seq = 1 + visual + text_len
+    if packed_length is None:
+        seq, head_positions, images = 1 + visual + text_len, text_len, 1
+    else:
+        seq, head_positions, images = packed_length, packed_length - 1, images_per_row
     positions = batch * seq
     linears = decoder_linears(llm)
     trained = STAGE_TRAINED_MATMULS[stage]
     layers_fwd = 2.0 * llm.num_layers * sum(linears.values()) * positions
     attn_fwd = 2.0 * 2 * seq * llm.num_heads * llm.head_dim * llm.num_layers * positions
-    head_fwd = 2.0 * d * vocab * batch * text_len
+    head_fwd = 2.0 * d * vocab * batch * head_positions
     weight_grads = 2.0 * llm.num_layers * sum(linears[n] for n in trained if n in linears)
     weight_grads *= positions
     if "lm_head" in trained:
         weight_grads += head_fwd
-    projector = 2.0 * model_cfg.fused_channels * d * batch * visual
+    projector = 2.0 * model_cfg.fused_channels * d * batch * images * visual
     tower_mult = 1.0 if model_cfg.freeze_vision else 3.0
+    batch_images = batch * images
     out = {
         "decoder_forward": layers_fwd,
         "attention_forward": attn_fwd,
@@ -107,9 +118,10 @@ def train_step_flops(model_cfg, batch: int, text_len: int, stage: str) -> dict[s
         "decoder_backward_activations": layers_fwd + 2.0 * attn_fwd + head_fwd,
         "decoder_weight_gradients": weight_grads,
         "projector_forward_and_weight_gradient": 2.0 * projector,
-        "vit": tower_mult * batch * vit_forward_flops(model_cfg.vit, model_cfg.image_size),
-        "convnext": tower_mult * batch * convnext_forward_flops(model_cfg.convnext,
-                                                                model_cfg.image_size),
+        "vit": tower_mult * batch_images * vit_forward_flops(model_cfg.vit,
+                                                             model_cfg.image_size),
+        "convnext": tower_mult * batch_images * convnext_forward_flops(model_cfg.convnext,
+                                                                       model_cfg.image_size),
     }
     out["total"] = sum(out.values())
     return out

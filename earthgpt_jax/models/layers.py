@@ -134,3 +134,20 @@ def prefix_causal_attention(q, k, v, key_valid, implementation: str):
     lengths = jnp.sum(key_valid, axis=1, dtype=jnp.int32)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths,
                                         implementation=implementation)
+
+
+def segment_causal_attention(q, k, v, segment_ids, implementation: str):
+    """Causal attention inside segments: packed rows hold several samples, and no sample may see
+    another's tokens. segment_ids [B, T] int (0 = padding, whose keys no query sees).
+
+    "einsum" masks the full score matrix; "xla"/"cudnn" hand the same mask to
+    `jax.nn.dot_product_attention` (on cuDNN a mask is applied as a bias, not as the flash
+    kernel's built-in causal/padding masks).
+    """
+    tq = q.shape[1]
+    causal = jnp.tril(jnp.ones((tq, tq), bool))
+    mask = (causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            & (segment_ids[:, None, :] > 0))
+    if implementation == "einsum":
+        return masked_attention(q, k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)

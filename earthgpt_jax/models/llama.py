@@ -13,7 +13,7 @@ import flax.linen as nn
 
 from earthgpt_jax.models.layers import (Linear, RMSNorm, cached_attention,
                                         grouped_query_attention, prefix_causal_attention,
-                                        rotary_embedding)
+                                        rotary_embedding, segment_causal_attention)
 from earthgpt_jax.models.presets import LlamaConfig
 
 REMAT_POLICIES = {
@@ -31,7 +31,7 @@ class DecoderLayer(nn.Module):
                       dtype=self.dtype, name=name)
 
     @nn.compact
-    def __call__(self, x, cache, positions, key_valid, cache_index):
+    def __call__(self, x, cache, positions, key_valid, cache_index, segment_ids=None):
         cfg = self.cfg
         batch, tq, _ = x.shape
         hd = cfg.head_dim
@@ -47,7 +47,9 @@ class DecoderLayer(nn.Module):
         v = v.reshape(batch, tq, cfg.num_kv_heads, hd)
         if cache is None:
             new_kv = None
-            if cfg.attention_impl == "einsum":
+            if segment_ids is not None:  # packed rows: key_valid is implied by segment 0
+                attn = segment_causal_attention(q, k, v, segment_ids, cfg.attention_impl)
+            elif cfg.attention_impl == "einsum":
                 attn = grouped_query_attention(q, k, v, jnp.arange(tq), key_valid)
             else:
                 attn = prefix_causal_attention(q, k, v, key_valid, cfg.attention_impl)
@@ -91,7 +93,8 @@ class LlamaDecoder(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(
                 layer, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, self.dtype, name="layers")
         else:
@@ -105,21 +108,24 @@ class LlamaDecoder(nn.Module):
         return self.embed_tokens(tokens)
 
     def __call__(self, embeddings, positions, key_valid, cache=None, cache_index=0,
-                 head_from: int = 0, head_to: int | None = None):
+                 head_from: int = 0, head_to: int | None = None, segment_ids=None):
         """embeddings [B,T,E] -> (logits [B,head_to-head_from,V] fp32, new cache or None).
 
         The LM head runs only at positions [head_from, head_to): EarthGPT's training forward
         skips the image prefix, whose next-token predictions no loss reads (6% of a ~100M
-        model's step FLOPs).
+        model's step FLOPs). `segment_ids` [B,T] (packed rows, no cache) replace `key_valid`:
+        attention stays inside each segment.
         """
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are for training; decode without them")
         x = nn.with_logical_constraint(embeddings.astype(self.dtype), ("batch", "length", "embed"))
         if self.cfg.scan_layers:
-            x, new_kv = self.layers(x, cache, positions, key_valid, cache_index)
+            x, new_kv = self.layers(x, cache, positions, key_valid, cache_index, segment_ids)
         else:
             per_layer = []
             for i, layer in enumerate(self.layers):
                 layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-                x, kv = layer(x, layer_cache, positions, key_valid, cache_index)
+                x, kv = layer(x, layer_cache, positions, key_valid, cache_index, segment_ids)
                 per_layer.append(kv)
             new_kv = None if cache is None else tuple(
                 jnp.stack([kv[j] for kv in per_layer]) for j in range(2))
