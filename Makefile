@@ -22,8 +22,14 @@ $(VENV)/.dev-installed: requirements.txt requirements-dev.txt $(VENV)/.runtime-i
 	$(VENV)/bin/pip install -q -r requirements-dev.txt
 	touch $@
 
+# Apache Beam and the older protobuf/pillow/pyarrow it needs, apart from .venv (see the file).
+$(VENV)/.beam-installed: requirements-beam.txt $(VENV)/.runtime-installed
+	rm -rf $(VENV)/beam-overlay
+	$(VENV)/bin/pip install -q --no-deps --target $(VENV)/beam-overlay -r requirements-beam.txt
+	touch $@
+
 install: $(VENV)/.runtime-installed
-install-dev: $(VENV)/.dev-installed
+install-dev: $(VENV)/.dev-installed $(VENV)/.beam-installed
 
 demo: install
 	$(ENV) $(PY) main.py --config=configs/mmrs.py:demo --workdir=$(DEMO_WORKDIR)

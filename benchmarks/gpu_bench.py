@@ -12,7 +12,9 @@ synthetic in-memory arrays (no TFDS, grain, sentencepiece or ml_collections), we
 2. train: the real `Trainer` jitted step (stage B: bias/scale adapters + projector trainable,
    frozen 7B decoder and vision towers, fp32 master weights, bf16 compute, full remat), for each
    attention implementation asked for. MFU = model FLOPs (benchmarks/flops.py) / step time /
-   peak, against both the measured matmul peak and the card's datasheet bf16 peak.
+   peak, against both the measured matmul peak and the card's datasheet bf16 peak. With
+   --pack_length, on packed rows (segment-masked attention, several samples and image slots per
+   row) as the real configs train.
 3. decode: `greedy_generate` at each batch size: 256 visual tokens + prompt, new tokens forced
    (no EOS), bf16 weights; decode tokens/s excludes the prefill, which is timed on its own.
 
@@ -55,9 +57,10 @@ def train_config(args) -> Namespace:
                       weight_decay=0.05, grad_clip_norm=1.0)
     mesh = Namespace(ici={"data": 1, "fsdp": -1, "tensor": 1},
                      dcn={"data": -1, "fsdp": 1, "tensor": 1}, rules=DEFAULT_RULES)
-    # data.max_text_len: the Trainer sizes its logged model FLOPs (MFU) with it.
-    return Namespace(train=train, mesh=mesh, init=Namespace(),
-                     data=Namespace(max_text_len=args.text_len))
+    # data: the Trainer sizes its batches and logged model FLOPs (MFU) with it.
+    data = Namespace(max_text_len=args.text_len, packing=bool(args.pack_length),
+                     pack_length=args.pack_length, images_per_pack=args.images_per_pack)
+    return Namespace(train=train, mesh=mesh, init=Namespace(), data=data)
 
 
 def environment() -> dict:
@@ -121,6 +124,36 @@ def synthetic_batch(model_cfg, batch: int, text_len: int, seed: int = 0) -> dict
             "valid": np.ones((batch, text_len), bool), "loss_mask": loss_mask}
 
 
+def synthetic_packed_batch(model_cfg, rows: int, length: int, slots: int, text_len: int,
+                           seed: int = 0) -> dict:
+    """Packed rows as the pipeline writes them (earthgpt_jax/data/packing.py): as many samples
+    of 1 + V + text_len positions as fit a row (at most `slots`), the rest padding."""
+    from earthgpt_jax.models.presets import IMAGE_TOKEN
+
+    rng = np.random.default_rng(seed)
+    visual, size = model_cfg.num_visual_tokens, model_cfg.image_size
+    sample = 1 + visual + text_len
+    per_row = min(slots, length // sample)
+    if per_row < 1:
+        raise ValueError(f"a sample of {sample} positions does not fit a row of {length}")
+    tokens = rng.integers(3, model_cfg.llm.vocab_size, (rows, length), dtype=np.int32)
+    segments = np.zeros((rows, length), np.int32)
+    positions = np.zeros((rows, length), np.int32)
+    loss_mask = np.zeros((rows, length), np.float32)
+    for k in range(per_row):
+        start = k * sample
+        tokens[:, start] = model_cfg.bos_id
+        tokens[:, start + 1:start + 1 + visual] = IMAGE_TOKEN
+        segments[:, start:start + sample] = k + 1
+        positions[:, start:start + sample] = np.arange(sample)
+        loss_mask[:, start + 1 + visual + text_len // 2:start + sample] = 1.0
+    tokens[:, per_row * sample:] = 0
+    images = np.zeros((rows, slots, size, size, 3), np.uint8)
+    images[:, :per_row] = rng.integers(0, 256, (rows, per_row, size, size, 3), dtype=np.uint8)
+    return {"image": images, "tokens": tokens, "segment_ids": segments,
+            "positions": positions, "loss_mask": loss_mask, "samples_per_row": per_row}
+
+
 def model_config(args, attention: str, remat: str = ""):
     from earthgpt_jax.models.presets import get_preset
 
@@ -174,7 +207,13 @@ def phase_train(args, report: dict, deadline: float) -> None:
                 state = trainer.init_state(0)
                 jax.block_until_ready(state)
                 report["train"]["init_seconds"] = time.perf_counter() - start
-            batch = synthetic_batch(model_cfg, batch_size, args.text_len)
+            if args.pack_length:
+                batch = synthetic_packed_batch(model_cfg, batch_size, args.pack_length,
+                                               args.images_per_pack, args.text_len)
+                samples, seq = batch.pop("samples_per_row") * batch_size, args.pack_length
+            else:
+                batch = synthetic_batch(model_cfg, batch_size, args.text_len)
+                samples, seq = batch_size, 1 + model_cfg.num_visual_tokens + args.text_len
             start = time.perf_counter()
             state, metrics = trainer.train_step(state, batch)
             first_loss = float(metrics["loss"])
@@ -190,17 +229,18 @@ def phase_train(args, report: dict, deadline: float) -> None:
 
             times = timed(step, args.steps)
             step_s = float(np.median(times))
-            model_flops = flops.train_step_flops(model_cfg, batch_size, args.text_len,
-                                                 args.stage)
-            seq = 1 + model_cfg.num_visual_tokens + args.text_len
+            model_flops = flops.train_step_flops(
+                model_cfg, batch_size, args.text_len, args.stage,
+                packed_length=args.pack_length or None, images_per_row=args.images_per_pack)
             peak = report.get("peak", {}).get("matmul_bf16_flops")
             sheet = device_peak_flops(report["env"]["device"])
             row = {
                 "compile_and_first_step_s": compile_s, "step_s_median": step_s,
                 "step_s_min": min(times), "steps_timed": args.steps,
                 "sequence_tokens_per_s": batch_size * seq / step_s,
-                "text_tokens_per_s": batch_size * args.text_len / step_s,
-                "examples_per_s": batch_size / step_s,
+                "text_tokens_per_s": samples * args.text_len / step_s,
+                "examples_per_s": samples / step_s, "rows": batch_size,
+                "positions_per_row": seq,
                 "model_tflops_per_step": model_flops["total"] / 1e12,
                 "model_tflops_per_s": model_flops["total"] / step_s / 1e12,
                 "mfu_vs_measured_bf16_matmul": (flops.mfu(model_flops["total"], step_s, peak)
@@ -301,6 +341,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16)
     # 1 + 256 visual + 511 = 768 positions: cuDNN flash attention wants a multiple of 64.
     p.add_argument("--text_len", type=int, default=511)
+    p.add_argument("--pack_length", type=int, default=0,
+                   help="train on packed rows of this many positions (0: padded samples); "
+                        "each row holds as many samples of 1 + 256 + text_len as fit")
+    p.add_argument("--images_per_pack", type=int, default=8)
     p.add_argument("--steps", type=int, default=8, help="timed train steps per variant")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--variants", default="einsum/full,cudnn/full,cudnn/none/8",

@@ -3,6 +3,8 @@ keeps the script from rotting between runs)."""
 
 import math
 
+import pytest
+
 from benchmarks import gpu_bench
 
 
@@ -22,3 +24,15 @@ def test_gpu_bench_runs_every_phase_at_a_tiny_size(tmp_path):
     decode = report["decode"]["batch_2"]
     assert "error" not in decode, decode
     assert decode["end_to_end_tokens_per_s"] > 0
+
+
+def test_gpu_bench_trains_packed_rows(tmp_path):
+    report = gpu_bench.main([
+        "--size=tiny", "--batch=8", "--text_len=11", "--pack_length=40", "--images_per_pack=3",
+        "--steps=1", "--variants=einsum,xla", "--phases=train", f"--out={tmp_path / 'g.json'}"])
+    for name in ("einsum/none/8", "xla/none/8"):
+        row = report["train"][name]
+        assert "error" not in row, row
+        # 1 + 4 visual + 11 text = 16 positions: two samples per 40-position row
+        assert row["examples_per_s"] == pytest.approx(2 * 8 / row["step_s_median"])
+        assert math.isfinite(row["loss_last"])

@@ -32,9 +32,43 @@ Builder options (keyword arguments of `Mmrs1m(...)`, `tfds.builder('mmrs1m/<conf
 and `build(...)`): `validation_fraction`, `exclude_images` (a file, or list of files, naming
 images to remove from train and validation, e.g. the evaluation test sets: overlap removal,
 counted in the report as `excluded`), `max_bad_fraction`, `max_image_pixels`,
-`follow_symlinks_outside`. Excluded records are removed before any check, so they count
-neither as good nor as bad. The prepared folder does not record the options: build different
-option sets into different `data_dir`s.
+`follow_symlinks_outside`, `num_workers`, `resume`. Excluded records are removed before any
+check, so they count neither as good nor as bad. The prepared folder does not record the
+options: build different option sets into different `data_dir`s.
+
+Preparation. Reading and decoding every image (the check that keeps undecodable files out of
+training) is the expensive part; it runs in `num_workers` spawned worker processes (default:
+every core this process may use; builds under 2000 records use one process, as starting
+workers costs about a second), fed in order-preserving chunks, so the examples, their keys and
+the reports equal a one-process build's (`parallel.py`, `image_checks.py`). A script that
+prepares data must guard its entry point (`if __name__ == "__main__":`). Each split shows its
+progress (records done of the total, good and bad so far, rate, ETA): a tqdm bar on a terminal,
+else a log line every 5% (at most one per 30 s), `progress.py`.
+
+Resume (`resume=True`, the default): every image check is committed to an SQLite file,
+`<data_dir>/mmrs1m/<config>/prepare_cache.sqlite`, after each chunk. A preparation that dies
+(`kill -9`, a lost machine, `BadRecordsError`) and is run again with the same command decodes
+only the images not checked yet (or changed since: size and mtime are compared); it reads the
+files again, as their bytes go into the examples. The cache is removed after a successful
+build; `resume=False` keeps nothing on disk. A killed build also leaves TFDS's unfinished
+folder `incomplete.*_<version>` behind: the rerun names it in a warning, delete it.
+
+Cluster preparation (Apache Beam): pass a `DownloadConfig` with `beam_runner` or
+`beam_options`; every split then runs as a Beam transform (`beam_prepare.py`) that applies the
+same rules and writes the same examples and reports (the report step raises `BadRecordsError`).
+apache-beam 2.77 wants protobuf<7, pillow<13, pyarrow<26, older than the runtime pins: it is
+pinned apart (requirements-beam.txt; the tests run it from an overlay): install it in the
+preparation environment. Beam workers must be able to import this checkout
+(`tfds_builders`, `earthgpt_jax`): on Dataflow, a custom container or `--setup_file`.
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    options = PipelineOptions(['--direct_num_workers=8',   # or --runner=DataflowRunner ...
+                               '--direct_running_mode=multi_processing'])
+    dl = tfds.download.DownloadConfig(manual_dir='/path/to/release', beam_options=options,
+                                      beam_runner=beam.runners.DirectRunner())
+    tfds.builder('mmrs1m/all', data_dir='gs://bucket/tfds').download_and_prepare(
+        download_config=dl)
 
 Bad input is skipped or repaired by the rules in `records.py` and counted per reason and per
 file in `bad_records_<split>.json` beside the dataset (`<data_dir>/mmrs1m/<config>/<version>/`;
@@ -51,39 +85,35 @@ version folder).
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import dataclasses
-import json
+import itertools
 import os
 from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
-from earthgpt_jax.data.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
-from tfds_builders.mmrs1m import records as rec
-from tfds_builders.mmrs1m.report import BadRecord, BadRecordsError, SplitReport, read_report
-from tfds_builders.mmrs1m.selection import ExclusionList, in_validation
+from earthgpt_jax.data.images import MAX_IMAGE_PIXELS
+from tfds_builders.mmrs1m import image_checks, tfds_compat
+from tfds_builders.mmrs1m.parallel import ChunkPool, default_num_workers
+from tfds_builders.mmrs1m.progress import Progress
+from tfds_builders.mmrs1m.report import BadRecordsError, SplitReport, read_report
+from tfds_builders.mmrs1m.selection import ExclusionList
 # Re-exported: other modules import the sensor table from here.
 from tfds_builders.mmrs1m.sources import SENSOR_BY_SOURCE_PREFIX, SENSORS, sensor_for_source
+from tfds_builders.mmrs1m.walk import (RSVG_FOLDER, SKIPPED_JSON, TASK_BY_JSON_FOLDER,
+                                       TEST_SUFFIX, RecordRules, count_outcome, walk)
 
 __all__ = ["Mmrs1m", "Mmrs1mConfig", "build", "BadRecordsError", "SENSOR_BY_SOURCE_PREFIX",
-           "SENSORS", "sensor_for_source", "TASKS"]
+           "SENSORS", "sensor_for_source", "TASKS", "TASK_BY_JSON_FOLDER"]
 
-# Task of an annotation file from its folder under data/json/ (RSVG is decided per record).
-TASK_BY_JSON_FOLDER = {
-    "classification": "classification",
-    "caption": "captioning",
-    "vqa": "vqa",
-    "detection": "detection",
-}
-RSVG_FOLDER = "rsvg"
 TASKS = ("classification", "captioning", "vqa", "grounding", "region_captioning", "detection")
-
-TEST_SUFFIX = "_test.json"
-SKIPPED_JSON = ("total.json",)
 DEFAULT_VALIDATION_FRACTION = 0.01
+# With num_workers=None, smaller builds run in one process: spawning workers costs ~1 s.
+MIN_RECORDS_FOR_WORKERS = 2000
 
 
 @dataclasses.dataclass(eq=False)
@@ -106,34 +136,6 @@ BUILDER_CONFIGS = [
     Mmrs1mConfig(name="detection", json_folders=("detection",),
                  description="Object detection, optical/SAR/infrared (data/json/detection/)."),
 ]
-
-
-def _walk(folder: epath.Path) -> Iterator[epath.Path]:
-    # epath refuses `rglob('**')` (it would be slow on GCS); the json tree is small, so recurse.
-    for p in folder.iterdir():
-        if p.is_dir():
-            yield from _walk(p)
-        else:
-            yield p
-
-
-def _load_records(json_file: epath.Path) -> tuple[list, bool]:
-    """The record list and whether the text had to be read lossily (not UTF-8)."""
-    try:
-        raw = json_file.read_bytes()
-    except OSError as e:  # permissions, a dangling link, an I/O error: lose this file only
-        raise BadRecord("unreadable_json", f"cannot read the file: {e}") from e
-    try:
-        text, lossy = raw.decode("utf-8-sig"), False  # a BOM is harmless; tolerate it
-    except UnicodeDecodeError:
-        text, lossy = raw.decode("utf-8", errors="replace"), True
-    try:
-        records = json.loads(text)
-    except ValueError as e:  # JSONDecodeError is a ValueError
-        raise BadRecord("unreadable_json", f"unreadable json: {e}") from e
-    if not isinstance(records, list):
-        raise BadRecord("unreadable_json", "unreadable json: top level is not a list")
-    return records, lossy
 
 
 def record_features() -> tfds.features.FeaturesDict:
@@ -180,7 +182,8 @@ class Mmrs1m(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, max_bad_fraction: float | None = None,
                  validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
                  exclude_images=None, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                 follow_symlinks_outside: bool = False, **kwargs):
+                 follow_symlinks_outside: bool = False, num_workers: int | None = None,
+                 resume: bool = True, **kwargs):
         self.max_bad_fraction = (self.MAX_BAD_FRACTION if max_bad_fraction is None
                                  else float(max_bad_fraction))
         if not 0.0 <= validation_fraction < 1.0:
@@ -189,9 +192,19 @@ class Mmrs1m(tfds.core.GeneratorBasedBuilder):
         self.exclude_images = exclude_images
         self.max_image_pixels = int(max_image_pixels)
         self.follow_symlinks_outside = bool(follow_symlinks_outside)
-        self._exclusions = ExclusionList()
-        # (path, size, mtime) -> (width, height): records sharing an image decode it once.
-        self._sizes: collections.OrderedDict = collections.OrderedDict()
+        if num_workers is not None and int(num_workers) < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.num_workers = None if num_workers is None else int(num_workers)
+        self.resume = bool(resume)
+        # Set while preparing: the record rules, the splits' record counts, the image checks.
+        self._rules: RecordRules | None = None
+        self._totals: dict[str, int] = {}
+        self._checks: image_checks.ImageChecks | None = None
+        self._pool: ChunkPool | None = None
+        self._exit_stack: contextlib.ExitStack | None = None
+        self._beam = False
+        # What the last preparation did: decodes, cache hits, workers (tests and benchmarks).
+        self.prepare_stats: dict = {}
         # array_record by default, so the plain TFDS API (download_and_prepare without a
         # file_format) needs no TensorFlow either.
         kwargs.setdefault("file_format", "array_record")
@@ -205,148 +218,129 @@ class Mmrs1m(tfds.core.GeneratorBasedBuilder):
             homepage="https://github.com/wivizhang/EarthGPT",
         )
 
+    def _generate_splits(self, dl_manager, download_config):
+        """TFDS's split generation, wrapped: a Beam run when the download config names a Beam
+        runner or options, else the local run's worker pool and resume cache around it."""
+        self._beam = (download_config.beam_runner is not None
+                      or download_config.beam_options is not None)
+        if self._beam:
+            return super()._generate_splits(dl_manager, download_config)
+        tfds_compat.spill_without_tensorflow()  # splits over 1 GB, TensorFlow not installed
+        with self._local_preparation() as finish:
+            split_infos = super()._generate_splits(dl_manager, download_config)
+            finish()
+        return split_infos
+
+    @contextlib.contextmanager
+    def _local_preparation(self):
+        config_dir = epath.Path(self.data_dir).parent  # survives a failed build; see report.py
+        stale = [p.name for p in config_dir.glob(f"incomplete.*_{self.version}")
+                 if os.fspath(p) != os.fspath(epath.Path(self.data_dir))]
+        if stale:
+            logging.warning("%s holds folders of unfinished builds (a killed preparation): %s; "
+                            "delete them to free their space", config_dir, stale)
+        cache = image_checks.open_cache(
+            config_dir if self.resume else None,
+            settings={"version": str(self.version), "max_image_pixels": self.max_image_pixels})
+        self._checks = image_checks.ImageChecks(cache, self.max_image_pixels)
+        succeeded = False
+
+        def finish():
+            nonlocal succeeded
+            succeeded = True
+
+        try:
+            with contextlib.ExitStack() as self._exit_stack:
+                yield finish
+        finally:
+            checks, pool = self._checks, self._pool
+            self._checks = self._pool = self._exit_stack = None
+            num_workers = pool.num_workers if pool else 0
+            self.prepare_stats = {"decoded": checks.decoded, "reused": checks.reused,
+                                  "num_workers": num_workers,
+                                  "resume_cache": os.fspath(cache.path) if cache.path else None}
+            logging.info("%s/%s: %d images decoded, %d checks answered by the cache, %d "
+                         "worker(s)%s", self.name, self.builder_config.name, checks.decoded,
+                         checks.reused, num_workers,
+                         "" if cache.path is None else
+                         f"; resume cache {'removed' if succeeded else 'kept'}: {cache.path}")
+            cache.close(remove=succeeded)
+
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = epath.Path(dl_manager.manual_dir)
         json_root = root / "data" / "json"
         if not json_root.is_dir():
             raise FileNotFoundError(f"no data/json/ under manual_dir {root}; "
                                     + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
-        self._exclusions = ExclusionList.from_files(self.exclude_images)
+        self._rules = RecordRules(root, self.validation_fraction,
+                                  ExclusionList.from_files(self.exclude_images),
+                                  self.follow_symlinks_outside)
         folders = self.builder_config.json_folders
         files = sorted(
-            p for p in _walk(json_root)
+            p for p in walk(json_root)
             if p.suffix == ".json" and p.name not in SKIPPED_JSON
             and (not folders or p.relative_to(json_root).parts[0].lower() in folders))
         if not files:
             raise FileNotFoundError(
                 f"config {self.builder_config.name!r} found no annotation files under "
                 f"{json_root}" + (f" in the folders {list(folders)}" if folders else ""))
-        train = [p for p in files if not p.name.endswith(TEST_SUFFIX)]
-        test = [p for p in files if p.name.endswith(TEST_SUFFIX)]
-        splits = {"train": self._generate_examples(root, train, "train")}
-        if self._has_validation_records(train):
-            splits["validation"] = self._generate_examples(root, train, "validation")
-        if test:
-            splits["test"] = self._generate_examples(root, test, "test")
-        return splits
+        files_of = {"train": [p for p in files if not p.name.endswith(TEST_SUFFIX)],
+                    "test": [p for p in files if p.name.endswith(TEST_SUFFIX)]}
+        # Every annotation file is read once here: the progress totals, and whether any record
+        # falls in validation (TFDS refuses a split with no examples, so a release too small
+        # for the fraction gets no validation split).
+        splits = ("train", "validation") if self.validation_fraction > 0 else ("train",)
+        self._totals = self._rules.count(files_of["train"], splits)
+        self._totals["test"] = self._rules.count(files_of["test"], ("test",))["test"]
+        files_of["validation"] = files_of["train"] if self._totals["validation_kept"] else []
+        return {split: self._split_generator(files_of[split], split)
+                for split in ("train", "validation", "test") if files_of[split]}
 
-    def _has_validation_records(self, json_files: list[epath.Path]) -> bool:
-        """Whether any record hashes into validation; TFDS refuses a split with no examples,
-        so a release too small for the fraction gets no validation split (stops at the first
-        hit, so the real release pays for one file)."""
-        if self.validation_fraction <= 0:
-            return False
-        for json_file in json_files:
-            try:
-                records, _ = _load_records(json_file)
-            except BadRecord:
-                continue
-            for record in records:
-                image_path = record.get("image") if isinstance(record, dict) else None
-                if (isinstance(image_path, str)
-                        and in_validation(image_path, self.validation_fraction)
-                        and not self._exclusions.matches(image_path)):
-                    return True
-        return False
+    def _split_generator(self, json_files: list[epath.Path], split: str):
+        if self._beam:
+            from tfds_builders.mmrs1m import beam_prepare  # Beam only for cluster preparation
+            return beam_prepare.split_transform(self, json_files, split)
+        return self._generate_examples(json_files, split)
 
-    def _generate_examples(self, root: epath.Path, json_files: list[epath.Path],
-                           split: str) -> Iterator[tuple[str, dict]]:
+    def _image_pool(self) -> ChunkPool:
+        """The worker pool of this preparation, started at its first split."""
+        if self._pool is None:
+            num_workers = self.num_workers
+            if num_workers is None:
+                records = sum(v for k, v in self._totals.items() if k != "validation_kept")
+                num_workers = (default_num_workers() if records >= MIN_RECORDS_FOR_WORKERS
+                               else 1)
+            self._pool = self._exit_stack.enter_context(
+                ChunkPool(image_checks.read_images, num_workers))
+        return self._pool
+
+    def _new_report(self, split: str) -> SplitReport:
         report = SplitReport(self.name, split, self.max_bad_fraction)
         report.extra = {"config": self.builder_config.name,
                         "validation_fraction": self.validation_fraction,
-                        "exclusion_entries": len(self._exclusions)}
-        for json_file in json_files:
-            rel_json = os.fspath(json_file.relative_to(root))
-            try:
-                folder = json_file.relative_to(root / "data" / "json").parts[0].lower()
-                if folder != RSVG_FOLDER and folder not in TASK_BY_JSON_FOLDER:
-                    raise BadRecord("unknown_task_folder",
-                                    f"data/json/{folder} is no task folder (known: "
-                                    f"{sorted(TASK_BY_JSON_FOLDER) + [RSVG_FOLDER]})")
-                records, lossy = _load_records(json_file)
-            except BadRecord as e:
-                if split != "validation":  # the file's records would mostly have been train
-                    report.add_bad(rel_json, None, e.kind, str(e))
-                continue
-            for index, record in enumerate(records):
-                image_path = record.get("image") if isinstance(record, dict) else None
-                if split != "test":
-                    if isinstance(image_path, str):
-                        if in_validation(image_path, self.validation_fraction) != (
-                                split == "validation"):
-                            continue
-                        if self._exclusions.matches(image_path):
-                            report.add_excluded(rel_json)
-                            continue
-                    elif split == "validation":
-                        continue  # no path to hash: reported in train
-                try:
-                    example, repairs = self._example(root, folder, json_file.stem, record, lossy)
-                except BadRecord as e:
-                    report.add_bad(rel_json, index, e.kind, str(e))
-                    continue
-                except Exception as e:  # a surprise in one record must not end a long build
-                    report.add_bad(rel_json, index, "unexpected_error",
-                                   f"{type(e).__name__}: {e}")
-                    continue
-                for kind, reason in repairs:
-                    report.add_repair(rel_json, index, kind, reason)
-                report.good += 1
-                yield f"{rel_json}:{index}", example
+                        "exclusion_entries": len(self._rules.exclusions)}
+        return report
+
+    def _generate_examples(self, json_files: list[epath.Path], split: str
+                           ) -> Iterator[tuple[str, dict]]:
+        report = self._new_report(split)
+        progress = Progress(f"{self.name}/{self.builder_config.name} {split}",
+                            self._totals.get(split, 0))
+        outcomes = itertools.chain.from_iterable(
+            self._rules.outcomes(json_file, split, pos) for pos, json_file in
+            enumerate(json_files))
+        checks = self._checks
+        for chunk in self._image_pool().map_chunks(outcomes, checks.job):
+            for outcome, job, read in chunk:
+                if job is not None:
+                    checks.finish(outcome, job, read)
+                count_outcome(report, outcome)
+                progress.update(outcome.status)
+                if outcome.status == "good":
+                    yield outcome.key, outcome.example
+            checks.commit()
+        progress.close()
         report.write(self.data_dir)
-
-    def _example(self, root: epath.Path, folder: str, json_stem: str, record,
-                 lossy: bool) -> tuple[dict, rec.Repairs]:
-        if not isinstance(record, dict):
-            raise BadRecord("not_an_object", "record is not an object")
-        image_path = record.get("image")
-        if not isinstance(image_path, str) or not image_path.strip():
-            raise BadRecord("no_image_path", "record has no image path")
-        conversations = record.get("conversations")
-        rec.check_conversations(conversations)
-        if lossy:
-            rec.check_text_decoded(record)
-        path = rec.resolve_image_path(root, image_path,
-                                      follow_symlinks_outside=self.follow_symlinks_outside)
-        source, repairs = rec.source_of(image_path, json_stem)
-        task = (rec.rsvg_task(conversations[0]["value"]) if folder == RSVG_FOLDER
-                else TASK_BY_JSON_FOLDER[folder])
-        boxes = rec.record_boxes(task, conversations)
-        data, (width, height) = self._read_image(path, image_path)
-        return {
-            "image": data,
-            "image_path": image_path,
-            "width": width,
-            "height": height,
-            "sensor": sensor_for_source(source),
-            "source": source,
-            "task": task,
-            "conversations": [{"from": t["from"], "value": t["value"]} for t in conversations],
-            **boxes.arrays(),
-        }, repairs + boxes.repairs
-
-    def _read_image(self, path: epath.Path, image_path: str) -> tuple[bytes, tuple[int, int]]:
-        """The file's bytes and its decoded size; every failure becomes a counted BadRecord."""
-        try:
-            stat = path.stat()
-        except (FileNotFoundError, NotADirectoryError):
-            raise BadRecord("missing_image", f"missing image {image_path}") from None
-        if not path.is_file():
-            raise BadRecord("missing_image", f"missing image {image_path} (not a file)")
-        data = path.read_bytes()
-        key = (os.fspath(path), len(data), getattr(stat, "mtime", None))
-        if key in self._sizes:
-            self._sizes.move_to_end(key)
-            return data, self._sizes[key]
-        try:  # the pipeline's own decoder, so what is stored is what training can read
-            pixels = decode_image(data, image_path, max_pixels=self.max_image_pixels)
-        except ImageDecodeError as e:
-            raise BadRecord(e.kind, f"{e.kind.replace('_', ' ')}: {e}") from e
-        size = (int(pixels.shape[1]), int(pixels.shape[0]))
-        self._sizes[key] = size
-        if len(self._sizes) > 4096:
-            self._sizes.popitem(last=False)
-        return data, size
 
     def _report(self, split: str, good: int, bad: list[dict]) -> None:
         """Writes a split's report from (good, [{file, index, reason[, kind]}]); kept for
@@ -363,14 +357,16 @@ class Mmrs1m(tfds.core.GeneratorBasedBuilder):
 
 
 def build(manual_dir: str, data_dir: str, max_bad_fraction: float | None = None,
-          config: str | None = None, **builder_kwargs) -> Mmrs1m:
+          config: str | None = None, download_config: tfds.download.DownloadConfig | None = None,
+          **builder_kwargs) -> Mmrs1m:
     """Prepare `mmrs1m[/<config>]` from the release at `manual_dir` into `data_dir`.
 
-    `builder_kwargs` are the builder options (module docstring). Returns the builder.
+    `builder_kwargs` are the builder options (module docstring). `download_config` (its
+    manual_dir is set here) can name a Beam runner. Returns the builder.
     """
     builder = Mmrs1m(data_dir=data_dir, max_bad_fraction=max_bad_fraction, config=config,
                      **builder_kwargs)
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+    download_config = dataclasses.replace(download_config or tfds.download.DownloadConfig(),
+                                          manual_dir=os.fspath(manual_dir))
+    builder.download_and_prepare(file_format="array_record", download_config=download_config)
     return builder
