@@ -384,6 +384,7 @@ def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainSt
         source, preprocess, batch_size=tc.batch_size // jax.process_count(),
         seed=config.data.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), num_threads=config.data.num_threads,
+        num_workers=config.data.get("num_workers", 0),
         packing=packing_options(config, trainer.model.cfg))
     data_iter = pipeline.iterate(dataset)
     mngr = checkpoint_manager(workdir, config)

@@ -381,3 +381,30 @@ def test_packed_rows_hold_whole_samples_apart(data):
     with pytest.raises(ValueError, match="pack_length=100 is shorter than one sample"):
         pipeline.train_dataset(data["train"], pre, batch_size=4, seed=0,
                                packing=dataclasses.replace(options, length=100))
+
+
+def test_worker_processes_resume_the_same_packed_batches(data):
+    """With grain worker processes the iterator state still restores the exact stream."""
+    from earthgpt_jax.data import pipeline
+
+    config, tok = packed(data["config"]), data["tokenizer"]
+    cfg = model_config(config, tok.vocab_size, tok.bos_id)
+    pre = TrainPreprocess(tok.path, cfg.image_size, config.data.max_text_len)
+
+    def stream():
+        return pipeline.iterate(pipeline.train_dataset(
+            data["train"], pre, batch_size=2, seed=5, num_threads=1, num_workers=2,
+            packing=train_lib.packing_options(config, cfg)))
+
+    first = stream()
+    for _ in range(3):
+        next(first)
+    state = first.get_state()
+    want = [next(first) for _ in range(2)]
+    resumed = stream()
+    resumed.set_state(state)
+    for a, b in zip(want, [next(resumed) for _ in range(2)]):
+        for key in ("tokens", "segment_ids", "positions", "loss_mask", "image"):
+            np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        pipeline.train_dataset(data["train"], pre, batch_size=2, seed=0, num_workers=-1)

@@ -58,11 +58,15 @@ class TrainPreprocess(grain.transforms.Map):
 
 def train_dataset(source, preprocess: TrainPreprocess, *, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, num_threads: int = 2,
-                  packing: packing_lib.PackingOptions | None = None) -> grain.IterDataset:
+                  num_workers: int = 0, packing: packing_lib.PackingOptions | None = None
+                  ) -> grain.IterDataset:
     """Endless, globally shuffled batches of this process's slice of `source`.
 
     `batch_size` is per process: examples, or packed rows with `packing`. `num_threads` read and
-    preprocess records ahead of the consumer.
+    preprocess records ahead of the consumer; `num_workers` > 0 runs the whole pipeline in that
+    many worker processes (grain's mp_prefetch: each reads every num_workers-th record of this
+    process's slice, and batches are taken from them in turn, so the order is still fixed by
+    the seed and the state still checkpoints).
     """
     if len(source) < process_count * batch_size:
         raise ValueError(
@@ -74,11 +78,17 @@ def train_dataset(source, preprocess: TrainPreprocess, *, batch_size: int, seed:
     ds = ds[process_index::process_count].map(preprocess)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     if packing is None:
-        return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(options)
-    packing.check_fits(preprocess.max_text_len)
-    ds = ds.map(packing_lib.ToPackable(packing.visual_tokens, packing.bos_id))
-    rows = packing_lib.pack(ds.to_iter_dataset(options), packing, seed=seed)
-    return rows.batch(batch_size, drop_remainder=True)
+        batches = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(options)
+    else:
+        packing.check_fits(preprocess.max_text_len)
+        ds = ds.map(packing_lib.ToPackable(packing.visual_tokens, packing.bos_id))
+        rows = packing_lib.pack(ds.to_iter_dataset(options), packing, seed=seed)
+        batches = rows.batch(batch_size, drop_remainder=True)
+    if num_workers < 0:
+        raise ValueError(f"config.data.num_workers must be >= 0, got {num_workers}")
+    if num_workers:
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return batches
 
 
 def iterate(dataset: grain.IterDataset):
