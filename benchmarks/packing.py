@@ -19,7 +19,7 @@ pipeline keeps up with the train step.
    an assumed 40% MFU (model FLOPs of `models/flops.py`, samples per row from part 1).
 
   JAX_PLATFORMS=cpu NPROC=16 PYTHONPATH=. .venv/bin/python benchmarks/packing.py \
-      [--samples=20000] [--batches=20] [--source_px=0] [--train_steps=6] [--no_append]
+      [--samples=20000] [--groups=3] [--source_px=0] [--train_steps=6] [--no_append]
 """
 
 from __future__ import annotations
@@ -97,14 +97,22 @@ def pack_lengths(text_lengths: np.ndarray, visual: int, pack_length: int, images
             "samples_per_row": placed / count, "image_slot_use": placed / count / images}
 
 
-def measure_packed_pipeline(source, preprocess, options, rows: int, num_batches: int,
-                            warmup: int = 3) -> dict:
+def measure_packed_pipeline(source, preprocess, options, rows: int, groups: int) -> dict:
+    """Steady-state rate over `groups` whole packing groups. The packer fills
+    `options.bins_per_batch` rows at once and then hands them out without work, so the clock
+    starts after the first group and covers whole groups only (a window inside one group would
+    time a buffer, not the pipeline)."""
     from earthgpt_jax.data import packing, pipeline
 
+    if options.bins_per_batch % rows:
+        raise ValueError(f"rows per batch ({rows}) must divide pack_bins "
+                         f"({options.bins_per_batch}) to time whole groups")
+    per_group = options.bins_per_batch // rows
+    num_batches = groups * per_group
     start = time.perf_counter()
     it = pipeline.iterate(pipeline.train_dataset(source, preprocess, batch_size=rows, seed=0,
                                                  packing=options))
-    for _ in range(warmup):
+    for _ in range(per_group):
         next(it)
     startup = time.perf_counter() - start
     samples, eff = 0, []
@@ -175,7 +183,7 @@ def run(args, log=print) -> list[str]:
     cfg = model_config(demo_cfg, tokenizer.vocab_size, tokenizer.bos_id)
     demo_options = train_lib.packing_options(demo_cfg, cfg)
     pre = TrainPreprocess(tokenizer.path, cfg.image_size, demo_cfg.data.max_text_len)
-    demo = measure_packed_pipeline(source, pre, demo_options, 16, args.batches)
+    demo = measure_packed_pipeline(source, pre, demo_options, 16, args.groups)
     consumer = None
     if args.train_steps:
         from earthgpt_jax.data import pipeline
@@ -199,7 +207,7 @@ def run(args, log=print) -> list[str]:
     for src, tok, label in sources:
         options = _options_7b(tok)
         pre7 = TrainPreprocess(tok.path, 448, 1024)
-        r = measure_packed_pipeline(src, pre7, options, 4, max(args.batches // 4, 3))
+        r = measure_packed_pipeline(src, pre7, options, 4, args.groups)
         lines.append(_pipeline_row("7b (448 px, 4 rows x 2048)", label, r,
                                    b7["samples_per_s"], "one H100 (derived)"))
     lines.append(f"- 7B consumption (assumption, not measured): one H100 at {ASSUMED_MFU:.0%} "
@@ -245,7 +253,8 @@ def main(argv=None) -> int:
                              "data_pipeline.py)")
     parser.add_argument("--num_train_images", type=int, default=600)
     parser.add_argument("--samples", type=int, default=20000, help="samples in the mix stream")
-    parser.add_argument("--batches", type=int, default=20, help="timed pipeline batches")
+    parser.add_argument("--groups", type=int, default=3,
+                        help="timed packing groups (pack_bins rows each) per pipeline row")
     parser.add_argument("--source_px", type=int, default=0,
                         help="also time the 7b pipeline on images upscaled to this size")
     parser.add_argument("--train_steps", type=int, default=6, help="0: skip the demo step")
