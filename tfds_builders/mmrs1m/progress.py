@@ -7,11 +7,15 @@ the end, with the same figures, so a long preparation shows where it is without 
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
-from absl import logging
 from tqdm import tqdm
+
+# The standard logger, as the rest of the project logs: main.py keeps absl's own logger (TFDS,
+# orbax) at warnings, which would hide these lines.
+logger = logging.getLogger(__name__)
 
 _FORMAT = ("{desc}: {n_fmt}/{total_fmt} records ({percentage:.0f}%) "
            "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
@@ -53,7 +57,7 @@ class Progress:
 
     def _log(self) -> None:
         self._logged_n, self._logged_at = self.n, time.monotonic()
-        logging.info("%s", self.line())
+        logger.info("%s", self.line())
 
     def line(self) -> str:
         return tqdm.format_meter(self.n, self.total or None, time.monotonic() - self.start,
