@@ -25,6 +25,7 @@ pipeline keeps up with the train step.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -38,18 +39,31 @@ MMRS1M_TASK_PAIRS = {"detection": 575_350, "captioning": 198_883, "vqa": 141_264
                      "grounding": 30_820, "region_captioning": 30_820,
                      "classification": 28_705}
 
-# (name, visual tokens V, max_text_len, pack_length, images_per_pack, pack_bins); the first of
-# each size is configs/mmrs.py's default.
-LAYOUTS = (
-    ("demo", 16, 128, 256, 4, 64),
+# (name, visual tokens V, max_text_len, pack_length, images_per_pack, pack_bins): variants
+# measured beside configs/mmrs.py's own layouts (`default_layouts`).
+VARIANTS = (
     ("demo", 16, 128, 512, 8, 64),
-    ("7b", 256, 1024, 2048, 8, 64),
     ("7b", 256, 1024, 2048, 8, 16),
     ("7b", 256, 1024, 2048, 8, 256),
     ("7b", 256, 1024, 2048, 6, 64),
     ("7b", 256, 1024, 4096, 16, 64),
 )
+# configs/mmrs.py arguments of the two sizes measured.
+CONFIG_ARGS = {"demo": "demo", "7b": "size=7b,stage=b"}
 H100_BF16_DENSE_PEAK, ASSUMED_MFU = 989e12, 0.40
+
+
+def default_layouts() -> dict[str, tuple]:
+    """{size: layout} of configs/mmrs.py's demo and 7B configs (the targets are read there)."""
+    from configs import mmrs
+    from earthgpt_jax.models.presets import get_preset
+
+    out = {}
+    for size, arg in CONFIG_ARGS.items():
+        data = mmrs.get_config(arg).data
+        out[size] = (size, get_preset(size).num_visual_tokens, data.max_text_len,
+                     data.pack_length, data.images_per_pack, data.pack_bins)
+    return out
 
 
 def text_lengths_by_task(source, tokenizer, max_text_len: int) -> dict[str, np.ndarray]:
@@ -127,8 +141,7 @@ def measure_packed_pipeline(source, preprocess, options, rows: int, groups: int)
             "position_efficiency": float(np.mean(eff)), "startup_s": startup}
 
 
-def seven_b_packed_consumption(samples_per_row: float, pack_length: int = 2048,
-                               images: int = 8) -> dict:
+def seven_b_packed_consumption(samples_per_row: float, pack_length: int, images: int) -> dict:
     """Samples/s one H100 consumes training 7B stage B on packed rows at ASSUMED_MFU."""
     from earthgpt_jax.models import flops
     from earthgpt_jax.models.presets import get_preset
@@ -143,7 +156,9 @@ def seven_b_packed_consumption(samples_per_row: float, pack_length: int = 2048,
 
 def run(args, log=print) -> list[str]:
     from benchmarks import data_pipeline
+    from configs import mmrs
     from earthgpt_jax import train as train_lib
+    from earthgpt_jax.models.presets import get_preset
     from earthgpt_jax.data.pipeline import TrainPreprocess
     from earthgpt_jax.run import model_config
 
@@ -155,7 +170,9 @@ def run(args, log=print) -> list[str]:
              "packed eff. | samples/row | image slots used |", "|---|---|---|---|---|---|---|---|---|---|"]
     results = {}
     by_max_text = {}
-    for size, visual, max_text, length, images, bins in LAYOUTS:
+    defaults = default_layouts()
+    for layout in dict.fromkeys([*defaults.values(), *VARIANTS]):
+        size, visual, max_text, length, images, bins = layout
         if max_text not in by_max_text:
             lengths = text_lengths_by_task(source, tokenizer, max_text)
             by_max_text[max_text] = mix_stream(lengths, args.samples)
@@ -166,7 +183,7 @@ def run(args, log=print) -> list[str]:
         padded = float(np.mean((1 + visual + stream) / (1 + visual + max_text)))
         start = time.perf_counter()
         r = pack_lengths(stream, visual, length, images, bins)
-        results[(size, length, images, bins)] = r
+        results[layout] = r
         log(f"{size} L={length} K={images} bins={bins}: {r} ({time.perf_counter() - start:.1f} s)")
         table.append(f"| {size} | {visual} | {max_text} | {length} | {images} | {bins} | "
                      f"{padded:.3f} | {r['position_efficiency']:.3f} | "
@@ -174,12 +191,11 @@ def run(args, log=print) -> list[str]:
     lines += table
 
     # The packed pipeline and what consumes it.
-    demo_key, b7_key = ("demo", 256, 4, 64), ("7b", 2048, 8, 64)
+    demo_key, b7_key = defaults["demo"], defaults["7b"]
     lines += ["", "| pipeline | images | samples/s | rows/s | position eff. | start-up s | "
               "consumer samples/s | pipeline / consumer |", "|---|---|---|---|---|---|---|---|"]
     demo_cfg = config.copy_and_resolve_references()
-    demo_cfg.data.packing = True
-    demo_cfg.data.pack_length, demo_cfg.data.images_per_pack = 256, 4
+    demo_cfg.data.packing = True  # the demo config's own pack_length and images_per_pack
     cfg = model_config(demo_cfg, tokenizer.vocab_size, tokenizer.bos_id)
     demo_options = train_lib.packing_options(demo_cfg, cfg)
     pre = TrainPreprocess(tokenizer.path, cfg.image_size, demo_cfg.data.max_text_len)
@@ -192,27 +208,31 @@ def run(args, log=print) -> list[str]:
         batches = [next(it) for _ in range(4)]
         step = data_pipeline.measure_train_step(demo_cfg, tokenizer, batches,
                                                 steps=args.train_steps)
-        consumer = step["examples_per_s"] * demo_cfg_samples(batches)
+        consumer = step["examples_per_s"] * mean_samples_per_row(batches)
         lines.insert(1, f"- Packed demo train step (configs/mmrs.py:demo + packing, 1 CPU "
-                        f"device, 16 rows x 256): {step['step_s']:.3f} s/step, compile "
-                        f"{step['compile_s']:.1f} s")
-    lines.append(_pipeline_row("demo (64 px, 16 rows x 256)", "synthetic 56-96 px", demo,
-                               consumer, "demo step"))
-    b7 = seven_b_packed_consumption(results[b7_key]["samples_per_row"])
+                        f"device, 16 rows x {demo_options.length}): {step['step_s']:.3f} "
+                        f"s/step, compile {step['compile_s']:.1f} s")
+    lines.append(_pipeline_row(f"demo ({cfg.image_size} px, 16 rows x {demo_options.length})",
+                               "synthetic 56-96 px", demo, consumer, "demo step"))
+    config_7b = mmrs.get_config(CONFIG_ARGS["7b"])
+    b7_length, b7_images = config_7b.data.pack_length, config_7b.data.images_per_pack
+    b7 = seven_b_packed_consumption(results[b7_key]["samples_per_row"], b7_length, b7_images)
     sources = [(source, tokenizer, "synthetic 56-96 px")]
     if args.source_px:
         big, big_tok, _ = data_pipeline.prepare_data(args.workdir, args.num_train_images,
                                                      args.source_px)
         sources.append((big, big_tok, f"upscaled {args.source_px} px PNG"))
     for src, tok, label in sources:
-        options = _options_7b(tok)
-        pre7 = TrainPreprocess(tok.path, 448, 1024)
+        model_7b = dataclasses.replace(get_preset("7b"), bos_id=tok.bos_id)
+        options = train_lib.packing_options(config_7b, model_7b)
+        pre7 = TrainPreprocess(tok.path, model_7b.image_size, config_7b.data.max_text_len)
         r = measure_packed_pipeline(src, pre7, options, 4, args.groups)
-        lines.append(_pipeline_row("7b (448 px, 4 rows x 2048)", label, r,
-                                   b7["samples_per_s"], "one H100 (derived)"))
+        lines.append(_pipeline_row(f"7b ({model_7b.image_size} px, 4 rows x {b7_length})",
+                                   label, r, b7["samples_per_s"], "one H100 (derived)"))
     lines.append(f"- 7B consumption (assumption, not measured): one H100 at {ASSUMED_MFU:.0%} "
                  f"MFU of {H100_BF16_DENSE_PEAK / 1e12:.0f} TFLOP/s training stage B on packed "
-                 f"rows of 2048 positions with 8 image slots = {b7['row_tflops']:.1f} TFLOP/row "
+                 f"rows of {b7_length} positions with {b7_images} image slots = "
+                 f"{b7['row_tflops']:.1f} TFLOP/row "
                  f"-> {b7['rows_per_s']:.2f} rows/s x {results[b7_key]['samples_per_row']:.2f} "
                  f"samples/row = {b7['samples_per_s']:.1f} samples/s")
     lines.append(f"- Cores on this host: {os.cpu_count()}; load average at end: "
@@ -224,12 +244,7 @@ def run(args, log=print) -> list[str]:
     return lines
 
 
-def _options_7b(tok):
-    from earthgpt_jax.data.packing import PackingOptions
-    return PackingOptions(length=2048, images_per_row=8, visual_tokens=256, bos_id=tok.bos_id)
-
-
-def demo_cfg_samples(batches) -> float:
+def mean_samples_per_row(batches) -> float:
     """Mean samples per row of pre-made packed batches."""
     from earthgpt_jax.data import packing
     return float(np.mean([packing.efficiency(b)["samples_per_row"] for b in batches]))

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from earthgpt_jax.data import packing
 from earthgpt_jax.models.earthgpt import EarthGPT
 from earthgpt_jax.models.presets import IMAGE_TOKEN, get_preset
 

@@ -1,7 +1,6 @@
 """The same forward on an 8-device CPU mesh (fsdp x tensor) as on one device."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 import pytest
@@ -11,6 +10,16 @@ from earthgpt_jax import parallel
 from earthgpt_jax.models.earthgpt import EarthGPT
 from earthgpt_jax.models.presets import get_preset
 from earthgpt_jax.train import abstract_params
+
+
+def _on_mesh(model, params, ici):
+    """(mesh, logical rules, params sharded by them) for the demo config's mesh with `ici`."""
+    config = mmrs.get_config("demo")
+    config.mesh.ici = ici
+    mesh = parallel.build_mesh(config.mesh)
+    rules = parallel.logical_rules(config)
+    shardings = parallel.shardings_for(abstract_params(model), mesh, rules)
+    return mesh, rules, jax.device_put(params, shardings)
 
 
 @pytest.mark.parametrize("ici", [{"data": 1, "fsdp": 2, "tensor": 4},
@@ -28,12 +37,7 @@ def test_sharded_forward_equals_single_device(ici):
     params = nn.unbox(model.init(jax.random.key(0), images, tokens, valid))["params"]
     expected = jax.jit(model.apply)({"params": params}, images, tokens, valid)
 
-    config = mmrs.get_config("demo")
-    config.mesh.ici = ici
-    mesh = parallel.build_mesh(config.mesh)
-    rules = parallel.logical_rules(config)
-    shardings = parallel.shardings_for(abstract_params(model), mesh, rules)
-    sharded = jax.device_put(params, shardings)
+    mesh, rules, sharded = _on_mesh(model, params, ici)
     batch = parallel.batch_sharding(mesh, 2)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         got = jax.jit(model.apply)({"params": sharded}, jax.device_put(images,
@@ -60,11 +64,7 @@ def test_sharded_greedy_decoding_equals_single_device():
     kwargs = dict(max_new_tokens=6, eos_id=-1, pad_id=0)
     expected = greedy_generate(model, params, images, tokens, valid, **kwargs)
 
-    config = mmrs.get_config("demo")
-    config.mesh.ici = {"data": 2, "fsdp": 2, "tensor": 2}
-    mesh = parallel.build_mesh(config.mesh)
-    rules = parallel.logical_rules(config)
-    sharded = jax.device_put(params, parallel.shardings_for(abstract_params(model), mesh, rules))
+    mesh, rules, sharded = _on_mesh(model, params, {"data": 2, "fsdp": 2, "tensor": 2})
     batch = parallel.batch_sharding(mesh, 2)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         got = greedy_generate(model, sharded, jax.device_put(images, parallel.batch_sharding(

@@ -281,7 +281,6 @@ def _main_cmd(data, workdir, **overrides):
 
 def _run_until(cmd, workdir, step, sig):
     """Starts `cmd`, waits until metrics.jsonl reaches `step`, then sends `sig`."""
-    import signal
     import time
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=1")

@@ -68,6 +68,8 @@ def train_dataset(source, preprocess: TrainPreprocess, *, batch_size: int, seed:
     process's slice, and batches are taken from them in turn, so the order is still fixed by
     the seed and the state still checkpoints).
     """
+    if num_workers < 0:
+        raise ValueError(f"config.data.num_workers must be >= 0, got {num_workers}")
     if len(source) < process_count * batch_size:
         raise ValueError(
             f"the training split has {len(source)} records, fewer than one global batch "
@@ -84,8 +86,6 @@ def train_dataset(source, preprocess: TrainPreprocess, *, batch_size: int, seed:
         ds = ds.map(packing_lib.ToPackable(packing.visual_tokens, packing.bos_id))
         rows = packing_lib.pack(ds.to_iter_dataset(options), packing, seed=seed)
         batches = rows.batch(batch_size, drop_remainder=True)
-    if num_workers < 0:
-        raise ValueError(f"config.data.num_workers must be >= 0, got {num_workers}")
     if num_workers:
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return batches
