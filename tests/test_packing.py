@@ -122,3 +122,12 @@ def test_packing_benchmark_counts_what_the_packer_does():
     want = bench.MMRS1M_TASK_PAIRS["detection"] / (bench.MMRS1M_TASK_PAIRS["detection"]
                                                   + bench.MMRS1M_TASK_PAIRS["vqa"])
     assert share == pytest.approx(want, abs=0.03)
+
+
+@pytest.mark.parametrize("field,value", [("images_per_row", 0), ("bins_per_batch", 0)])
+def test_packing_options_refuse_empty_rows_and_groups(field, value):
+    from earthgpt_jax.data.packing import PackingOptions
+
+    options = dict(length=64, images_per_row=2, visual_tokens=4, bos_id=1, bins_per_batch=4)
+    with pytest.raises(ValueError, match=f"{field} must be >= 1, got 0"):
+        PackingOptions(**{**options, field: value})
