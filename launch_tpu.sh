@@ -2,14 +2,20 @@
 # Train EarthGPT on a Cloud TPU pod: one slice or several (multislice), through queued resources.
 #
 #   ./launch_tpu.sh --name=egpt --zone=us-east5-a --accelerator=v5p-128 [--slices=2] \
-#       [--project=P] [--runtime=v2-alpha-tpuv5] [--spot] [--keep] [--dry-run] \
-#       -- --config=configs/mmrs.py:size=13b,stage=b --workdir=gs://bucket/run
+#       [--project=P] [--runtime=VERSION] [--spot] [--keep] [--dry-run] \
+#       -- --config=configs/mmrs.py:size=13b,stage=b --workdir=gs://bucket/run [--config.x=y ...]
+#
+# The arguments after `--` go to main.py and must hold --config=... and --workdir=... (in the
+# `=` form); the launcher appends --config.distributed.auto=true after them. --runtime defaults
+# to the TPU VM image of the accelerator's family: v5p-* v2-alpha-tpuv5, v5litepod-*/v5e-*
+# v2-alpha-tpuv5-lite, v6e-* v2-alpha-tpuv6e, v4-* tpu-ubuntu2204-base.
 #
 # What it does, in order: create the queued resource, wait until it is ACTIVE, copy this
-# checkout (the files git tracks) to every worker of every slice, install the pinned
-# requirements (+ jax[tpu]) on every worker, run main.py on all workers at once with the
-# arguments after `--` (logs stream here), and delete the queued resource on exit or error
-# unless --keep. --dry-run prints every gcloud command instead of running it.
+# checkout (the files git tracks at HEAD: commit first) to every worker of every slice, install
+# uv (if missing), a uv-managed Python 3.11 and the pinned requirements (+ jax[tpu]) on every
+# worker, run main.py on all workers at once (logs stream here), and delete the queued resource
+# on exit or error unless --keep. --dry-run prints every gcloud command instead of running it.
+# EARTHGPT_POLL_SECONDS sets how often the queued resource's state is read (default 30).
 set -euo pipefail
 
 NAME=""
@@ -17,16 +23,19 @@ ZONE=""
 ACCELERATOR=""
 SLICES=1
 PROJECT=""
-RUNTIME="v2-alpha-tpuv5"
+RUNTIME=""
 SPOT=0
 KEEP=0
 DRY_RUN=0
-POLL_SECONDS=30
+POLL_SECONDS="${EARTHGPT_POLL_SECONDS:-30}"
 REMOTE_DIR="earthgpt-jax"
 JAX_TPU_PIN="jax[tpu]==0.10.2"
+# The TPU VM images ship Python 3.10; the pins need 3.11, which uv downloads (a managed CPython).
+UV_PIN="uv==0.13.9"
 
 usage() {
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  # The header comment above, up to the first line that is not a comment.
+  awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"
   exit "${1:-0}"
 }
 
@@ -65,6 +74,32 @@ if ((${#MAIN_ARGS[@]} == 0)); then
   echo "error: give main.py's arguments after --, e.g. -- --config=configs/mmrs.py --workdir=gs://b/run" >&2
   exit 2
 fi
+# Checked here, before anything is created: main.py would only fail once the pod is up.
+for flag in --config --workdir; do
+  found=0
+  for arg in "${MAIN_ARGS[@]}"; do
+    [[ "$arg" == "$flag="?* ]] && found=1
+  done
+  if ((!found)); then
+    echo "error: main.py's arguments after -- need $flag=... (in the = form), e.g." \
+      "-- --config=configs/mmrs.py:size=13b,stage=b --workdir=gs://bucket/run" >&2
+    exit 2
+  fi
+done
+
+if [[ -z "$RUNTIME" ]]; then
+  case "$ACCELERATOR" in
+    v5p-*) RUNTIME="v2-alpha-tpuv5" ;;
+    v5litepod-* | v5e-*) RUNTIME="v2-alpha-tpuv5-lite" ;;
+    v6e-*) RUNTIME="v2-alpha-tpuv6e" ;;
+    v4-*) RUNTIME="tpu-ubuntu2204-base" ;;
+    *)
+      echo "error: no default runtime for --accelerator=$ACCELERATOR; the known families are" \
+        "v4-*, v5p-*, v5litepod-* (v5e-*) and v6e-*; name the TPU VM image with --runtime=..." >&2
+      exit 2
+      ;;
+  esac
+fi
 
 GCLOUD_COMMON=(--zone="$ZONE")
 [[ -n "$PROJECT" ]] && GCLOUD_COMMON+=(--project="$PROJECT")
@@ -88,12 +123,14 @@ else
   for ((i = 0; i < SLICES; i++)); do NODES+=("$NAME-$i"); done
 fi
 
+ARCHIVE=""
 # shellcheck disable=SC2317  # invoked through the EXIT trap
 cleanup() {
   local status=$?
+  [[ -n "$ARCHIVE" ]] && rm -f "$ARCHIVE"
   if ((KEEP)); then
     echo "keeping queued resource $NAME (--keep); delete it with:" >&2
-    echo "  gcloud compute tpus queued-resources delete $NAME --zone=$ZONE --force --async" >&2
+    echo "  gcloud compute tpus queued-resources delete $NAME ${GCLOUD_COMMON[*]} --force --async" >&2
   else
     run gcloud compute tpus queued-resources delete "$NAME" "${GCLOUD_COMMON[@]}" --force \
       --quiet --async || true
@@ -134,12 +171,17 @@ fi
 ARCHIVE=$(mktemp -t earthgpt-XXXXXX.tar.gz)
 run git -C "$(dirname "$0")" archive --format=tar.gz -o "$ARCHIVE" HEAD
 
+# uv lands in ~/.local/bin, which a non-interactive ssh shell does not have on its PATH. A uv
+# already there is used as it is.
+setup="export PATH=\"\$HOME/.local/bin:\$PATH\" \
+&& { command -v uv >/dev/null || python3 -m pip install -q --user '$UV_PIN'; } \
+&& rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf earthgpt.tar.gz -C $REMOTE_DIR \
+&& cd $REMOTE_DIR && uv venv -q --python 3.11 .venv \
+&& uv pip install -q --python .venv/bin/python -r requirements.txt '$JAX_TPU_PIN'"
+# distributed.auto: every worker joins the run through jax.distributed.initialize(). It goes
+# after the user's arguments: absl refuses a --config.* override before --config=.
 quoted_args=$(printf ' %q' "${MAIN_ARGS[@]}")
-setup="rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf earthgpt.tar.gz -C $REMOTE_DIR \
-&& cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt \
-'$JAX_TPU_PIN'"
-# distributed.auto: every worker joins the run through jax.distributed.initialize().
-train="cd $REMOTE_DIR && .venv/bin/python main.py --config.distributed.auto=true$quoted_args"
+train="cd $REMOTE_DIR && .venv/bin/python main.py$quoted_args --config.distributed.auto=true"
 
 for node in "${NODES[@]}"; do
   run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$node:earthgpt.tar.gz" "${GCLOUD_COMMON[@]}" \
@@ -164,5 +206,4 @@ status=0
 for pid in "${pids[@]+"${pids[@]}"}"; do
   wait "$pid" || status=$?
 done
-rm -f "$ARCHIVE"
 exit "$status"

@@ -297,17 +297,21 @@ def format_row(row: dict) -> str:
 # ----------------------------------------------------------------------------- RESULTS.md
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for benchmark records."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
 def machine_lines(packages=("jax", "jaxlib", "flax", "torch", "transformers")) -> list[str]:
     """Machine and versions for a RESULTS.md section; load average because the CPU is shared."""
     from importlib import metadata
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in packages)
     return [f"- Machine: nproc {os.cpu_count()}, CPU {cpu}, load average at start "
             f"{os.getloadavg()[0]:.1f} (the CPU is shared with other jobs)",

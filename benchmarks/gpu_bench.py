@@ -344,7 +344,7 @@ def parse_args(argv=None):
     p.add_argument("--pack_length", type=int, default=0,
                    help="train on packed rows of this many positions (0: padded samples); "
                         "each row holds as many samples of 1 + 256 + text_len as fit")
-    p.add_argument("--images_per_pack", type=int, default=8)
+    p.add_argument("--images_per_pack", type=int, default=7)
     p.add_argument("--steps", type=int, default=8, help="timed train steps per variant")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--variants", default="einsum/full,cudnn/full,cudnn/none/8",

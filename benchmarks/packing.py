@@ -43,10 +43,10 @@ MMRS1M_TASK_PAIRS = {"detection": 575_350, "captioning": 198_883, "vqa": 141_264
 # measured beside configs/mmrs.py's own layouts (`default_layouts`).
 VARIANTS = (
     ("demo", 16, 128, 512, 8, 64),
-    ("7b", 256, 1024, 2048, 8, 16),
-    ("7b", 256, 1024, 2048, 8, 256),
+    ("7b", 256, 1024, 2048, 7, 16),
+    ("7b", 256, 1024, 2048, 7, 256),
     ("7b", 256, 1024, 2048, 6, 64),
-    ("7b", 256, 1024, 4096, 16, 64),
+    ("7b", 256, 1024, 4096, 15, 64),
 )
 # configs/mmrs.py arguments of the two sizes measured.
 CONFIG_ARGS = {"demo": "demo", "7b": "size=7b,stage=b"}
@@ -56,13 +56,15 @@ H100_BF16_DENSE_PEAK, ASSUMED_MFU = 989e12, 0.40
 def default_layouts() -> dict[str, tuple]:
     """{size: layout} of configs/mmrs.py's demo and 7B configs (the targets are read there)."""
     from configs import mmrs
+    from earthgpt_jax.data.packing import max_samples_per_row
     from earthgpt_jax.models.presets import get_preset
 
     out = {}
     for size, arg in CONFIG_ARGS.items():
         data = mmrs.get_config(arg).data
-        out[size] = (size, get_preset(size).num_visual_tokens, data.max_text_len,
-                     data.pack_length, data.images_per_pack, data.pack_bins)
+        visual = get_preset(size).num_visual_tokens
+        images = data.images_per_pack or max_samples_per_row(data.pack_length, visual)
+        out[size] = (size, visual, data.max_text_len, data.pack_length, images, data.pack_bins)
     return out
 
 
@@ -215,7 +217,7 @@ def run(args, log=print) -> list[str]:
     lines.append(_pipeline_row(f"demo ({cfg.image_size} px, 16 rows x {demo_options.length})",
                                "synthetic 56-96 px", demo, consumer, "demo step"))
     config_7b = mmrs.get_config(CONFIG_ARGS["7b"])
-    b7_length, b7_images = config_7b.data.pack_length, config_7b.data.images_per_pack
+    b7_length, b7_images = config_7b.data.pack_length, b7_key[4]
     b7 = seven_b_packed_consumption(results[b7_key]["samples_per_row"], b7_length, b7_images)
     sources = [(source, tokenizer, "synthetic 56-96 px")]
     if args.source_px:

@@ -53,6 +53,23 @@ def get_config(arg: str = ""):
     # <workdir>/mini_mmrs1m, generated on first use.
     config.data.manual_dir = "" if demo else "~/tensorflow_datasets/downloads/manual/mmrs1m"
     config.data.synthetic = demo
+    # Training sources mixed by weight (earthgpt_jax/data/sources.py): comma-separated
+    # KIND:PATH[:WEIGHT], kinds mmrs1m (a release dir), coco (COCO Captions as downloaded),
+    # webdataset (img2dataset shards, streamed). Empty: MMRS-1M from manual_dir. Stage A reads
+    # captions: the paper mixes LAION-400M and COCO Captions; these weights are ours.
+    config.data.sources = ("coco:~/data/coco:1,webdataset:~/data/laion400m:4"
+                           if not demo and args.get("stage") == "a" else "")
+    # Caption samples become one turn: a prompt picked per sample (hash of its key and the seed)
+    # answered by the caption. The paper's prompts are unknown; these are ours, in the style of
+    # LLaVA's brief-description prompts.
+    config.data.caption_prompts = (
+        "Describe the image concisely.",
+        "Provide a brief description of the given image.",
+        "Write a short caption for the image.",
+        "Summarize the visual content of the image.",
+        "Give a short and clear explanation of the image.",
+        "Describe this image briefly.",
+    )
     # Size of the generated miniature release (images per split).
     config.data.synthetic_train_images = 2400
     config.data.synthetic_test_images = 400
@@ -74,10 +91,12 @@ def get_config(arg: str = ""):
     # rows of pack_length positions (BOS + visual + text tokens); attention stays inside each
     # sample. A row holds at most images_per_pack samples (image slots the towers encode), and
     # config.train.batch_size then counts rows. pack_bins: rows filled at once (first fit).
+    # images_per_pack 0: as many as a row can ever hold, pack_length // (BOS + visual tokens +
+    # 1 text token): 7 for 2048 positions and 256 visual tokens (more could never be filled).
     # The demo trains unpacked, one sample per row, as its measured table in the README did.
     config.data.packing = not demo
     config.data.pack_length = 256 if demo else 2048
-    config.data.images_per_pack = 4 if demo else 8
+    config.data.images_per_pack = 4 if demo else 0
     config.data.pack_bins = 64
 
     config.tokenizer = ml_collections.ConfigDict()
@@ -118,6 +137,12 @@ def get_config(arg: str = ""):
     config.init.llm = ""
     config.init.vit = ""
     config.init.convnext = ""
+    # A training workdir to start from (stage B: stage A's): every part of its latest params
+    # (decoder, towers, projector, adapters where present) with a fresh optimizer at step 0;
+    # parameters it lacks (stage B's adapters after stage A) start as the identity. init.llm/
+    # vit/convnext, when also set, replace their part. A checkpoint in this run's own workdir
+    # wins over both (a restarted run resumes).
+    config.init.from_workdir = ""
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 250 if demo else 1000

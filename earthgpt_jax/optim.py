@@ -1,7 +1,9 @@
 """The optimizer and the trainable sets of the paper's stages, as masks over the params tree.
 
 Frozen parameters get `optax.set_to_zero()`, which keeps no state: optimizer memory is spent on
-trainable parameters only.
+trainable parameters only. Weight decay pulls only matrices (linear kernels, embeddings) toward
+zero, as big_vision and MaxText do: decaying a norm scale or an adapter scale pulls it toward 0,
+not toward its neutral value 1, so a stage-B run would shrink everything it trains.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ STAGE_TRAINABLE = {
     # Demo from scratch: nothing is pre-trained, so everything learns.
     "all": (r".*",),
     # Stage A, cross-modal mutual comprehension: projector, attention q/k/v and RMSNorm scales.
-    "a": (r"^projector/", r"^llm/layers/(q_proj|k_proj|v_proj)/", r"^llm/.*norm.*/scale$"),
+    # `layers/` when scanned, `layers_<i>/` when unrolled (LlamaConfig.scan_layers).
+    "a": (r"^projector/", r"^llm/layers(_\d+)?/(q_proj|k_proj|v_proj)/(kernel|bias)$",
+          r"^llm/.*norm.*/scale$"),
     # Stage B, unified instruction tuning: only the bias/scale adapters (+ projector).
     "b": (r"^llm/.*/adapter_(scale|bias)$", r"^projector/"),
 }
@@ -29,11 +33,27 @@ def trainable_labels(params, stage: str):
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_TRAINABLE)}")
     patterns = [re.compile(p) for p in STAGE_TRAINABLE[stage]]
     flat = traverse_util.flatten_dict(params, sep="/")
+    # Every pattern must select something: a pattern that silently matches nothing (a layout
+    # it was not written for) would train a smaller set than the stage promises.
+    unmatched = [p.pattern for p in patterns if not any(p.search(path) for path in flat)]
+    if unmatched:
+        raise ValueError(f"stage {stage!r}: no parameter of this model matches {unmatched} "
+                         f"(adapters off for stage b? a parameter layout the stage does not "
+                         f"know?); e.g. {sorted(flat)[:3]}")
     labels = {path: "train" if any(p.search(path) for p in patterns) else "freeze"
               for path in flat}
-    if "train" not in labels.values():
-        raise ValueError(f"stage {stage!r} trains no parameter of this model (adapters off?)")
     return traverse_util.unflatten_dict(labels, sep="/")
+
+
+# Leaf names that are matrices (or stacks of them under nn.scan): the only leaves weight decay
+# touches. Named rather than told by ndim, since a scanned RMSNorm scale is [layers, dim].
+DECAYED_LEAF_NAMES = frozenset({"kernel", "embedding"})
+
+
+def weight_decay_mask(params):
+    """True for the leaves weight decay applies to, by leaf name (see DECAYED_LEAF_NAMES)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in DECAYED_LEAF_NAMES, params)
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
@@ -46,13 +66,7 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
 
 def make_optimizer(train_cfg, labels) -> optax.GradientTransformation:
     adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
-                        weight_decay=train_cfg.weight_decay)
+                        weight_decay=train_cfg.weight_decay, mask=weight_decay_mask)
     tx = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip_norm), adamw)
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
-
-def count_params(tree, labels=None) -> int:
-    leaves = jax.tree.leaves(tree)
-    if labels is None:
-        return sum(x.size for x in leaves)
-    return sum(x.size for x, l in zip(leaves, jax.tree.leaves(labels)) if l == "train")

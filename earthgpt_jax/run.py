@@ -10,7 +10,7 @@ import os
 import jax
 
 from earthgpt_jax import parallel
-from earthgpt_jax.data import prepare
+from earthgpt_jax.data import prepare, sources
 from earthgpt_jax.data.pipeline import TrainPreprocess
 from earthgpt_jax.models.presets import EarthGPTConfig, get_preset
 
@@ -32,10 +32,17 @@ def save_model_config(cfg: EarthGPTConfig, workdir: str) -> None:
 
 
 def _needs_release(config, workdir: str, mode: str, evaluates_suites: bool) -> bool:
-    """Training, the demo and the mmrs1m test split read MMRS-1M. The paper's suites only use
-    its training answers for the blind baselines, so they are evaluated without it (baselines
-    then come from each suite's own references) when it is not there."""
-    if mode == "train" or config.data.synthetic or not evaluates_suites:
+    """Training on MMRS-1M (config.data.sources empty or listing mmrs1m), the demo and the
+    mmrs1m test split read MMRS-1M. The paper's suites only use its training answers for the
+    blind baselines, so they are evaluated without it (baselines then come from each suite's
+    own references) when it is not there."""
+    if config.data.synthetic:
+        return True
+    if mode == "train" and sources.reads_release(config.data.sources):
+        return True
+    if mode == "train" and not config.eval.at_end:
+        return False  # caption sources only (stage A), no evaluation after training
+    if not evaluates_suites:
         return True
     return os.path.isdir(os.path.join(prepare.release_dir(config, workdir), "data", "json"))
 
@@ -49,6 +56,10 @@ def run(config, workdir: str, mode: str) -> dict | None:
         raise ValueError(f"unknown --mode={mode}; choose one of {', '.join(MODES)}")
     if mode == "compile":
         return compile_only(config)
+    # An mmrs1m entry of config.data.sources names the release (for training and evaluation).
+    config = sources.with_release_dir(config)
+    if mode == "train":  # bad entries and missing directories stop the run within seconds
+        sources.parse_sources(config.data.sources, allow_missing=("mmrs1m",))
     evaluates_suites = bool(config.eval.suites) and (mode == "eval" or config.eval.at_end)
     needs_release = _needs_release(config, workdir, mode, evaluates_suites)
     # Fail within seconds when the release is missing, before any compile.
@@ -67,7 +78,11 @@ def run(config, workdir: str, mode: str) -> dict | None:
     if needs_release:
         data_dir = prepare.prepare_tfds(config, workdir)
         train_source = prepare.data_source(data_dir, "train")
-    tokenizer = prepare.prepare_tokenizer(config, workdir, train_source)
+    trains_on_captions = any(s.kind in sources.CAPTION_KINDS for s in
+                             sources.parse_sources(config.data.sources, check_paths=False))
+    # The demo's own tokenizer is trained on MMRS-1M text only; caption data needs LLaMA-2's.
+    tokenizer = prepare.prepare_tokenizer(config, workdir,
+                                          None if trains_on_captions else train_source)
     cfg = model_config(config, tokenizer.vocab_size, tokenizer.bos_id)
     save_model_config(cfg, workdir)
     mesh = parallel.build_mesh(config.mesh)
@@ -76,7 +91,10 @@ def run(config, workdir: str, mode: str) -> dict | None:
     trainer = train_lib.Trainer(config, cfg, mesh)
     if mode == "train":
         preprocess = TrainPreprocess(tokenizer.path, cfg.image_size, config.data.max_text_len)
-        state = train_lib.train(config, workdir, trainer, train_source, preprocess)
+        train_data = train_source
+        if config.data.sources.strip():
+            train_data = sources.open_sources(config, workdir, train_source)
+        state = train_lib.train(config, workdir, trainer, train_data, preprocess)
         if not config.eval.at_end:
             return None
         params = state.params

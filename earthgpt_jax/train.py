@@ -33,7 +33,7 @@ def batch_shapes(config, model_cfg: EarthGPTConfig, batch: int) -> dict[str, tup
     padded examples, or packed rows (earthgpt_jax/data/packing.py) with `config.data.packing`."""
     size = model_cfg.image_size
     if packing_enabled(config):
-        length, slots = config.data.pack_length, config.data.images_per_pack
+        length, slots = config.data.pack_length, images_per_pack(config, model_cfg)
         return {"image": ((batch, slots, size, size, 3), jnp.uint8),
                 "tokens": ((batch, length), jnp.int32),
                 "segment_ids": ((batch, length), jnp.int32),
@@ -44,13 +44,21 @@ def batch_shapes(config, model_cfg: EarthGPTConfig, batch: int) -> dict[str, tup
             "valid": ((batch, length), jnp.bool_), "loss_mask": ((batch, length), jnp.float32)}
 
 
+def images_per_pack(config, model_cfg: EarthGPTConfig) -> int:
+    """Image slots per packed row: `config.data.images_per_pack`, or with 0 as many samples as a
+    row can ever hold (pack_length // (BOS + visual tokens + 1 text token))."""
+    from earthgpt_jax.data.packing import max_samples_per_row
+    return (config.data.images_per_pack or
+            max_samples_per_row(config.data.pack_length, model_cfg.num_visual_tokens))
+
+
 def packing_options(config, model_cfg: EarthGPTConfig):
     """The pipeline's packing options from the config, or None when packing is off."""
     if not packing_enabled(config):
         return None
     from earthgpt_jax.data.packing import PackingOptions
     return PackingOptions(length=config.data.pack_length,
-                          images_per_row=config.data.images_per_pack,
+                          images_per_row=images_per_pack(config, model_cfg),
                           visual_tokens=model_cfg.num_visual_tokens, bos_id=model_cfg.bos_id,
                           bins_per_batch=config.data.get("pack_bins", 64))
 
@@ -61,7 +69,7 @@ def step_flops(config, model_cfg: EarthGPTConfig) -> float:
     return flops.train_step_flops(
         model_cfg, config.train.batch_size, config.data.max_text_len, config.train.stage,
         packed_length=config.data.pack_length if packed else None,
-        images_per_row=config.data.images_per_pack if packed else 1)["total"]
+        images_per_row=images_per_pack(config, model_cfg) if packed else 1)["total"]
 
 
 @struct.dataclass
@@ -111,12 +119,14 @@ class Trainer:
             return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=self.tx.init(params))
 
-        self._init_boxed = init_boxed
         abstract = jax.eval_shape(init_boxed, jax.random.key(0))
         self.state_shardings = parallel.shardings_for(abstract, mesh, self.rules)
         self.abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             nn.unbox(abstract), self.state_shardings)
+        # Built once: a jit made per init_state call would compile the whole init again.
+        self._init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)),
+                             out_shardings=self.state_shardings)
         self.packed = packing_enabled(config)
         self.batch_shapes = batch_shapes(config, model_cfg, config.train.batch_size)
         self.batch_shardings = {k: parallel.batch_sharding(mesh, len(shape))
@@ -132,15 +142,29 @@ class Trainer:
                                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
     def init_state(self, seed: int) -> TrainState:
-        """Random init, sharded as it is created; then the converted weights of config.init."""
-        init = jax.jit(lambda r: nn.unbox(self._init_boxed(r)), out_shardings=self.state_shardings)
+        """Step 0: random init, sharded as it is created; then the weights config.init names.
+
+        `init.from_workdir` first (every part of that run's latest params), then
+        `init.llm|vit|convnext`, which replace their part (and that part is then not read from
+        the workdir). The optimizer state is always fresh. Restored leaves go straight onto
+        their shardings (`checkpoint.restore_sharded`).
+        """
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            state = init(jax.random.key(seed))
+            state = self._init(jax.random.key(seed))
         init_cfg = self.config.get("init", {})
-        for part in ("llm", "vit", "convnext"):
-            if init_cfg.get(part):
-                state = state.replace(params=load_part(state.params, part, init_cfg[part]))
-        return state
+        parts = [p for p in ("llm", "vit", "convnext") if init_cfg.get(p)]
+        targets = self.abstract_state.params
+        restored = {}
+        if init_cfg.get("from_workdir"):
+            restored.update(restore_from_workdir(init_cfg.from_workdir, targets, skip=parts))
+        for part in parts:
+            restored.update({(part,) + k: v for k, v in
+                             restore_part(part, init_cfg[part], targets[part]).items()})
+        if not restored:
+            return state
+        flat = traverse_util.flatten_dict(state.params)
+        flat.update(restored)
+        return state.replace(params=traverse_util.unflatten_dict(flat))
 
     def loss_terms(self, params, batch):
         """(numerator, denominator, answer tokens): loss = numerator / denominator.
@@ -246,39 +270,75 @@ class Trainer:
             return self._train_step(state, batch)
 
 
-def load_part(params: dict, part: str, ckpt_dir: str) -> dict:
-    """Replaces `params[part]` with a converted checkpoint's, placed on the same shardings.
+def _is_adapter(path: tuple) -> bool:
+    """Stage B's bias/scale adapters: absent from LLaMA-2 and from stage-A runs, they start as
+    the identity wherever a checkpoint lacks them."""
+    return path[-1] in ("adapter_scale", "adapter_bias")
+
+
+def abbreviate_paths(paths) -> str:
+    """Parameter paths, with the modules and leaves that share a parent folded into braces:
+    'llm/layers/{k_proj,q_proj}/{adapter_bias,adapter_scale}'."""
+    modules: dict = {}
+    for path in paths:
+        parent, module, leaf = path[:-2], path[-2:-1], path[-1]
+        modules.setdefault((parent, leaf), []).extend(module)
+    leaves: dict = {}
+    for (parent, leaf), names in modules.items():
+        leaves.setdefault((parent, tuple(sorted(names))), []).append(leaf)
+    brace = lambda names: names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
+    return ", ".join("/".join(list(parent) + ([brace(list(names))] if names else [])
+                              + [brace(sorted(leaf))])
+                     for (parent, names), leaf in sorted(leaves.items()))
+
+
+def _log_fresh(source: str, lacking: list[tuple], prefix: tuple = ()) -> None:
+    if lacking:
+        logging.info("%s lacks %d parameters; they keep their usual init: %s", source,
+                     len(lacking), abbreviate_paths([prefix + tuple(p) for p in lacking]))
+
+
+def restore_part(part: str, ckpt_dir: str, targets: dict) -> dict:
+    """`config.init.<part>`: the `part` ('llm', 'vit', 'convnext') of a converted checkpoint
+    (or, for 'llm', of a training workdir too), restored onto `targets` (that part's abstract
+    params, ShapeDtypeStructs with shardings). Returns {path below part: sharded jax.Array}.
 
     Leaves the checkpoint lacks are allowed only for the stage-B adapters (they start as the
     identity); any other missing, extra or differently shaped tensor is an error naming it.
     """
-    from earthgpt_jax.convert import vision_io
-    from earthgpt_jax.convert.llama import load_llm_params
+    from earthgpt_jax.convert import checkpoint as ckpt_lib
 
-    if part == "llm":
-        loaded, _ = load_llm_params(ckpt_dir)
-    else:
-        loaded = vision_io.load_tower_params(ckpt_dir, part)
-    target = traverse_util.flatten_dict(params[part], sep="/")
-    source = traverse_util.flatten_dict(loaded, sep="/")
-    extra = sorted(set(source) - set(target))
-    missing = sorted(p for p in set(target) - set(source) if "/adapter_" not in p)
-    if extra or missing:
-        raise ValueError(f"config.init.{part}={ckpt_dir} does not fit the model: missing "
-                         f"{missing[:5]}, unexpected {extra[:5]} (scan_layers or size differ?)")
-    merged = {}
-    for path, current in target.items():
-        if path not in source:
-            merged[path] = current
-            continue
-        value = source[path]
-        if tuple(value.shape) != tuple(current.shape):
-            raise ValueError(f"config.init.{part}: tensor {part}/{path} has shape "
-                             f"{tuple(value.shape)} in {ckpt_dir}, the model expects "
-                             f"{tuple(current.shape)}")
-        merged[path] = jax.device_put(np.asarray(value).astype(current.dtype), current.sharding)
-    logging.info("Loaded %s weights (%d tensors) from %s", part, len(source), ckpt_dir)
-    return {**params, part: traverse_util.unflatten_dict(merged, sep="/")}
+    ck = (ckpt_lib.open_llm_checkpoint(ckpt_dir) if part == "llm"
+          else ckpt_lib.open_converted_part(ckpt_dir, part))
+    restored, lacking = ckpt_lib.restore_sharded(
+        ck.pytree_dir, ck.prefix, traverse_util.flatten_dict(targets), may_lack=_is_adapter,
+        label=f"config.init.{part}={ckpt_dir}")
+    logging.info("Loaded %s weights (%d tensors) from %s", part, len(restored), ckpt_dir)
+    _log_fresh(f"config.init.{part}={ckpt_dir}", lacking, (part,))
+    return restored
+
+
+def restore_from_workdir(workdir: str, targets: dict, skip=()) -> dict:
+    """`config.init.from_workdir`: the params of a training run's latest checkpoint (every part:
+    decoder, towers, projector, adapters where present) restored onto `targets` (the abstract
+    params, ShapeDtypeStructs with shardings); the parts in `skip` are neither read nor checked.
+    Returns {full param path: sharded jax.Array}. Its optimizer state and step are never read.
+
+    Parameters the run lacks are allowed only for the stage-B adapters (a stage-A run has
+    none): they keep their usual init (the identity) and are listed in the log. Any other
+    missing, extra or differently shaped tensor is an error naming it.
+    """
+    from earthgpt_jax.convert import checkpoint as ckpt_lib
+
+    ck = ckpt_lib.open_workdir_params(workdir)
+    label = f"config.init.from_workdir={workdir}"
+    restored, lacking = ckpt_lib.restore_sharded(
+        ck.pytree_dir, ck.prefix, traverse_util.flatten_dict(targets), may_lack=_is_adapter,
+        skip=[(part,) for part in skip], label=label)
+    logging.info("Started from %s (%d tensors of %s)%s", workdir, len(restored), ck.pytree_dir,
+                 "".join(f"; its {p} is replaced by config.init.{p}" for p in skip))
+    _log_fresh(label, lacking)
+    return restored
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -396,6 +456,11 @@ def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainSt
         state = restored.state
         data_iter.set_state(restored.data)
         logging.info("Resuming from the checkpoint of step %d in %s", latest, mngr.directory)
+        # A restarted stage-B run resumes itself; config.init (e.g. from_workdir = stage A)
+        # only ever seeds step 0.
+        unused = {k: v for k, v in config.get("init", {}).items() if v}
+        if unused:
+            logging.info("config.init %s not used: this run resumes its own checkpoint", unused)
     else:
         state = trainer.init_state(config.train.seed)
         logging.info("No checkpoint in %s: starting from step 0", mngr.directory)

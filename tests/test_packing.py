@@ -131,3 +131,20 @@ def test_packing_options_refuse_empty_rows_and_groups(field, value):
     options = dict(length=64, images_per_row=2, visual_tokens=4, bos_id=1, bins_per_batch=4)
     with pytest.raises(ValueError, match=f"{field} must be >= 1, got 0"):
         PackingOptions(**{**options, field: value})
+
+
+def test_image_slots_no_row_can_fill_are_refused_and_the_default_is_derived():
+    """A 2048-position row holds at most 7 samples of 1 + 256 + 1 positions: an 8th slot would
+    be encoded by both towers every step and never read."""
+    from configs import mmrs
+    from earthgpt_jax import train as train_lib
+    from earthgpt_jax.data.packing import PackingOptions
+    from earthgpt_jax.models.presets import get_preset
+
+    with pytest.raises(ValueError, match=r"images_per_pack=8 can never be filled.*at most 7"):
+        PackingOptions(length=2048, images_per_row=8, visual_tokens=256, bos_id=1)
+    PackingOptions(length=2048, images_per_row=7, visual_tokens=256, bos_id=1)
+    for size in ("7b", "13b"):
+        config = mmrs.get_config(f"size={size},stage=b")
+        options = train_lib.packing_options(config, get_preset(size))
+        assert options.images_per_row == 7 and options.length == 2048

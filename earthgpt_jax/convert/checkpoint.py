@@ -19,6 +19,10 @@ Writing uses orbax's partial saving (`orbax.checkpoint.experimental.v1.partial`)
 one ordinary PyTree checkpoint (OCDBT + zarr3) that `ocp.PyTreeCheckpointer` reads. Reading
 uses `PyTreeRestore(partial_restore=True)` with a tree holding only the wanted leaf, so a
 training checkpoint's optimizer state (2x the parameters) is never read.
+
+Two ways to read: `SubtreeCheckpoint.read` gives numpy leaves (the converters, which stream
+leaf by leaf); `restore_sharded` restores a subtree straight into the shardings of a running
+model (`config.init.*`), each process reading only its own shards.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ import ctypes
 import dataclasses
 import gc
 import json
+import math
 import os
 import shutil
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 from etils import epath
 import orbax.checkpoint as ocp
@@ -274,3 +280,127 @@ def open_llm_checkpoint(ckpt_dir: str, step: int | None = None) -> LlmCheckpoint
     return LlmCheckpoint(pytree_dir=os.path.join(checkpoints, str(step), "state"),
                          prefix=("params", "llm"), cfg=_llama_config_from_dict(llm),
                          extra={"bos_id": config.get("bos_id"), "eos_id": None}, step=step)
+
+
+def open_workdir_params(workdir: str, step: int | None = None) -> SubtreeCheckpoint:
+    """The `params` subtree of a training workdir's latest (or given) checkpoint,
+    `W/checkpoints/<step>/state` (its optimizer state is never read through this)."""
+    workdir = os.path.abspath(workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        raise FileNotFoundError(f"{workdir} is not a training workdir: {checkpoints} is missing")
+    step = latest_step(checkpoints) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint found in {checkpoints} (has that run saved one?)")
+    pytree_dir = os.path.join(checkpoints, str(step), "state")
+    if not os.path.isdir(pytree_dir):
+        raise FileNotFoundError(f"{pytree_dir} is missing: checkpoint {step} of {workdir} holds "
+                                f"no train state")
+    return SubtreeCheckpoint(pytree_dir, ("params",))
+
+
+def _flat_metadata(tree, path: KeyPath = ()) -> dict[KeyPath, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, node in tree.items():
+            out.update(_flat_metadata(node, path + (key,)))
+        return out
+    return {path: tree}
+
+
+def _names(paths: Sequence[KeyPath], prefix: KeyPath, limit: int = 6) -> str:
+    shown = ", ".join("/".join(prefix + tuple(p)) for p in paths[:limit])
+    return shown + (f" ... ({len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+INFLIGHT_FLOOR = 4 << 30  # restore_sharded's default cap on host bytes in flight, at least
+
+
+def _read_bound(meta) -> int:
+    """Bytes orbax may estimate for reading any part of this stored leaf: the whole leaf
+    rounded up to whole stored chunks."""
+    shape = tuple(meta.shape)
+    chunks = getattr(getattr(meta, "storage", None), "chunk_shape", None) or shape
+    rounded = [-(-n // max(c, 1)) * max(c, 1) for n, c in zip(shape, chunks)]
+    return math.prod(rounded) * np.dtype(meta.dtype).itemsize
+
+
+def restore_sharded(pytree_dir: str, prefix: Sequence[str],
+                    targets: Mapping[KeyPath, jax.ShapeDtypeStruct], *,
+                    may_lack: Callable[[KeyPath], bool] = lambda path: False,
+                    skip: Sequence[KeyPath] = (), label: str = "",
+                    inflight_bytes: int | None = None
+                    ) -> tuple[dict[KeyPath, jax.Array], list[KeyPath]]:
+    """Restores the subtree `prefix` of the orbax PyTree checkpoint in `pytree_dir` straight into
+    `targets` ({path below prefix: ShapeDtypeStruct carrying the target sharding}).
+
+    Returns ({path: jax.Array on its target sharding, cast to its target dtype}, [target paths
+    the checkpoint lacks]). Names and shapes are checked against the checkpoint's metadata
+    before any data is read: a stored leaf with no target, a target leaf the checkpoint lacks
+    (unless `may_lack(path)`), or a shape that differs is a ValueError naming the tensor.
+    Subtrees in `skip` (paths below prefix) are neither read nor checked, on either side.
+
+    Memory: each process reads only the shards its devices hold (`ArrayRestoreArgs` with the
+    target sharding; orbax reads one shard, casts it on the host and puts it on its devices).
+    The host bytes in flight are capped at `inflight_bytes`, by default the larger of the
+    largest stored tensor and 4 GB (`INFLIGHT_FLOOR`): no host holds more than its own shards
+    plus that. A cap of exactly one tensor is allowed but can serialise the reads: orbax
+    charges each shard read with every stored chunk it touches, and a converted checkpoint's
+    chunks (split along the layers axis) rarely line up with FSDP shards
+    (benchmarks/init_restore_memory.py measures both). Nothing outside the requested
+    leaves is read (`partial_restore`): a training checkpoint's optimizer state stays on disk.
+    """
+    prefix = tuple(prefix)
+    where = f"{label}: " if label else ""
+    try:
+        stored = _flat_metadata(SubtreeCheckpoint(pytree_dir, prefix).metadata_tree())
+    except KeyError:
+        raise ValueError(f"{where}{'/'.join(prefix)} not found in {pytree_dir}") from None
+    skipped = lambda path: any(tuple(path[:len(s)]) == tuple(s) for s in skip)
+    stored = {p: m for p, m in stored.items() if not skipped(p)}
+    targets = {tuple(p): t for p, t in targets.items() if not skipped(p)}
+    extra = sorted(set(stored) - set(targets))
+    lacking = sorted(set(targets) - set(stored))
+    missing = [p for p in lacking if not may_lack(p)]
+    if extra or missing:
+        raise ValueError(
+            f"{where}{pytree_dir} does not fit the model: missing {len(missing)} "
+            f"[{_names(missing, prefix)}], unexpected {len(extra)} [{_names(extra, prefix)}] "
+            f"(scan_layers, adapters or size differ?)")
+    wrong = [p for p in sorted(targets) if p in stored
+             and tuple(stored[p].shape) != tuple(targets[p].shape)]
+    if wrong:
+        name = "/".join(prefix + wrong[0])
+        more = f" (and {len(wrong) - 1} more tensors of another shape)" if len(wrong) > 1 else ""
+        raise ValueError(f"{where}tensor {name} has shape {tuple(stored[wrong[0]].shape)} in "
+                         f"{pytree_dir}, the model expects {tuple(targets[wrong[0]].shape)}{more}")
+    wanted = [p for p in targets if p in stored]
+    if not wanted:
+        return {}, lacking
+    item: dict = {}
+    args: dict = {}
+    for p in wanted:
+        target = targets[p]
+        if not isinstance(getattr(target, "sharding", None), jax.sharding.Sharding):
+            raise ValueError(f"{where}the target of {'/'.join(prefix + p)} carries no sharding")
+        full = prefix + tuple(p)
+        _merge(item, _nest(full, 0))
+        _merge(args, _nest(full, ocp.ArrayRestoreArgs(
+            sharding=target.sharding, global_shape=tuple(target.shape), dtype=target.dtype)))
+    # orbax refuses a single read larger than its in-flight cap, and estimates a read by the
+    # stored chunks it touches: the cap is at least the largest leaf in whole chunks.
+    largest = max(_read_bound(stored[p]) for p in wanted) + (16 << 20)
+    cap = max(largest, INFLIGHT_FLOOR if inflight_bytes is None else inflight_bytes)
+    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=cap / 1e9)
+    try:
+        restored = handler.restore(epath.Path(pytree_dir), args=ocp.args.PyTreeRestore(
+            item=item, restore_args=args, partial_restore=True))
+    finally:
+        handler.close()
+    out = {}
+    for p in wanted:
+        node = restored
+        for key in prefix + tuple(p):
+            node = node[key]
+        out[tuple(p)] = node
+    return out, lacking

@@ -33,6 +33,12 @@ import numpy as np
 from earthgpt_jax.models.presets import IMAGE_TOKEN
 
 
+def max_samples_per_row(length: int, visual_tokens: int) -> int:
+    """Most samples a row of `length` positions can hold: each needs BOS, its visual tokens and
+    at least one text token."""
+    return length // (1 + visual_tokens + 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class PackingOptions:
     length: int             # positions per packed row: BOS, visual and text tokens, padding
@@ -44,6 +50,13 @@ class PackingOptions:
     def __post_init__(self):
         if self.images_per_row < 1:
             raise ValueError(f"images_per_row must be >= 1, got {self.images_per_row}")
+        most = max_samples_per_row(self.length, self.visual_tokens)
+        if self.images_per_row > most:
+            # Slots no row can fill are still encoded by both towers every step, for nothing.
+            raise ValueError(
+                f"config.data.images_per_pack={self.images_per_row} can never be filled: a sample "
+                f"takes at least 1 (BOS) + {self.visual_tokens} visual + 1 text positions, so a "
+                f"row of {self.length} holds at most {most}; use <= {most} (0 = {most})")
         if self.bins_per_batch < 1:
             raise ValueError(f"bins_per_batch must be >= 1, got {self.bins_per_batch}")
 

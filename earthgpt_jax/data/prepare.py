@@ -69,7 +69,7 @@ def prepare_tokenizer(config, workdir: str, train_source) -> Tokenizer:
     path = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(path):
         return Tokenizer(path)
-    if not config.data.synthetic:
+    if not config.data.synthetic or train_source is None:  # None: training reads captions
         raise ValueError("config.tokenizer.path is empty: point it at LLaMA-2's tokenizer.model")
     texts = [USER_TEMPLATE]
     for i in range(len(train_source)):

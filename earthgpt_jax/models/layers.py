@@ -33,19 +33,24 @@ class Linear(nn.Module):
     def __call__(self, x):
         kernel = logical_param(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
                                self.kernel_axes, self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        # With the adapter the product stays in fp32 until the scale is applied: a bf16 y
+        # times a learned scale of 1 + 1e-3 rounds back to y itself (bf16 keeps 8 significant
+        # bits), so small stage-B scales would change nothing. MXUs/tensor cores accumulate in
+        # fp32 anyway; only the rounding point moves.
+        acc = jnp.float32 if self.adapter else None
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=acc)
         out_axis = (self.kernel_axes[1],)
         if self.use_bias:
             bias = logical_param(self, "bias", nn.initializers.zeros, (self.features,), out_axis,
                                  self.param_dtype)
-            y = y + bias.astype(self.dtype)
+            y = y + bias.astype(y.dtype)
         if self.adapter:
             a_bias = logical_param(self, "adapter_bias", nn.initializers.zeros, (self.features,),
                                    out_axis, self.param_dtype)
             a_scale = logical_param(self, "adapter_scale", nn.initializers.ones,
                                     (self.features,), out_axis, self.param_dtype)
-            y = a_scale.astype(self.dtype) * (y + a_bias.astype(self.dtype))
-        return y
+            y = a_scale.astype(jnp.float32) * (y + a_bias.astype(jnp.float32))
+        return y.astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
