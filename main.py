@@ -4,11 +4,12 @@
   python main.py --config=configs/mmrs.py:size=13b,stage=b --workdir=gs://bucket/run --mode=train
 """
 
-import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from earthgpt_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mmrs.py:demo.",
                                 lock_config=True)
@@ -25,16 +26,16 @@ def main(argv):
     from earthgpt_jax.data.prepare import ReleaseNotFoundError
     from earthgpt_jax.run import run
 
-    logging.getLogger().setLevel(logging.INFO)
-    # Libraries that log through absl (orbax, TFDS) are kept to warnings so the progress lines
-    # stay readable; this project logs through the standard root logger.
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    cli.quiet_library_logs()
     try:
         run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
     except ReleaseNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except cli.UsageError as e:
+        cli.fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # A mistyped --config.key or preset is one line, before main() imports anything heavy.
+    app.run(main, flags_parser=cli.parse_flags)

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -36,19 +35,6 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ("Describe the image concisely.", "Write a short caption for the image.")
-
-
-def machine() -> dict:
-    from importlib import metadata
-
-    from benchmarks.decode_vs_hf import cpu_model
-
-    return {"nproc": os.cpu_count(), "cpu": cpu_model(), "load_average_start": os.getloadavg()[0],
-            "python": platform.python_version(),
-            "versions": {p: metadata.version(p) for p in ("grain", "pillow", "numpy",
-                                                          "sentencepiece")},
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-                "%Y-%m-%d %H:%M:%S UTC")}
 
 
 def make_shards(workdir: str, shards: int, per_shard: int, seed: int = 0) -> dict:
@@ -139,7 +125,9 @@ def main(argv=None) -> int:
     from absl import flags
     flags.FLAGS.mark_as_parsed()  # grain reads absl flags
 
-    env = machine()
+    from benchmarks.results import machine
+
+    env = machine(("grain", "pillow", "numpy", "sentencepiece"))
     results = run(args)
     env["load_average_end"] = os.getloadavg()[0]
     report = {"env": env, "args": vars(args), "results": results}

@@ -39,6 +39,9 @@ import time
 
 import numpy as np
 
+from benchmarks import results
+from earthgpt_jax.models.flops import device_peak_flops
+
 # Preprocessing sizes per config: (image px, text tokens, visual tokens, batch).
 SIZES = {"demo": dict(image_size=64, max_text_len=128, visual_tokens=16, batch_size=16),
          "7b": dict(image_size=448, max_text_len=1024, visual_tokens=256, batch_size=16)}
@@ -175,7 +178,7 @@ def measure_train_step(config, tokenizer, batches: list, live_reader=None, steps
 
 
 # Documented assumption for the 7B consumption (no 7B step can run on this CPU).
-H100_BF16_DENSE_PEAK = 989e12   # FLOP/s, NVIDIA H100 SXM datasheet (dense, no sparsity)
+H100_BF16_DENSE_PEAK = device_peak_flops("H100")  # FLOP/s, datasheet (dense, no sparsity)
 ASSUMED_MFU = 0.40               # issue 7's H100 target for 7B stage B
 VIT_L14_PARAMS, CONVNEXT_L_GMACS_224 = 304e6, 34.4  # DINOv2 ViT-L/14; ConvNeXt-L at 224 px
 
@@ -276,7 +279,7 @@ def result_lines(result: dict, target: float = 3.0) -> list[str]:
                    f"| {row['examples_per_s']:.1f} | {row['text_tokens_per_s']:.0f} "
                    f"| {row['llm_tokens_per_s']:.0f} | {row['text_padding_efficiency']:.3f} "
                    f"| {row['llm_padding_efficiency']:.3f} | {row['startup_s']:.1f} | {ratio} |")
-    out.append(f"- Load average at end: {os.getloadavg()[0]:.1f}")
+    out.append(results.load_line())
     if demo_rate:
         best = max((r for r in result["scenarios"] if r["size"] == "demo"),
                    key=lambda r: r["examples_per_s"])
@@ -289,7 +292,6 @@ def result_lines(result: dict, target: float = 3.0) -> list[str]:
 
 def main(argv=None) -> int:
     from absl import flags
-    from benchmarks.decode_vs_hf import append_section, machine_lines
 
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -304,7 +306,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train_steps", type=int, default=8, help="0: skip the demo step")
     parser.add_argument("--no_append", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    header = machine_lines(("jax", "flax", "grain", "tensorflow-datasets", "pillow"))
+    header = results.machine_lines(("jax", "flax", "grain", "tensorflow-datasets", "pillow"))
     result = run(args.workdir, sizes=tuple(args.sizes.split(",")),
                  workers=tuple(int(w) for w in args.workers.split(",")),
                  num_batches=args.batches, num_train_images=args.num_train_images,
@@ -312,9 +314,8 @@ def main(argv=None) -> int:
     lines = header + result_lines(result)
     print("\n".join(lines))
     if not args.no_append:
-        command = "python benchmarks/data_pipeline.py " + " ".join(argv or sys.argv[1:])
-        append_section("Data pipeline: grain workers vs train-step consumption",
-                       command.strip(), lines)
+        results.append_section("Data pipeline: grain workers vs train-step consumption",
+                               results.command_line(__file__, argv), lines)
     return 0
 
 

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import os
-import platform
 import sys
 import time
 
@@ -43,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+from benchmarks import results  # noqa: E402
 
 # The ~100M decoder the brief asks for; everything else in the model is tiny so the LLM is what
 # is being timed.
@@ -294,40 +292,6 @@ def format_row(row: dict) -> str:
             f"{c['equal_positions']}/{c['positions']} (leading {c['leading_agreement']})")
 
 
-# ----------------------------------------------------------------------------- RESULTS.md
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), for benchmark records."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
-def machine_lines(packages=("jax", "jaxlib", "flax", "torch", "transformers")) -> list[str]:
-    """Machine and versions for a RESULTS.md section; load average because the CPU is shared."""
-    from importlib import metadata
-
-    cpu = cpu_model()
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in packages)
-    return [f"- Machine: nproc {os.cpu_count()}, CPU {cpu}, load average at start "
-            f"{os.getloadavg()[0]:.1f} (the CPU is shared with other jobs)",
-            f"- Versions: Python {platform.python_version()}, {versions}"]
-
-
-def append_section(title: str, command: str, lines: list[str], path: str = RESULTS) -> None:
-    """Appends one dated section (other benchmarks append to the same file: never rewrite)."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = "\n".join([f"## {title} ({stamp})", "", f"Command: `{command}`", ""] + lines) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        if f.tell() > 0:
-            f.write("\n")
-        f.write(text)
-
-
 SIDE_NAMES = {"ours": "ours (JAX)", "ours_unrolled": "ours, unrolled layers",
               "hf": "HF generate"}
 
@@ -341,7 +305,7 @@ def result_lines(result: dict, target: float = 2.0) -> list[str]:
            f"prompt tokens, greedy, no EOS; torch threads {result['torch_threads']} "
            f"(OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}); times are "
            f"the best of {result['repeats']} alternating runs after a warm-up",
-           f"- Load average at end: {os.getloadavg()[0]:.1f}", "",
+           results.load_line(), "",
            f"| batch | side | prefill s | decode s ({result['rows'][0]['new_tokens'] - 1} steps) "
            "| decode tok/s | end-to-end tok/s | compile s |", "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
@@ -390,7 +354,7 @@ def main(argv=None) -> int:
                         help="also time ours with generate.unrolled_for_decoding (serving path)")
     parser.add_argument("--no_append", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    header = machine_lines()
+    header = results.machine_lines()
     result = run(batches=tuple(int(b) for b in args.batches.split(",")),
                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                  unrolled=args.unrolled)
@@ -398,9 +362,9 @@ def main(argv=None) -> int:
     lines = header + result_lines(result)
     print("\n".join(lines))
     if not args.no_append:
-        command = "python benchmarks/decode_vs_hf.py " + " ".join(argv or sys.argv[1:])
-        append_section("Decoding: ours vs transformers generate", command.strip(), lines)
-        print(f"appended to {RESULTS}")
+        results.append_section("Decoding: ours vs transformers generate",
+                               results.command_line(__file__, argv), lines)
+        print(f"appended to {results.RESULTS}")
     checks = [r[k] for r in result["rows"] for k in ("check", "check_unrolled") if k in r]
     return 0 if all(c["all_equal"] for c in checks) else 1
 

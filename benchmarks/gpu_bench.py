@@ -11,8 +11,8 @@ synthetic in-memory arrays (no TFDS, grain, sentencepiece or ml_collections), we
    same card in the same run) and a device-to-device copy's bandwidth (the decoding roofline).
 2. train: the real `Trainer` jitted step (stage B: bias/scale adapters + projector trainable,
    frozen 7B decoder and vision towers, fp32 master weights, bf16 compute, full remat), for each
-   attention implementation asked for. MFU = model FLOPs (benchmarks/flops.py) / step time /
-   peak, against both the measured matmul peak and the card's datasheet bf16 peak. With
+   attention implementation asked for. MFU = model FLOPs (earthgpt_jax/models/flops.py) / step
+   time / peak, against both the measured matmul peak and the card's datasheet bf16 peak. With
    --pack_length, on packed rows (segment-masked attention, several samples and image slots per
    row) as the real configs train.
 3. decode: `greedy_generate` at each batch size: 256 visual tokens + prompt, new tokens forced
@@ -35,7 +35,6 @@ import traceback
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 class Namespace(dict):
@@ -102,7 +101,7 @@ def measure_copy_bandwidth(gigabytes: float) -> float:
 
 
 def phase_peak(args, report: dict) -> None:
-    import flops
+    from earthgpt_jax.models import flops
 
     report["peak"] = {
         "matmul_bf16_flops": flops.measure_matmul_peak("bfloat16", n=args.matmul_n),
@@ -128,7 +127,7 @@ def synthetic_packed_batch(model_cfg, rows: int, length: int, slots: int, text_l
                            seed: int = 0) -> dict:
     """Packed rows as the pipeline writes them (earthgpt_jax/data/packing.py): as many samples
     of 1 + V + text_len positions as fit a row (at most `slots`), the rest padding."""
-    from earthgpt_jax.models.presets import IMAGE_TOKEN
+    from earthgpt_jax.data.tokenizer import IMAGE_TOKEN
 
     rng = np.random.default_rng(seed)
     visual, size = model_cfg.num_visual_tokens, model_cfg.image_size
@@ -183,8 +182,7 @@ def device_memory_gb() -> dict:
 
 def phase_train(args, report: dict, deadline: float) -> None:
     import jax
-    import flops
-    from earthgpt_jax.models.flops import device_peak_flops
+    from earthgpt_jax.models import flops
     from earthgpt_jax.parallel import build_mesh
     from earthgpt_jax.train import Trainer
 
@@ -233,7 +231,7 @@ def phase_train(args, report: dict, deadline: float) -> None:
                 model_cfg, batch_size, args.text_len, args.stage,
                 packed_length=args.pack_length or None, images_per_row=args.images_per_pack)
             peak = report.get("peak", {}).get("matmul_bf16_flops")
-            sheet = device_peak_flops(report["env"]["device"])
+            sheet = flops.device_peak_flops(report["env"]["device"])
             row = {
                 "compile_and_first_step_s": compile_s, "step_s_median": step_s,
                 "step_s_min": min(times), "steps_timed": args.steps,

@@ -7,7 +7,7 @@ decoder onto an 8-device CPU mesh (8-way FSDP, configs/mmrs.py's rules), each wa
 subprocess that reports its peak RSS (VmHWM):
 
   baseline       imports, the 8 CPU devices and the decoder's abstract sharded state; no data
-  new            `train.restore_part('llm', ...)`: `checkpoint.restore_sharded`, each leaf
+  new            `checkpoints.restore_part('llm', ...)`: `checkpoints.restore_sharded`, each leaf
                  restored by orbax straight into its sharding; host bytes in flight capped at
                  max(largest stored tensor, 4 GB), the default
   new_one_tensor the same, capped at the largest stored tensor (in whole chunks)
@@ -65,7 +65,7 @@ def abstract_decoder(args):
     from earthgpt_jax import parallel
     from earthgpt_jax.models.earthgpt import EarthGPT
     from earthgpt_jax.models.presets import get_preset
-    from earthgpt_jax.train import abstract_params
+    from earthgpt_jax.models.earthgpt import abstract_params
 
     config = mmrs.get_config("demo")
     config.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1}
@@ -82,7 +82,7 @@ def write_checkpoint(out_dir: str, args) -> int:
     import numpy as np
     from flax import traverse_util
 
-    from earthgpt_jax.convert import checkpoint as ckpt_lib
+    from earthgpt_jax import checkpoints as ckpt_lib
 
     _, targets = abstract_decoder(args)
     flat = traverse_util.flatten_dict(targets)
@@ -107,7 +107,7 @@ def old_restore(ckpt_dir: str, targets: dict) -> dict:
     import numpy as np
     from flax import traverse_util
 
-    from earthgpt_jax.convert import checkpoint as ckpt_lib
+    from earthgpt_jax import checkpoints as ckpt_lib
 
     loaded = ckpt_lib.open_llm_checkpoint(ckpt_dir).read_all()
     source = traverse_util.flatten_dict(loaded)
@@ -119,7 +119,7 @@ def child(mode: str, ckpt_dir: str, args) -> dict:
     import jax
     import numpy as np
 
-    from earthgpt_jax import train as train_lib
+    from earthgpt_jax import checkpoints as ckpt_lib
 
     mesh, targets = abstract_decoder(args)
     jax.block_until_ready(jax.numpy.zeros(8) + 1)  # devices up, as in every mode
@@ -129,11 +129,10 @@ def child(mode: str, ckpt_dir: str, args) -> dict:
     elif mode == "old":
         restored = old_restore(ckpt_dir, targets)
     elif mode == "new":
-        restored = train_lib.restore_part("llm", ckpt_dir, targets)
+        restored = ckpt_lib.restore_part("llm", ckpt_dir, targets)
     else:
         from flax import traverse_util
 
-        from earthgpt_jax.convert import checkpoint as ckpt_lib
         ck = ckpt_lib.open_llm_checkpoint(ckpt_dir)
         restored, _ = ckpt_lib.restore_sharded(
             ck.pytree_dir, ck.prefix, traverse_util.flatten_dict(targets),

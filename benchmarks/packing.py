@@ -34,6 +34,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from earthgpt_jax.models import flops  # noqa: E402
+
 # MMRS-1M pairs per task (paper-digest §4.1; the six add up to 1,005,842).
 MMRS1M_TASK_PAIRS = {"detection": 575_350, "captioning": 198_883, "vqa": 141_264,
                      "grounding": 30_820, "region_captioning": 30_820,
@@ -50,7 +52,7 @@ VARIANTS = (
 )
 # configs/mmrs.py arguments of the two sizes measured.
 CONFIG_ARGS = {"demo": "demo", "7b": "size=7b,stage=b"}
-H100_BF16_DENSE_PEAK, ASSUMED_MFU = 989e12, 0.40
+H100_BF16_DENSE_PEAK, ASSUMED_MFU = flops.device_peak_flops("H100"), 0.40
 
 
 def default_layouts() -> dict[str, tuple]:
@@ -145,7 +147,6 @@ def measure_packed_pipeline(source, preprocess, options, rows: int, groups: int)
 
 def seven_b_packed_consumption(samples_per_row: float, pack_length: int, images: int) -> dict:
     """Samples/s one H100 consumes training 7B stage B on packed rows at ASSUMED_MFU."""
-    from earthgpt_jax.models import flops
     from earthgpt_jax.models.presets import get_preset
 
     cfg = get_preset("7b", llm_adapters=True)
@@ -261,7 +262,7 @@ def _pipeline_row(name, images, r, consumer, consumer_name) -> str:
 
 def main(argv=None) -> int:
     from absl import flags
-    from benchmarks.decode_vs_hf import append_section, machine_lines
+    from benchmarks import results
 
     flags.FLAGS.mark_as_parsed()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -277,12 +278,12 @@ def main(argv=None) -> int:
     parser.add_argument("--train_steps", type=int, default=6, help="0: skip the demo step")
     parser.add_argument("--no_append", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    lines = machine_lines(("jax", "grain", "sentencepiece")) + run(args)
+    lines = results.machine_lines(("jax", "grain", "sentencepiece")) + run(args)
     print("\n".join(lines))
     if not args.no_append:
-        command = "python benchmarks/packing.py " + " ".join(argv or sys.argv[1:])
-        append_section("Sequence packing: efficiency on the MMRS-1M mix, packed pipeline vs "
-                       "consumption", command.strip(), lines)
+        results.append_section("Sequence packing: efficiency on the MMRS-1M mix, packed "
+                               "pipeline vs consumption", results.command_line(__file__, argv),
+                               lines)
     return 0
 
 

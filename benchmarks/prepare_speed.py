@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks import results
+
 RELEASE_BYTES = 124e9      # MMRS-1M's data.tar.gz parts, as the authors give the size
 RELEASE_RECORDS = 1_005_842  # records of the release's total.json
 PREVIOUS = ("the README said 33 JPEG images/s (4.3 MB/s) in one process, about 8 h (no "
@@ -166,7 +168,7 @@ def result_lines(rows: list[dict], source_px: int, fmt: str, noise_std: float) -
                    f"| {row['images_per_s']:.1f} | {row['mb_per_s']:.2f} "
                    f"| {row['hours_by_bytes']:.1f} h | {row['hours_by_records']:.1f} h "
                    f"| {row['images_per_s'] / first['images_per_s']:.2f}x |")
-    out.append(f"- Load average at end: {os.getloadavg()[0]:.1f}")
+    out.append(results.load_line())
     return out
 
 
@@ -185,7 +187,6 @@ def run(workdir: str, workers=(1, 0), num_train_images: int = 3000, source_px: i
 
 
 def main(argv=None) -> int:
-    from benchmarks.decode_vs_hf import append_section, machine_lines
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/earthgpt_bench_prepare",
@@ -199,15 +200,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no_append", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    header = machine_lines(("tensorflow-datasets", "array-record", "pillow", "numpy"))
+    header = results.machine_lines(("tensorflow-datasets", "array-record", "pillow", "numpy"))
     rows = run(args.workdir, workers=tuple(int(w) for w in args.workers.split(",")),
                num_train_images=args.num_train_images, source_px=args.source_px,
                fmt=args.format, noise_std=args.noise_std, repeats=args.repeats)
     lines = header + result_lines(rows, args.source_px, args.format, args.noise_std)
     print("\n".join(lines))
     if not args.no_append:
-        command = "python benchmarks/prepare_speed.py " + " ".join(argv or sys.argv[1:])
-        append_section("MMRS-1M preparation: one process vs every core", command.strip(), lines)
+        results.append_section("MMRS-1M preparation: one process vs every core",
+                               results.command_line(__file__, argv), lines)
     return 0
 
 

@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
 
 def format_markdown(result: dict) -> str:
     chips = list(CHIPS)
-    lines = [f"| model | stage | epoch | samples | samples/row | rows | TFLOP/row | "
+    lines = ["| model | stage | epoch | samples | samples/row | rows | TFLOP/row | "
              + " | ".join(f"{c} chip-h" for c in chips) + " |",
              "|---" * (7 + len(chips)) + "|"]
     for r in result["cost"]:

@@ -16,8 +16,8 @@ torch.set_num_threads, with OMP_WAIT_POLICY=PASSIVE, see _child_env).
 Reported per stage: ms/step (median of the timed steps; warm-up, which includes XLA's compile,
 excluded), tokens/s and the ratio ours/torch, the losses of both at every step from the same
 weights and batches (fp32: they should agree to ~1e-3 relative), model FLOPs per step
-(`benchmarks/flops.py`), MFU against the fp32 matmul peak measured here by XLA, and the peak
-host RSS of each train process. A dated section is appended to benchmarks/RESULTS.md.
+(`earthgpt_jax/models/flops.py`), MFU against the fp32 matmul peak measured here by XLA, and the
+peak host RSS of each train process. A dated section is appended to benchmarks/RESULTS.md.
 
 Tokens counted: every decoder position of the step, batch * (1 + V + T) (BOS, V visual tokens,
 T text tokens incl. padding), the same count for both sides; text tokens/s = batch * T / step.
@@ -30,7 +30,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -46,7 +45,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import flops as flops_lib  # noqa: E402  (numpy + lazy jax only)
+from benchmarks import results  # noqa: E402
+from earthgpt_jax.models import flops as flops_lib  # noqa: E402  (numpy + lazy jax only)
 from earthgpt_jax.models.presets import (ConvNeXtConfig, EarthGPTConfig, LlamaConfig,  # noqa
                                          ViTConfig)
 
@@ -56,6 +56,8 @@ TRAIN_HPARAMS = dict(learning_rate=1e-3, warmup_steps=1, lr_decay_steps=0, end_l
                      b1=0.9, b2=0.95, weight_decay=0.05, grad_clip_norm=1.0,
                      loss_normalization="tokens")
 LOSS_RTOL = 1e-3
+# Packages whose versions the report lists.
+VERSIONS = ("jax", "jaxlib", "flax", "optax", "torch", "transformers")
 
 
 def bench_model_config(size: str, stage: str) -> EarthGPTConfig:
@@ -486,28 +488,6 @@ def summarise(stage: str, model_cfg: EarthGPTConfig, batch: int, text_len: int, 
     return row
 
 
-def _versions() -> dict:
-    from importlib import metadata
-    out = {}
-    for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def format_report(rows: list[dict], peaks: dict, meta: dict) -> str:
     gf = lambda x: f"{x / 1e9:.4g}"  # noqa: E731
     lines = [
@@ -610,8 +590,9 @@ def run_benchmark(args) -> tuple[list[dict], str]:
                 for stage, ours, ref in measured]
         meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-                "nproc": os.cpu_count(), "cpu": _cpu_model(), "loadavg_before": load_before,
-                "loadavg_after": loadavg(), "versions": _versions(), "threads": args.threads,
+                "nproc": os.cpu_count(), "cpu": results.cpu_model(),
+                "loadavg_before": load_before, "loadavg_after": loadavg(),
+                "versions": results.versions(VERSIONS), "threads": args.threads,
                 "isolated": args.isolate,
                 "omp_wait_policy": (args.omp_wait_policy or "unset") if args.isolate
                 else "(in-process: as inherited)",
@@ -637,7 +618,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--matmul_n", type=int, default=2048)
     p.add_argument("--matmul_repeats", type=int, default=10)
-    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "RESULTS.md"),
+    p.add_argument("--results", default=results.RESULTS,
                    help="markdown file the report is appended to; empty: none")
     p.add_argument("--omp_wait_policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY of the isolated torch process ('' leaves it unset)")
@@ -658,8 +639,7 @@ def run_and_record(args) -> list[dict]:
     rows, report = run_benchmark(args)
     print(report)
     if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + report)
+        results.append(report, args.results)
         print(f"appended to {args.results}")
     return rows
 

@@ -173,6 +173,12 @@ def get_config(arg: str = ""):
     config.eval.batch_size = 32 if demo else 64
     config.eval.max_new_tokens = 120 if demo else 256
     config.eval.max_examples = 0  # 0: the whole split
+    # Decoding: greedy (the paper's tables), beam search with beam_width > 1, or top-p sampling
+    # with temperature > 0 (seeded by eval.seed and the batch, so a rerun gives the same text).
+    config.eval.beam_width = 1
+    config.eval.temperature = 0.0
+    config.eval.top_p = 1.0
+    config.eval.seed = 0
     config.eval.num_pictures = 4
     # The paper's evaluation suites (earthgpt_jax/evaluate/suites.py), comma-separated; empty:
     # the mmrs1m `config.eval.split` instead. --mode=eval writes the paper's tables beside ours.

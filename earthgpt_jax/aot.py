@@ -15,12 +15,15 @@ import re
 import jax
 import flax.linen as nn
 
+from earthgpt_jax.models.flops import device_peak_flops
+
 
 # Cloud TPU accelerator types count TensorCores for v4/v5p (2 per chip) and chips for v5e/v6e.
 CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
-# HBM per chip (GiB) and peak bf16 TFLOP/s per chip.
+# HBM per chip (GiB); the `jax.Device.device_kind` of each generation's chips, under which
+# models/flops.py's datasheet table gives their peak bf16 FLOP/s.
 HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}
-PEAK_TFLOPS = {"v4": 275, "v5p": 459, "v5e": 197, "v6e": 918}
+DEVICE_KIND = {"v4": "TPU v4", "v5p": "TPU v5", "v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
 
 
@@ -123,11 +126,12 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
     peak = getattr(mem, "peak_memory_in_bytes", 0) / gib
     flops = trainer.step_flops
     chips = report["chips"]
+    chip_peak = device_peak_flops(DEVICE_KIND[topo.generation])
     return report | {
         "fits": True, "per_chip": per_chip, "xla_peak_gib": peak,
         "model_tflops_per_step": flops / 1e12,
         # Step time at 50% MFU; and the MFU a given step time would mean.
-        "step_seconds_at_50pct_mfu": flops / (0.5 * PEAK_TFLOPS[topo.generation] * 1e12 * chips),
+        "step_seconds_at_50pct_mfu": flops / (0.5 * chip_peak * chips),
     }
 
 

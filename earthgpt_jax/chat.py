@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 from earthgpt_jax.data import boxes as box_text
-from earthgpt_jax.data.images import decode_image, square_and_resize
+from earthgpt_jax.data.images import ImageTooLargeError, decode_image, square_and_resize
 
 STOP_STRINGS = ("USER:",)  # a model that runs past its `</s>` starts the next turn
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple: one compile per bucket, not per turn
@@ -62,22 +62,16 @@ def restore_latest_params(ckpt_dir: str, model):
     """Params only (no optimizer state, whatever the training stage), on the default device."""
     import jax
     import flax.linen as nn
-    import orbax.checkpoint as ocp
-    from earthgpt_jax.train import abstract_params
+    from earthgpt_jax import checkpoints
+    from earthgpt_jax.models.earthgpt import abstract_params
 
-    abstract = nn.unbox(abstract_params(model))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=x.shape, dtype=x.dtype),
-        abstract)
-    with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as mngr:
-        step = mngr.latest_step()
-        if step is None:
-            raise ChatError(f"no checkpoint found in {ckpt_dir}")
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": abstract}, restore_args={"params": restore_args},
-            partial_restore=True)))
-    return restored.state["params"], step
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                           nn.unbox(abstract_params(model)))
+    try:
+        return checkpoints.restore_params(ckpt_dir, targets)
+    except FileNotFoundError as e:
+        raise ChatError(str(e)) from None
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -99,19 +93,20 @@ def load_image(path: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             bands = [b for b in img.getbands() if b != "A"]
-            mode = img.mode
+            mode, fmt = img.mode, img.format
     except Exception:
-        bands = mode = None
-    if bands is not None and mode != "P":
-        if len(bands) not in (1, 3):
+        bands = mode = fmt = None
+    broken = None  # why the pixels of an image whose header reads could not be decoded
+    if bands is not None:
+        if mode != "P" and len(bands) not in (1, 3):
             raise ChatError(f"unsupported band count {len(bands)} in {path} (mode {mode}); "
                             "EarthGPT reads 1-band (SAR/infrared) or 3-band images")
         try:
             return decode_image(data, path)
-        except ValueError:
-            pass  # fall through to tifffile (e.g. TIFF compressions PIL lacks)
-    elif mode == "P":
-        return decode_image(data, path)
+        except ImageTooLargeError as e:
+            raise ChatError(str(e)) from None
+        except ValueError as e:
+            broken = e.__cause__ or e  # a TIFF goes on to tifffile (compressions PIL lacks)
     if path.lower().endswith((".tif", ".tiff")):
         try:
             import tifffile
@@ -128,6 +123,9 @@ def load_image(path: str) -> np.ndarray:
                             "(SAR/infrared) or 3-band images")
         arr = _to_uint8(arr)
         return np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
+    if broken is not None:
+        raise ChatError(f"cannot decode image {path}: its {fmt} data is truncated or corrupt "
+                        f"({broken})")
     raise ChatError(f"cannot decode image {path}: not a PNG, JPEG or TIFF image")
 
 
@@ -220,13 +218,19 @@ class Session:
 
 
 HELP = "commands: /image PATH (new image, clears history), /reset, /quit"
+USER_PROMPT = "you> "
 
 
 def chat_loop(session: Session, image_path: str, image: np.ndarray, stdin, stdout, stderr):
     history: list[tuple[str, str]] = []
     stdout.write(f"EarthGPT chat on {image_path} ({image.shape[1]}x{image.shape[0]}). {HELP}\n")
-    stdout.flush()
-    for line in stdin:
+    while True:
+        stdout.write(USER_PROMPT)
+        stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input (Ctrl-D)
+            stdout.write("\n")
+            break
         line = line.strip()
         if not line:
             continue

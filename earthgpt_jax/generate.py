@@ -254,6 +254,27 @@ def beam_search_generate(model: EarthGPT, params, images, prompt_tokens, prompt_
     return tokens
 
 
+def generate(model: EarthGPT, params, images, prompt_tokens, prompt_valid, *,
+             max_new_tokens: int, eos_id: int, pad_id: int, beam_width: int = 1,
+             temperature: float = 0.0, top_p: float = 1.0, rng=None):
+    """The decoding a setting asks for: beam search (`beam_width` > 1), top-p sampling
+    (`temperature` > 0), else greedy. Evaluation's `config.eval.{beam_width,temperature,top_p}`
+    choose through here, so every strategy is reachable from a config."""
+    common = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+    if beam_width > 1 and temperature > 0:
+        raise ValueError("choose beam search (beam_width > 1) or sampling (temperature > 0), "
+                         "not both")
+    if beam_width > 1:
+        return beam_search_generate(model, params, images, prompt_tokens, prompt_valid,
+                                    beam_width=beam_width, **common)
+    if temperature > 0:
+        return sample_generate(model, params, images, prompt_tokens, prompt_valid,
+                               temperature=temperature, top_p=top_p, rng=rng, **common)
+    return greedy_generate(model, params, images, prompt_tokens, prompt_valid, **common)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def prefill(model: EarthGPT, params, images, prompt_tokens, prompt_valid, *, max_new_tokens: int):
     """First half of step-wise decoding: -> (last logits [B, V], cache, key_valid, position).

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
 
 import jax
 
-from earthgpt_jax import parallel
+from earthgpt_jax import checkpoints, cli, parallel
 from earthgpt_jax.data import prepare, sources
 from earthgpt_jax.data.pipeline import TrainPreprocess
 from earthgpt_jax.models.presets import EarthGPTConfig, get_preset
@@ -56,11 +57,18 @@ def run(config, workdir: str, mode: str) -> dict | None:
         raise ValueError(f"unknown --mode={mode}; choose one of {', '.join(MODES)}")
     if mode == "compile":
         return compile_only(config)
+    if mode == "eval":  # before any data is generated or built
+        check_checkpoint(workdir)
     # An mmrs1m entry of config.data.sources names the release (for training and evaluation).
     config = sources.with_release_dir(config)
     if mode == "train":  # bad entries and missing directories stop the run within seconds
         sources.parse_sources(config.data.sources, allow_missing=("mmrs1m",))
     evaluates_suites = bool(config.eval.suites) and (mode == "eval" or config.eval.at_end)
+    if evaluates_suites:
+        try:
+            suites.selected_suites(config.eval.suites, "--config.eval.suites")
+        except ValueError as e:
+            raise cli.UsageError(str(e)) from None
     needs_release = _needs_release(config, workdir, mode, evaluates_suites)
     # Fail within seconds when the release is missing, before any compile.
     if needs_release and not config.data.synthetic:
@@ -90,6 +98,7 @@ def run(config, workdir: str, mode: str) -> dict | None:
                  jax.devices()[0].platform)
     trainer = train_lib.Trainer(config, cfg, mesh)
     if mode == "train":
+        check_init_sources(config, workdir, trainer)
         preprocess = TrainPreprocess(tokenizer.path, cfg.image_size, config.data.max_text_len)
         train_data = train_source
         if config.data.sources.strip():
@@ -100,8 +109,7 @@ def run(config, workdir: str, mode: str) -> dict | None:
         params = state.params
         step = int(jax.device_get(state.step))
     else:
-        params, step = train_lib.restore_params(
-            os.path.join(os.path.abspath(workdir), "checkpoints"), trainer)
+        params, step = checkpoints.restore_params(workdir, trainer.abstract_state.params)
         logging.info("Evaluating the checkpoint of step %d", step)
     if evaluates_suites:
         return run_suites(config, workdir, trainer.model, params, tokenizer, opened, skipped,
@@ -111,18 +119,72 @@ def run(config, workdir: str, mode: str) -> dict | None:
                     trainer.rules, train_source=train_source)
 
 
+def _checkpoints_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    folder = _checkpoints_dir(workdir)
+    return os.path.isdir(folder) and checkpoints.latest_step(folder) is not None
+
+
+def check_checkpoint(workdir: str) -> None:
+    """--mode=eval reads the workdir's latest checkpoint: without one, stop in seconds."""
+    if not _has_checkpoint(workdir):
+        raise cli.UsageError(
+            f"--mode=eval found no checkpoint in {_checkpoints_dir(workdir)}: train first (the "
+            f"same command with --mode=train) or point --workdir at a training run")
+
+
+def check_init_sources(config, workdir: str, trainer) -> None:
+    """config.init's checkpoints checked against the model (names and shapes, from their
+    metadata) before anything compiles; not when the run resumes its own checkpoint (then
+    config.init is not used)."""
+    if not any(config.get("init", {}).values()) or _has_checkpoint(workdir):
+        return
+    try:
+        trainer.check_init_sources()
+    except (ValueError, FileNotFoundError) as e:
+        raise cli.UsageError(
+            f"{e} (this run's model: config.model.size={config.model.size}, a "
+            f"{trainer.model.cfg.llm.vocab_size}-token vocabulary; give config.init weights of "
+            f"that model, converted with python -m earthgpt_jax.convert, or fix the path)") from e
+
+
+def _pip_install(package: str) -> str:
+    """`pip install PACKAGE==PIN`, pinned as requirements-dev.txt pins it."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "requirements-dev.txt")
+    try:
+        with open(path) as f:
+            pins = [line.split("#")[0].strip() for line in f if line.startswith(package + "==")]
+    except OSError:
+        pins = []
+    return f"pip install {pins[0] if pins else package}"
+
+
 def compile_only(config) -> dict:
     """--mode=compile: the real train step compiled for config.compile.topology; no data, no
     TPU. The vocabulary is the preset's (LLaMA-2's 32000 for 7b/13b)."""
     from earthgpt_jax import aot
 
-    if not config.compile.topology:
-        raise ValueError("--mode=compile needs --config.compile.topology, e.g. v5p-128 or v5e:4x4")
+    topology = config.compile.topology
+    if not topology:
+        raise cli.UsageError("--mode=compile needs --config.compile.topology=NAME: a TPU "
+                             "accelerator type such as v5p-128 or a chip grid such as v5e:4x4")
+    try:
+        topo = aot.parse_topology(topology, config.compile.num_slices)
+    except ValueError as e:
+        raise cli.UsageError(f"--config.compile.topology={topology}: {e}") from None
+    if importlib.util.find_spec("libtpu") is None:
+        raise cli.UsageError(f"--mode=compile needs libtpu (it describes TPU topologies to XLA "
+                             f"on this host): {_pip_install('libtpu')}")
     cfg = get_preset(config.model.size, dtype=config.model.dtype,
                      remat_policy=config.model.remat_policy,
                      llm_adapters=config.train.stage == "b")
-    report = aot.compile_train_step(config, cfg, config.compile.topology,
-                                    config.compile.num_slices)
+    print(f"compiling the train step for {topology} ({topo.chips * topo.num_slices} chips; "
+          f"several minutes)...", flush=True)
+    report = aot.compile_train_step(config, cfg, topology, config.compile.num_slices)
     print(aot.format_report(report), flush=True)
     if jax.process_index() == 0 and config.compile.report_json:
         with open(config.compile.report_json, "w") as f:

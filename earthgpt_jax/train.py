@@ -19,9 +19,9 @@ import orbax.checkpoint as ocp
 import flax.linen as nn
 from flax import struct, traverse_util
 
-from earthgpt_jax import optim, parallel, plots
-from earthgpt_jax.models.earthgpt import EarthGPT
-from earthgpt_jax.models import flops, summary
+from earthgpt_jax import checkpoints, optim, parallel, plots
+from earthgpt_jax.models.earthgpt import EarthGPT, abstract_params, dummy_inputs
+from earthgpt_jax.models import flops
 from earthgpt_jax.models.presets import EarthGPTConfig
 
 def packing_enabled(config) -> bool:
@@ -79,18 +79,6 @@ class TrainState:
     opt_state: Any
 
 
-def dummy_inputs(model_cfg: EarthGPTConfig, batch: int, text_len: int):
-    size = model_cfg.image_size
-    return (jnp.zeros((batch, size, size, 3), jnp.uint8), jnp.zeros((batch, text_len), jnp.int32),
-            jnp.ones((batch, text_len), bool))
-
-
-def abstract_params(model: EarthGPT, text_len: int = 8):
-    """Boxed (logically annotated) abstract params: shapes and axis names, no memory."""
-    inputs = dummy_inputs(model.cfg, 1, text_len)
-    return jax.eval_shape(lambda r: model.init(r, *inputs), jax.random.key(0))["params"]
-
-
 class Trainer:
     """Owns the model, optimizer, mesh and the jitted functions of one training run."""
 
@@ -108,8 +96,8 @@ class Trainer:
         self.rules = parallel.logical_rules(config)
         boxed = abstract_params(self.model)
         self.labels = optim.trainable_labels(nn.unbox(boxed), config.train.stage)
-        self.summary = summary.parameter_summary(nn.unbox(boxed), self.labels)
-        logging.info("%s", summary.format_summary(self.summary, config.train.stage))
+        self.summary = flops.parameter_summary(nn.unbox(boxed), self.labels)
+        logging.info("%s", flops.format_summary(self.summary, config.train.stage))
         self.tx = optim.make_optimizer(config.train, self.labels)
         self.schedule = optim.learning_rate_schedule(config.train)
         inputs = dummy_inputs(model_cfg, 1, 8)
@@ -147,24 +135,35 @@ class Trainer:
         `init.from_workdir` first (every part of that run's latest params), then
         `init.llm|vit|convnext`, which replace their part (and that part is then not read from
         the workdir). The optimizer state is always fresh. Restored leaves go straight onto
-        their shardings (`checkpoint.restore_sharded`).
+        their shardings (`checkpoints.restore_sharded`).
         """
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             state = self._init(jax.random.key(seed))
-        init_cfg = self.config.get("init", {})
-        parts = [p for p in ("llm", "vit", "convnext") if init_cfg.get(p)]
-        targets = self.abstract_state.params
-        restored = {}
-        if init_cfg.get("from_workdir"):
-            restored.update(restore_from_workdir(init_cfg.from_workdir, targets, skip=parts))
-        for part in parts:
-            restored.update({(part,) + k: v for k, v in
-                             restore_part(part, init_cfg[part], targets[part]).items()})
+        restored = self._restore_init()
         if not restored:
             return state
         flat = traverse_util.flatten_dict(state.params)
         flat.update(restored)
         return state.replace(params=traverse_util.unflatten_dict(flat))
+
+    def check_init_sources(self) -> None:
+        """The checkpoints config.init names, checked against the model (names and shapes, from
+        their metadata; nothing read or compiled): a ValueError naming the tensor that differs."""
+        self._restore_init(check_only=True)
+
+    def _restore_init(self, check_only: bool = False) -> dict:
+        """{full param path: sharded array} of what config.init names (`init_state`)."""
+        init_cfg = self.config.get("init", {})
+        parts = [p for p in ("llm", "vit", "convnext") if init_cfg.get(p)]
+        targets = self.abstract_state.params
+        restored = {}
+        if init_cfg.get("from_workdir"):
+            restored.update(checkpoints.restore_from_workdir(init_cfg.from_workdir, targets, skip=parts,
+                                                 check_only=check_only))
+        for part in parts:
+            restored.update({(part,) + k: v for k, v in checkpoints.restore_part(
+                part, init_cfg[part], targets[part], check_only=check_only).items()})
+        return restored
 
     def loss_terms(self, params, batch):
         """(numerator, denominator, answer tokens): loss = numerator / denominator.
@@ -270,96 +269,6 @@ class Trainer:
             return self._train_step(state, batch)
 
 
-def _is_adapter(path: tuple) -> bool:
-    """Stage B's bias/scale adapters: absent from LLaMA-2 and from stage-A runs, they start as
-    the identity wherever a checkpoint lacks them."""
-    return path[-1] in ("adapter_scale", "adapter_bias")
-
-
-def abbreviate_paths(paths) -> str:
-    """Parameter paths, with the modules and leaves that share a parent folded into braces:
-    'llm/layers/{k_proj,q_proj}/{adapter_bias,adapter_scale}'."""
-    modules: dict = {}
-    for path in paths:
-        parent, module, leaf = path[:-2], path[-2:-1], path[-1]
-        modules.setdefault((parent, leaf), []).extend(module)
-    leaves: dict = {}
-    for (parent, leaf), names in modules.items():
-        leaves.setdefault((parent, tuple(sorted(names))), []).append(leaf)
-    brace = lambda names: names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
-    return ", ".join("/".join(list(parent) + ([brace(list(names))] if names else [])
-                              + [brace(sorted(leaf))])
-                     for (parent, names), leaf in sorted(leaves.items()))
-
-
-def _log_fresh(source: str, lacking: list[tuple], prefix: tuple = ()) -> None:
-    if lacking:
-        logging.info("%s lacks %d parameters; they keep their usual init: %s", source,
-                     len(lacking), abbreviate_paths([prefix + tuple(p) for p in lacking]))
-
-
-def restore_part(part: str, ckpt_dir: str, targets: dict) -> dict:
-    """`config.init.<part>`: the `part` ('llm', 'vit', 'convnext') of a converted checkpoint
-    (or, for 'llm', of a training workdir too), restored onto `targets` (that part's abstract
-    params, ShapeDtypeStructs with shardings). Returns {path below part: sharded jax.Array}.
-
-    Leaves the checkpoint lacks are allowed only for the stage-B adapters (they start as the
-    identity); any other missing, extra or differently shaped tensor is an error naming it.
-    """
-    from earthgpt_jax.convert import checkpoint as ckpt_lib
-
-    ck = (ckpt_lib.open_llm_checkpoint(ckpt_dir) if part == "llm"
-          else ckpt_lib.open_converted_part(ckpt_dir, part))
-    restored, lacking = ckpt_lib.restore_sharded(
-        ck.pytree_dir, ck.prefix, traverse_util.flatten_dict(targets), may_lack=_is_adapter,
-        label=f"config.init.{part}={ckpt_dir}")
-    logging.info("Loaded %s weights (%d tensors) from %s", part, len(restored), ckpt_dir)
-    _log_fresh(f"config.init.{part}={ckpt_dir}", lacking, (part,))
-    return restored
-
-
-def restore_from_workdir(workdir: str, targets: dict, skip=()) -> dict:
-    """`config.init.from_workdir`: the params of a training run's latest checkpoint (every part:
-    decoder, towers, projector, adapters where present) restored onto `targets` (the abstract
-    params, ShapeDtypeStructs with shardings); the parts in `skip` are neither read nor checked.
-    Returns {full param path: sharded jax.Array}. Its optimizer state and step are never read.
-
-    Parameters the run lacks are allowed only for the stage-B adapters (a stage-A run has
-    none): they keep their usual init (the identity) and are listed in the log. Any other
-    missing, extra or differently shaped tensor is an error naming it.
-    """
-    from earthgpt_jax.convert import checkpoint as ckpt_lib
-
-    ck = ckpt_lib.open_workdir_params(workdir)
-    label = f"config.init.from_workdir={workdir}"
-    restored, lacking = ckpt_lib.restore_sharded(
-        ck.pytree_dir, ck.prefix, traverse_util.flatten_dict(targets), may_lack=_is_adapter,
-        skip=[(part,) for part in skip], label=label)
-    logging.info("Started from %s (%d tensors of %s)%s", workdir, len(restored), ck.pytree_dir,
-                 "".join(f"; its {p} is replaced by config.init.{p}" for p in skip))
-    _log_fresh(label, lacking)
-    return restored
-
-
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.checkpoint.keep, save_interval_steps=config.checkpoint.every_steps,
-        enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options)
-
-
-def restore_params(ckpt_dir: str, trainer: Trainer, step: int | None = None):
-    """Params of the latest (or given) checkpoint, sharded like training."""
-    with ocp.CheckpointManager(ckpt_dir) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint found in {ckpt_dir}")
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(trainer.abstract_state)))
-    return restored.state.params, step
-
-
 class _Preemption:
     """SIGTERM (TPU preemption) asks the loop to save and exit cleanly."""
 
@@ -389,19 +298,31 @@ class MetricsLog:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
         self._t0, self._tokens, self._steps = time.time(), 0.0, 0
+        self._untimed, self._untimed_since = 0, self._t0
+
+    def exclude_compile(self, steps: int = 1) -> None:
+        """Called once the first `steps` steps (which waited for the compile) are done: the
+        clock restarts, so the rates and the ETA of the next line leave them out."""
+        now = time.time()
+        if self.enabled:
+            logging.info("Train step compiled; the first step took %.1f s", now - self._t0)
+        self._untimed, self._untimed_since, self._t0 = steps, self._t0, now
 
     def record(self, step: int, history: list[dict]):
         fetched = jax.device_get(history)
         now = time.time()
         elapsed = max(now - self._t0, 1e-9)
-        tokens = float(sum(m["tokens"] for m in fetched))
+        timed, self._untimed = fetched[self._untimed:], 0
+        if not timed:  # a line per step: the compile step has only its own time
+            timed, elapsed = fetched, max(now - self._untimed_since, 1e-9)
+        tokens = float(sum(m["tokens"] for m in timed))
         row = {"step": step,
                "loss": float(np.mean([m["loss"] for m in fetched])),
                "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
                "learning_rate": float(fetched[-1]["learning_rate"]),
                "skipped_steps": int(sum(m["skipped"] for m in fetched)),
                "tokens_per_s": tokens / elapsed,
-               "steps_per_s": len(fetched) / elapsed}
+               "steps_per_s": len(timed) / elapsed}
         if self.step_flops:
             row["model_tflops_per_s"] = self.step_flops * row["steps_per_s"] / 1e12
             if self.peak_flops:
@@ -447,7 +368,7 @@ def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainSt
         num_workers=config.data.get("num_workers", 0),
         packing=packing_options(config, trainer.model.cfg))
     data_iter = pipeline.iterate(dataset)
-    mngr = checkpoint_manager(workdir, config)
+    mngr = checkpoints.checkpoint_manager(workdir, config)
     latest = mngr.latest_step()
     if latest is not None:
         restored = mngr.restore(latest, args=ocp.args.Composite(
@@ -494,7 +415,12 @@ def _loop(config, trainer, state, start, data_iter, log, save, mngr):
     nonfinite_in_row, previous = 0, None
     for step in range(start + 1, tc.num_steps + 1):
         host_batch = next(data_iter)
+        if step == start + 1:
+            logging.info("Compiling the train step (the first step waits for it)...")
         state, metrics = trainer.train_step(state, host_batch)
+        if step == start + 1:  # rates and ETAs count the steps after the compile
+            jax.block_until_ready(metrics)
+            log.exclude_compile()
         history.append(metrics)
         # The previous step's flag: reading it costs no wait, the device is on this step.
         if previous is not None:

@@ -6,7 +6,7 @@ process) and counts them."""
 import numpy as np
 import pytest
 
-from benchmarks import data_pipeline, decode_vs_hf
+from benchmarks import data_pipeline, decode_vs_hf, results
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -34,7 +34,7 @@ def test_decode_benchmark_greedy_tokens_equal_and_figures_positive(tmp_path):
     result["repeats"] = 1
     out = tmp_path / "RESULTS.md"
     out.write_text("# earlier section\n")
-    decode_vs_hf.append_section("Decoding", "cmd", decode_vs_hf.result_lines(result), str(out))
+    results.append_section("Decoding", "cmd", decode_vs_hf.result_lines(result), str(out))
     text = out.read_text()
     assert text.startswith("# earlier section\n") and "| 2 | ours (JAX) |" in text
 

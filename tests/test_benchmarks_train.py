@@ -13,10 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from benchmarks import flops, torch_reference, train_vs_torch  # noqa: E402
+from benchmarks import torch_reference, train_vs_torch  # noqa: E402
 from earthgpt_jax import optim  # noqa: E402
-from earthgpt_jax.models import earthgpt, summary  # noqa: E402
-from earthgpt_jax.train import abstract_params, dummy_inputs  # noqa: E402
+from earthgpt_jax.models import earthgpt, flops  # noqa: E402
+from earthgpt_jax.models.earthgpt import abstract_params, dummy_inputs  # noqa: E402
 
 
 def test_tiny_benchmark_runs_and_the_two_sides_agree(tmp_path):
@@ -56,7 +56,7 @@ def test_parameter_counts_match_the_model(size):
     for stage in ("a", "b"):
         cfg = train_vs_torch.bench_model_config(size, stage)
         params = nn.unbox(abstract_params(earthgpt.EarthGPT(cfg)))
-        counted = summary.parameter_summary(params)
+        counted = flops.parameter_summary(params)
         assert flops.parameter_counts(cfg) == counted
     if size == "100m":
         assert 95e6 < counted["total"] < 110e6 and 80e6 < counted["llm"] < 90e6

@@ -121,3 +121,13 @@ def test_clear_errors_exit_2(workdir, tmp_path):
     tifffile.imwrite(tmp_path / "sar16.tif", (np.arange(64, dtype=np.uint16) * 900).reshape(8, 8))
     arr = chat.load_image(str(tmp_path / "sar16.tif"))
     assert arr.shape == (8, 8, 3) and arr.dtype == np.uint8 and arr.max() == 255
+
+
+def test_each_user_turn_gets_a_prompt_marker():
+    out = io.StringIO()
+    chat.chat_loop(None, "scene.png", np.zeros((4, 6, 3), np.uint8),
+                   io.StringIO("/reset\n/nope\n"), out, io.StringIO())
+    text = out.getvalue()
+    assert text.count(chat.USER_PROMPT) == 3  # before each line, and before the end of input
+    assert text.index(chat.USER_PROMPT) < text.index("(history cleared)")
+    assert text.endswith(chat.USER_PROMPT + "\n")

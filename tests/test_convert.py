@@ -252,3 +252,19 @@ def test_pytorch_bin_is_loaded_with_weights_only(hf_models, tmp_path, monkeypatc
     for k, v in state.items():
         v = v.float().numpy()
         np.testing.assert_array_equal(back[k].astype(np.float32), v)
+
+
+def test_cli_keeps_orbax_logs_out(hf_models, tmp_path):
+    """`python -m earthgpt_jax.convert hf-to-orbax` prints its own lines, not orbax's INFO."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "earthgpt_jax.convert", "hf-to-orbax",
+         f"--hf_dir={hf_models['bf16_single'][1]}", f"--out_dir={tmp_path / 'out'}"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert any("wrote" in line for line in lines), proc.stderr
+    assert len(lines) <= 5, proc.stderr

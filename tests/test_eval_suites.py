@@ -194,3 +194,12 @@ def test_java_metrics_are_skipped_with_a_reason_without_java(tmp_path, monkeypat
     assert out["BLEU-4"] is not None and out["ROUGE-L"] is not None
     off = metrics.caption_scores(preds, refs)
     assert off["not_computed"]["METEOR"] == metrics.JAVA_NOT_REQUESTED
+
+
+def test_suites_cli_names_its_own_option(tmp_path, capsys):
+    code = suites.main(["--suites=clrz"])  # no --data_dir: the name is still checked first
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "error: unknown evaluation suite(s) clrz in --suites; known: clrs," in err
+    assert "config.eval" not in err
+    assert os.listdir(tmp_path) == []

@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from configs import mmrs
 from earthgpt_jax import parallel, train as train_lib
-from earthgpt_jax.convert import checkpoint as ckpt_lib
+from earthgpt_jax import checkpoints as ckpt_lib
 from earthgpt_jax.run import model_config, save_model_config
 
 VOCAB, LENGTH, BATCH = 64, 16, 8
@@ -148,7 +148,7 @@ def test_orbax_restores_into_the_target_shardings(runs, monkeypatch):
 
     monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", spy)
     targets = traverse_util.flatten_dict(trainer.abstract_state.params)
-    train_lib.restore_from_workdir(runs["workdir_a"], trainer.abstract_state.params)
+    ckpt_lib.restore_from_workdir(runs["workdir_a"], trainer.abstract_state.params)
     (args,) = calls
     requested = traverse_util.flatten_dict(args.restore_args)
     assert args.partial_restore and all(k[0] == "params" for k in requested)  # no opt_state
@@ -204,18 +204,18 @@ def test_mismatches_are_named(runs, tmp_path):
     wrong = dict(a, **{"projector/kernel": np.zeros((7, 64), np.float32)})
     with pytest.raises(ValueError, match=r"tensor params/projector/kernel has shape \(7, 64\) in "
                                          r".* the model expects \(144, 64\)"):
-        train_lib.restore_from_workdir(_fake_workdir(tmp_path / "size", wrong), targets)
+        ckpt_lib.restore_from_workdir(_fake_workdir(tmp_path / "size", wrong), targets)
     extra = dict(a, **{"llm/norm/bias": np.zeros(64, np.float32)})
     with pytest.raises(ValueError, match=r"unexpected 1 \[params/llm/norm/bias\]"):
-        train_lib.restore_from_workdir(_fake_workdir(tmp_path / "extra", extra), targets)
+        ckpt_lib.restore_from_workdir(_fake_workdir(tmp_path / "extra", extra), targets)
     missing = {k: v for k, v in a.items() if k != "llm/norm/scale"}
     with pytest.raises(ValueError, match=r"missing 1 \[params/llm/norm/scale\]"):
-        train_lib.restore_from_workdir(_fake_workdir(tmp_path / "missing", missing), targets)
+        ckpt_lib.restore_from_workdir(_fake_workdir(tmp_path / "missing", missing), targets)
     os.makedirs(tmp_path / "empty" / "checkpoints")
     with pytest.raises(FileNotFoundError, match="no checkpoint found"):
-        train_lib.restore_from_workdir(str(tmp_path / "empty"), targets)
+        ckpt_lib.restore_from_workdir(str(tmp_path / "empty"), targets)
     with pytest.raises(FileNotFoundError, match="not a training workdir"):
-        train_lib.restore_from_workdir(str(tmp_path), targets)
+        ckpt_lib.restore_from_workdir(str(tmp_path), targets)
 
 
 def test_bf16_leaves_restore_as_fp32_and_init_parts_override(runs, tmp_path):

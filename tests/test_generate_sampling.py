@@ -102,3 +102,25 @@ def test_apply_stop_strings():
     assert apply_stop_strings("a box [0.1] USER: more", ["USER:", "###"]) == "a box [0.1] "
     assert apply_stop_strings("plain", ["x"]) == "plain"
     assert apply_stop_strings("plain", []) == "plain"
+
+
+def test_generate_picks_the_decoding_a_setting_asks_for(setup):
+    """`generate` (what config.eval.beam_width/temperature/top_p reach) dispatches to each
+    strategy with the same arguments the strategy itself takes."""
+    from earthgpt_jax.generate import generate
+
+    model, params, images, tokens, valid, greedy = setup
+    kw = dict(max_new_tokens=STEPS, eos_id=-1, pad_id=0)
+    np.testing.assert_array_equal(generate(model, params, images, tokens, valid, **kw), greedy)
+    beams = generate(model, params, images, tokens, valid, beam_width=3, **kw)
+    np.testing.assert_array_equal(beams, beam_search_generate(model, params, images, tokens,
+                                                              valid, beam_width=3, **kw))
+    key = jax.random.key(7)
+    sampled = generate(model, params, images, tokens, valid, temperature=1.5, top_p=0.9,
+                       rng=key, **kw)
+    np.testing.assert_array_equal(sampled, sample_generate(
+        model, params, images, tokens, valid, temperature=1.5, top_p=0.9, rng=key, **kw))
+    with pytest.raises(ValueError, match="not both"):
+        generate(model, params, images, tokens, valid, beam_width=2, temperature=1.0, **kw)
+    with pytest.raises(ValueError, match="beam_width must be >= 1"):
+        generate(model, params, images, tokens, valid, beam_width=0, **kw)

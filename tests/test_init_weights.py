@@ -82,3 +82,28 @@ def test_a_checkpoint_of_another_size_is_refused_with_the_tensor_named(converted
     with pytest.raises(ValueError, match=r"llm/layers/down_proj/kernel has shape \(2, 96, 64\)"
                        r".*expects \(2, 128, 64\)"):
         _state(tmp_path, "a", llm="llm")
+
+
+
+def test_a_wrong_init_checkpoint_is_refused_before_any_compile(converted, tmp_path):
+    """run.py checks config.init against the model right after building the Trainer: from the
+    checkpoint's metadata, before the jitted init (or anything else) compiles."""
+    from earthgpt_jax import cli, run as run_lib
+    root, _ = converted
+    config = mmrs.get_config("demo")
+    config.train.stage = "b"
+    config.init.llm = str(root / "llm")
+    config.init.convnext = str(root / "convnext")
+
+    def trainer(vocab_size):
+        cfg = get_preset("tiny", vocab_size=vocab_size, llm_adapters=True)
+        made = train_lib.Trainer(config, cfg, parallel.build_mesh(config.mesh, jax.devices()[:1]))
+        made._init = None  # an init (a compile) before the check would fail on this
+        return made
+
+    # A model with another vocabulary than the converted LLaMA's 64 tokens.
+    with pytest.raises(cli.UsageError, match=r"config.init.llm=.*: tensor llm/embed_tokens/"
+                       r"embedding has shape \(64, 64\) in .*the model expects \(96, 64\).*"
+                       r"config.model.size=demo, a 96-token vocabulary; give config.init"):
+        run_lib.check_init_sources(config, str(tmp_path), trainer(96))
+    run_lib.check_init_sources(config, str(tmp_path), trainer(64))  # the right ones pass

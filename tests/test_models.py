@@ -9,7 +9,7 @@ import pytest
 from earthgpt_jax.generate import greedy_generate, left_pad
 from earthgpt_jax.models.earthgpt import EarthGPT
 from earthgpt_jax.models.presets import get_preset
-from earthgpt_jax.train import abstract_params
+from earthgpt_jax.models.earthgpt import abstract_params
 
 
 def _count(tree):
@@ -69,7 +69,7 @@ def test_unknown_size_is_a_clear_error():
 
 def test_parameter_summary_counts_parts_and_stage_b_trainables():
     from earthgpt_jax import optim
-    from earthgpt_jax.models.summary import parameter_summary
+    from earthgpt_jax.models.flops import parameter_summary
 
     cfg = get_preset("7b", llm_adapters=True)
     params = nn.unbox(abstract_params(EarthGPT(cfg)))
@@ -95,6 +95,65 @@ def test_fused_attention_equals_einsum_on_right_padded_batches():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="attention_impl 'flash'"):
         get_preset("tiny", llm_attention_impl="flash")
+
+
+def _dense_attention(q, k, v, allowed):
+    """The reference: per head, softmax over the allowed keys of q k^T / sqrt(d), then V
+    (float64; kv head h // (H / KV) serves query head h)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(allowed[:, None], scores, -np.inf)
+    with np.errstate(invalid="ignore"):  # a query that may see no key gets nan (not compared)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", probs, v)
+
+
+def _random_qkv(seed, batch, t, heads=4, kv_heads=2, dim=8):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal((batch, t, h, dim)), jnp.float32)
+                 for h in (heads, kv_heads, kv_heads))
+
+
+@pytest.mark.parametrize("impl", ["einsum", "xla"])
+def test_attention_equals_a_dense_masked_softmax_in_every_mode(impl):
+    from earthgpt_jax.models.layers import attention
+
+    t, causal = 6, np.tril(np.ones((6, 6), bool))
+    # Unpacked rows, causal + right padding.
+    q, k, v = _random_qkv(0, 2, t)
+    valid = np.arange(t)[None] < np.array([[6], [4]])
+    got = attention(q, k, v, impl=impl, key_valid=jnp.asarray(valid))
+    want = _dense_attention(q, k, v, causal[None] & valid[:, None, :])
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+    # Packed rows: a query sees its own segment only; padding (0) queries are not compared.
+    seg = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 2, 2]])
+    got = attention(q, k, v, impl=impl, segment_ids=jnp.asarray(seg))
+    allowed = causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+    real = seg > 0
+    np.testing.assert_allclose(np.asarray(got)[real], _dense_attention(q, k, v, allowed)[real],
+                               atol=1e-5)
+    # A cached decode step (and a two-token one): new queries see the written cache slots
+    # before cache_index (row 1 left-padded: slots 0-1 unwritten) and the new keys causally.
+    slots, index = 8, 5
+    cache_k, cache_v = _random_qkv(1, 2, slots)[1:]
+    for new in (1, 2):
+        q, k, v = _random_qkv(2 + new, 2, new)
+        valid = np.arange(slots)[None] < index + new
+        valid = valid & ~((np.arange(2)[:, None] == 1) & (np.arange(slots)[None] < 2))
+        got = attention(q, k, v, impl=impl, key_valid=jnp.asarray(valid),
+                        cache=(cache_k, cache_v), cache_index=index)
+        written_k = np.asarray(cache_k).copy()
+        written_v = np.asarray(cache_v).copy()
+        written_k[:, index:index + new], written_v[:, index:index + new] = k, v
+        query_slot = index + np.arange(new)
+        allowed = (np.arange(slots)[None, :] <= query_slot[:, None])[None] & valid[:, None, :]
+        np.testing.assert_allclose(np.asarray(got), _dense_attention(q, written_k, written_v,
+                                                                     allowed), atol=1e-5)
+    with pytest.raises(ValueError, match="key_valid .* or segment_ids"):
+        attention(q, k, v, impl=impl)
 
 
 def test_unrolled_decoding_gives_the_scanned_tokens():

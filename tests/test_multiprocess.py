@@ -11,7 +11,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from tests.test_train import ROOT, _losses, _main_cmd, data  # noqa: F401  (fixture)
+from tests.test_train import ROOT, _losses, _main_cmd  # `data`: tests/conftest.py
 
 
 def _env(devices):

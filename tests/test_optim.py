@@ -11,8 +11,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from earthgpt_jax import optim, train as train_lib
-from earthgpt_jax.models.earthgpt import EarthGPT
+from earthgpt_jax import optim
+from earthgpt_jax.models.earthgpt import EarthGPT, abstract_params
 from earthgpt_jax.models.layers import Linear
 from earthgpt_jax.models.presets import get_preset
 
@@ -80,7 +80,7 @@ def test_small_adapter_scale_changes_a_bf16_forward():
 
 def _paths(scan_layers: bool, adapters: bool) -> list[str]:
     cfg = get_preset("tiny", vocab_size=64, llm_scan_layers=scan_layers, llm_adapters=adapters)
-    abstract = jax.tree.map(lambda x: x, train_lib.abstract_params(EarthGPT(cfg)))
+    abstract = jax.tree.map(lambda x: x, abstract_params(EarthGPT(cfg)))
     import flax.linen as nn
     return traverse_util.flatten_dict(nn.unbox(abstract), sep="/")
 

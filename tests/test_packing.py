@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 from earthgpt_jax.models.earthgpt import EarthGPT
-from earthgpt_jax.models.presets import IMAGE_TOKEN, get_preset
+from earthgpt_jax.data.tokenizer import IMAGE_TOKEN
+from earthgpt_jax.models.presets import get_preset
 
 
 def _pack_rows(samples, length, slots, visual, bos):
@@ -82,8 +83,8 @@ def test_flop_formula_matches_the_packed_forward():
     """The packed formula (S = row length, every image slot encoded, LM head at S - 1
     positions) equals the dot/conv FLOPs of the jitted packed forward."""
     import flax.linen as nn
-    from benchmarks import flops  # the formula, re-exported, and the jaxpr FLOP counter
-    from earthgpt_jax.train import abstract_params
+    from earthgpt_jax.models import flops  # the formula and the jaxpr FLOP counter
+    from earthgpt_jax.models.earthgpt import abstract_params
 
     from benchmarks import train_vs_torch
     # The config the unpacked formula test uses: frozen towers whose maps all divide the grid

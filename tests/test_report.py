@@ -219,3 +219,16 @@ def test_detection_map_per_sensor_and_rsvqa_columns():
     assert (g["vqa_presence"]["all"]["n"], g["vqa_comparison"]["all"]["n"]) == (2, 2)
     assert g["vqa_presence"]["all"]["model"]["accuracy"] == 1.0
     assert g["vqa_comparison"]["all"]["model"]["accuracy"] == 0.5
+
+
+def test_a_new_evaluation_replaces_the_pictures_of_the_last_one(tmp_path):
+    out = tmp_path / "eval"
+    old = [dict(e, id=f"old{k}") for k, e in enumerate(_examples())]
+    first = report.write_box_pictures(old, str(out), max_per_task=1)
+    (out / "notes.png").write_bytes(b"")  # not a picture of ours: kept
+    second = report.write_box_pictures(_examples(), str(out), max_per_task=1)
+    assert first and set(first).isdisjoint(second)
+    assert sorted(os.listdir(out)) == sorted([os.path.basename(p) for p in second]
+                                             + ["notes.png"])
+    report.write_report(report.evaluate_predictions(_examples()), str(out))
+    assert "19 questions; baselines from" in (out / "results.md").read_text()

@@ -180,3 +180,30 @@ def test_score_cli_bad_line_is_a_clear_error(tmp_path, line, reason):
     assert proc.returncode == 2
     assert reason in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_score_help_shows_the_input_schema(capsys):
+    with pytest.raises(SystemExit) as exited:
+        score.main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "Predictions file schema" in out
+    for field in ("`prediction`", "`references`", "`box`", "`labels`", "`normalized`"):
+        assert field in out, field
+
+
+def test_unrequested_java_metrics_name_the_score_option():
+    out = score.score_rows("caption", [{"prediction": "a ship", "references": ["a ship"]}])
+    assert set(out["not_computed"]) == {"METEOR", "SPICE"}
+    for reason in out["not_computed"].values():
+        assert "--java_metrics" in reason and "config.eval" not in reason
+
+
+def test_non_utf8_predictions_name_the_file_and_line(tmp_path, capsys):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prediction": "ship", "answer": "ship"}\n'
+                     b'{"prediction": "caf\xe9", "answer": "ship"}\n')
+    assert score.main(["--task=classification", f"--predictions={path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"error: {path} line 2: not UTF-8 text (byte 0xe9 at column 20)" in err

@@ -163,6 +163,8 @@ def test_bad_uploads_get_clear_4xx(served):
     status, body = call(served, "POST", "/api/conversations?name=cut.png",
                         _png(_scene(3, 40, 40, [], 0))[:2000])
     assert status == 400 and "cannot decode image cut.png" in body["error"], body
+    assert "PNG data is truncated or corrupt" in body["error"], body
+    assert body["error"].count("cut.png") == 1, body
     status, body = call(served, "POST", "/api/conversations?name=empty.png", b"")
     assert status == 400 and "empty" in body["error"]
     import tifffile
@@ -175,6 +177,8 @@ def test_bad_uploads_get_clear_4xx(served):
     big = os.urandom(250_000)
     status, body = call(served, "POST", "/api/conversations?name=big.png", big)
     assert status == 413 and "250000 bytes; the limit is 200000" in body["error"], body
+    status, body = call(served, "POST", "/api/conversations", big)  # no name given
+    assert status == 413 and body["error"].startswith("the upload is 250000 bytes"), body
     status, body = call(served, "POST", "/api/conversations?name=big.png",
                         (big[i:i + 50_000] for i in range(0, len(big), 50_000)), chunked=True)
     assert status == 413 and "over the limit of 200000 bytes" in body["error"], body
@@ -307,3 +311,13 @@ def test_cli_refuses_a_missing_checkpoint_and_says_how_to_expose(tmp_path, capsy
     assert "http://127.0.0.1:8123/" in local and "ssh -N -L 8123:127.0.0.1:8123" in local
     assert "--host=0.0.0.0" in local
     assert "WARNING" in banner("0.0.0.0", 8123, "step 1")
+
+
+def test_a_truncated_png_is_called_truncated_not_unknown():
+    from earthgpt_jax.serve.service import ApiError, Limits, decode_upload
+    data = _png(_scene(3, 40, 40, [], 0))
+    with pytest.raises(ApiError) as raised:
+        decode_upload(data[:len(data) // 2], "cut.png", Limits())
+    assert raised.value.status == 400
+    assert raised.value.message.startswith("cannot decode image cut.png: its PNG data is "
+                                           "truncated or corrupt ("), raised.value.message

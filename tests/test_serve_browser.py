@@ -69,6 +69,9 @@ def test_page_streams_a_detection_answer_and_draws_its_boxes(server, tmp_path):
         assert driver.save_screenshot(shot)
         chunks = driver.execute_script(
             "return document.querySelector('#thread .msg.assistant').dataset.chunks")
+        driver.find_element(By.ID, "question").clear()
+        driver.find_element(By.ID, "send").click()  # an empty question is told, not ignored
+        empty_status = driver.find_element(By.ID, "status").text
         driver.find_element(By.ID, "reset").click()
         reset = driver.execute_script(
             "return [document.querySelectorAll('#thread .msg.assistant').length,"
@@ -86,3 +89,4 @@ def test_page_streams_a_detection_answer_and_draws_its_boxes(server, tmp_path):
     colour = np.array([int(page["edges"][0]["colour"][i:i + 2], 16) for i in (1, 3, 5)])
     assert (np.abs(picture - colour).sum(-1) <= 6).sum() > 200  # box strokes in the screenshot
     assert reset == [0, "0"]
+    assert empty_status.startswith("the question is empty"), empty_status

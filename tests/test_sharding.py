@@ -9,7 +9,7 @@ from configs import mmrs
 from earthgpt_jax import parallel
 from earthgpt_jax.models.earthgpt import EarthGPT
 from earthgpt_jax.models.presets import get_preset
-from earthgpt_jax.train import abstract_params
+from earthgpt_jax.models.earthgpt import abstract_params
 
 
 def _on_mesh(model, params, ici):

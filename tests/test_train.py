@@ -42,9 +42,10 @@ def tiny_config(workdir, **train):
     return config
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A small release, built with TFDS, and its tokenizer: shared by the tests below."""
+def build_data(tmp_path_factory):
+    """A small release, built with TFDS, and its tokenizer: the session-wide `data` fixture
+    (tests/conftest.py) shared by these tests and test_multiprocess.py. Read-only for its users:
+    they train into their own tmp_path."""
     work = str(tmp_path_factory.mktemp("data"))
     config = tiny_config(work)
     from earthgpt_jax.data import synthetic
@@ -320,7 +321,10 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_losses(data, tmp_path):
 def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     import signal
     workdir = str(tmp_path)
+    # lr_decay_steps=8: the learning-rate schedule (a constant in the compiled step) of the
+    # kill -9 test's 8-step runs, so this run reuses their compiled train step from the cache.
     code, stderr = _run_until(_main_cmd(data, workdir, **{"train.num_steps": 200,
+                                                          "train.lr_decay_steps": 8,
                                                           "checkpoint.every_steps": 1000}),
                               workdir, 3, signal.SIGTERM)
     assert code == 0, stderr[-2000:]
@@ -334,7 +338,7 @@ def test_packed_rows_hold_whole_samples_apart(data):
     placeholders, the sample's text tokens and loss mask; positions restart; image slots follow
     the segments; nothing but padding is left over."""
     from earthgpt_jax.data import packing, pipeline
-    from earthgpt_jax.models.presets import IMAGE_TOKEN
+    from earthgpt_jax.data.tokenizer import IMAGE_TOKEN
 
     config, tok = packed(data["config"]), data["tokenizer"]
     cfg = model_config(config, tok.vocab_size, tok.bos_id)

@@ -204,3 +204,43 @@ def test_convnext_errors(convnext):
         vision.convnext_params_from_state(_state(model), shallow)
     with pytest.raises(vision.VisionConversionError, match="no ConvNeXt found"):
         vision.convnext_params_from_state({"foo.weight": np.zeros(3)}, cfg)
+
+
+@pytest.mark.parametrize("layout", ["timm", "open_clip"])
+def test_convnext_download_folders_convert(convnext, layout, tmp_path):
+    """The folders users download: timm's (config.json with `architecture`/`pretrained_cfg`,
+    model.safetensors) and open_clip's (open_clip_config.json, open_clip_pytorch_model.bin
+    holding the whole CLIP model)."""
+    import json
+
+    from earthgpt_jax.convert import vision_io
+    model, cfg, params = convnext
+    folder = tmp_path / layout
+    folder.mkdir()
+    if layout == "timm":
+        from safetensors.numpy import save_file
+        state = _to_timm(_state(model), prefix="")
+        state["head.fc.weight"] = np.zeros((5, 32), np.float32)
+        save_file(state, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(
+            {"architecture": "convnext_large_mlp", "num_classes": 5, "num_features": 32,
+             "pretrained_cfg": {"tag": "clip_laion2b", "input_size": [3, 64, 64]}}))
+    else:
+        state = _to_timm(_state(model))
+        state["visual.head.proj.weight"] = np.zeros((4, 32), np.float32)
+        state["text.token_embedding.weight"] = np.zeros((7, 4), np.float32)
+        torch.save({k: torch.from_numpy(v) for k, v in state.items()},
+                   folder / "open_clip_pytorch_model.bin")
+        (folder / "open_clip_config.json").write_text(json.dumps(
+            {"model_cfg": {"vision_cfg": {"timm_model_name": "convnext_large"}}}))
+    got = vision_io.convnext_to_orbax(str(folder), str(tmp_path / "out"))
+    assert got == cfg
+    jax.tree_util.tree_map(np.testing.assert_array_equal,
+                           vision_io.load_tower_params(str(tmp_path / "out"), "convnext"),
+                           params)
+
+
+def test_a_folder_without_weights_says_what_it_looked_for(tmp_path):
+    from earthgpt_jax.convert import vision_io
+    with pytest.raises(FileNotFoundError, match="no weights recognised.*open_clip_pytorch_model"):
+        vision_io.read_state_dict(str(tmp_path))

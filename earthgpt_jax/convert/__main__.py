@@ -37,8 +37,9 @@ flags.DEFINE_integer("bos_id", None, "BOS id for the exported configs (default: 
                      "or 1).")
 flags.DEFINE_integer("eos_id", None, "EOS id for the exported configs (default: the source's "
                      "or 2).")
-flags.DEFINE_string("weights", None, "ConvNeXt weights: a HF ConvNext directory or a timm / "
-                    "open_clip .safetensors/.bin file (convnext-to-orbax).")
+flags.DEFINE_string("weights", None, "ConvNeXt weights: a HF ConvNext directory, a timm or "
+                    "open_clip folder as downloaded, or a .safetensors/.bin file "
+                    "(convnext-to-orbax).")
 flags.DEFINE_string("ids", None, "int [batch, length] .npy of token ids (logits).")
 flags.DEFINE_string("out", None, "Where the float32 [batch, length, vocab] logits .npy goes.")
 
@@ -96,9 +97,17 @@ def run(argv: list[str]) -> None:
     main(rest)
 
 
+def _quiet_main(argv):
+    """`main` with libraries that log through absl kept to warnings, as main.py does: orbax
+    writes ~150 INFO lines per checkpoint. (After app.run, which sets the levels itself.)"""
+    from earthgpt_jax import cli
+    cli.quiet_library_logs()
+    main(argv)
+
+
 def _entry():
     try:
-        app.run(main)
+        app.run(_quiet_main)
     except Exception as e:  # a clear one-line error, not a traceback, for conversion errors
         from earthgpt_jax.convert.llama import ConversionError
         from earthgpt_jax.convert.vision import VisionConversionError

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from earthgpt_jax.convert import checkpoint as ckpt_lib
+from earthgpt_jax import checkpoints as ckpt_lib
 from earthgpt_jax.models.presets import LlamaConfig
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -14,15 +14,48 @@ import os
 import numpy as np
 from flax import traverse_util
 
-from earthgpt_jax.convert import checkpoint as ckpt_lib
+from earthgpt_jax import checkpoints as ckpt_lib
 from earthgpt_jax.convert import vision
 from earthgpt_jax.convert.llama import HFCheckpoint, _torch_to_numpy
 
 
+# The weights file of a downloaded folder that is not a HF transformers one, in order of
+# preference: open_clip's (open_clip_config.json beside it) and timm's (its config.json holds
+# `architecture` and `pretrained_cfg`, not a transformers config).
+FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin",
+                  "model.safetensors", "pytorch_model.bin")
+
+
+def _is_hf_folder(path: str) -> bool:
+    config = os.path.join(path, "config.json")
+    if not os.path.exists(config):
+        return False
+    with open(config) as f:
+        c = json.load(f)
+    return not ("architecture" in c and "pretrained_cfg" in c)  # timm's config.json
+
+
+def _folder_weights(path: str) -> str:
+    for name in FOLDER_WEIGHTS:
+        if os.path.exists(os.path.join(path, name)):
+            return os.path.join(path, name)
+    found = sorted(n for n in os.listdir(path)
+                   if n.endswith((".safetensors", ".bin", ".pt", ".pth")))
+    if len(found) == 1:
+        return os.path.join(path, found[0])
+    raise FileNotFoundError(
+        f"{path}: no weights recognised: neither a HF folder (config.json + model.safetensors "
+        f"or pytorch_model.bin) nor one weights file of {', '.join(FOLDER_WEIGHTS)}"
+        + (f"; several candidates, pass one as --weights: {', '.join(found)}" if found else ""))
+
+
 def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
-    """(tensors, config.json or None) from a HF directory, a .safetensors file, or a torch
-    .bin/.pt/.pth file (read with weights_only=True: no code is ever unpickled)."""
+    """(tensors, config.json or None) from a HF directory, an open_clip or timm download folder
+    (its weights file; config None, so the shapes tell the sizes), a .safetensors file, or a
+    torch .bin/.pt/.pth file (read with weights_only=True: no code is ever unpickled)."""
     if os.path.isdir(path):
+        if not _is_hf_folder(path):
+            return read_state_dict(_folder_weights(path))
         reader = HFCheckpoint(path)
         return {k: reader.get(k) for k in reader.keys()}, reader.config
     if not os.path.exists(path):
@@ -59,8 +92,8 @@ def dinov2_to_orbax(hf_dir: str, out_dir: str, *, overwrite: bool = False,
 
 
 def convnext_to_orbax(weights: str, out_dir: str, *, overwrite: bool = False):
-    """HF ConvNext directory, or a timm / open_clip state dict file (config read off the
-    tensors' shapes)."""
+    """HF ConvNext directory, or a timm / open_clip download folder or state dict file (config
+    read off the tensors' shapes)."""
     state, config = read_state_dict(weights)
     cfg = (vision.convnext_config_from_hf(config) if config is not None
            else vision.convnext_config_from_state(state))

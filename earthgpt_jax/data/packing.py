@@ -29,8 +29,7 @@ from typing import Any
 import grain
 import numpy as np
 
-# Kept with the model shapes (no JAX import), so grain workers stay light.
-from earthgpt_jax.models.presets import IMAGE_TOKEN
+from earthgpt_jax.data.tokenizer import IMAGE_TOKEN
 
 
 def max_samples_per_row(length: int, visual_tokens: int) -> int:

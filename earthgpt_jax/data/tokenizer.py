@@ -18,9 +18,14 @@ import os
 from typing import Iterable, Sequence
 
 import numpy as np
-import sentencepiece as spm
 
 USER_TEMPLATE = "USER: {question} ASSISTANT:"
+
+# Token id of a visual-token position in a packed row (earthgpt_jax/data/packing.py writes it,
+# EarthGPT.packed_logits fills it with the image's token). Negative: no vocabulary id collides.
+# sentencepiece is imported where it is used, so this constant loads without it (the GPU
+# benchmark's bare images lack it).
+IMAGE_TOKEN = -1
 
 
 class Tokenizer:
@@ -29,6 +34,8 @@ class Tokenizer:
     def __init__(self, model_path: str):
         if not os.path.exists(model_path):
             raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+        import sentencepiece as spm
+
         self.path = model_path
         self.sp = spm.SentencePieceProcessor(model_file=model_path)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
@@ -51,6 +58,8 @@ class Tokenizer:
 
 def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int = 512) -> Tokenizer:
     """Trains a LLaMA-2-style BPE model (byte fallback, split digits) on `texts`."""
+    import sentencepiece as spm
+
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)), model_writer=model, model_type="bpe",

@@ -370,7 +370,7 @@ def write_report(results: dict, out_dir: str) -> str:
         json.dump(results, f, indent=2, sort_keys=False, default=_json_default)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("# Evaluation results\n\n")
-        f.write(f"{results.get('n_examples', 0)} examples; baselines from "
+        f.write(f"{results.get('n_examples', 0)} questions; baselines from "
                 f"{results.get('baseline_source', '-')}.\n\n")
         f.write(table)
         f.write(notes_markdown(results.get("notes")))
@@ -445,6 +445,10 @@ def draw_boxes_png(image, true_boxes_px, pred_boxes_px, labels, path, pred_label
     return path
 
 
+# write_box_pictures' file names: {task}_{sensor}_{example id}.png
+PICTURE_NAME = re.compile(r"(grounding|detection)_[a-z]+_[A-Za-z0-9_.-]+\.png")
+
+
 def _size_of(example: dict) -> tuple[int, int]:
     h, w = np.asarray(example["image"]).shape[:2]
     return int(example.get("width") or w), int(example.get("height") or h)
@@ -453,7 +457,13 @@ def _size_of(example: dict) -> tuple[int, int]:
 def write_box_pictures(examples_with_images: Sequence[dict], out_dir: str,
                        max_per_task: int = 4) -> list[str]:
     """Draw truth vs prediction for up to `max_per_task` grounding and detection examples that
-    carry an `image` (the original image); boxes go from the padded [0,1] frame to pixels."""
+    carry an `image` (the original image); boxes go from the padded [0,1] frame to pixels.
+    The pictures an earlier evaluation left in out_dir are removed first: those left are this
+    run's."""
+    if os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            if PICTURE_NAME.fullmatch(name):
+                os.remove(os.path.join(out_dir, name))
     written, per_task = [], Counter()
     for i, e in enumerate(examples_with_images or ()):
         task = e.get("task")

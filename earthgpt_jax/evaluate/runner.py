@@ -18,7 +18,7 @@ from earthgpt_jax.data.images import decode_image, square_and_resize
 from earthgpt_jax.data.pipeline import conversation_turns, record_metadata
 from earthgpt_jax.data.tokenizer import Tokenizer, encode_dialogue_prompt
 from earthgpt_jax.evaluate import report
-from earthgpt_jax.generate import greedy_generate, left_pad
+from earthgpt_jax.generate import generate, left_pad
 
 # Prompts are padded to a multiple of this, so a split compiles a handful of shapes, not one per
 # prompt length.
@@ -60,8 +60,9 @@ def pending_examples(source, max_examples: int = 0) -> list[dict]:
 
 def predict(config, model, params, tokenizer: Tokenizer, source, pending: list[dict], mesh,
             rules, progress) -> list[dict]:
-    """Greedy answers to `pending` (filled in as `prediction`); the few grounding/detection
-    examples that get a picture keep their original image as `image`."""
+    """Answers to `pending` (filled in as `prediction`; greedy unless config.eval asks for beam
+    search or sampling); the few grounding/detection examples that get a picture keep their
+    original image as `image`."""
     ec = config.eval
     size = model.cfg.image_size
     examples, pictured = [], collections.Counter()
@@ -80,9 +81,13 @@ def predict(config, model, params, tokenizer: Tokenizer, source, pending: list[d
         images = np.stack([square_and_resize(img, size) for img in originals]
                           + [square_and_resize(originals[-1], size)] * fill)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            generated = greedy_generate(model, params, images, tokens, valid,
-                                        max_new_tokens=ec.max_new_tokens,
-                                        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+            # Greedy unless config.eval asks for beam search or sampling (seeded per batch).
+            generated = generate(model, params, images, tokens, valid,
+                                 max_new_tokens=ec.max_new_tokens, eos_id=tokenizer.eos_id,
+                                 pad_id=tokenizer.pad_id, beam_width=ec.get("beam_width", 1),
+                                 temperature=ec.get("temperature", 0.0),
+                                 top_p=ec.get("top_p", 1.0),
+                                 rng=jax.random.key(ec.get("seed", 0) * 1_000_003 + start))
         generated = np.asarray(jax.device_get(generated))
         for row, (example, image) in enumerate(zip(batch, originals)):
             example["prediction"] = tokenizer.decode(generated[row])
@@ -126,8 +131,8 @@ def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, 
         for e in examples:
             f.write(json.dumps({k: v for k, v in e.items() if k not in ("image", "record")})
                     + "\n")
-    logging.info("Evaluation of %d examples written to %s (%d pictures)", len(examples), out_dir,
-                 len(pictures))
+    logging.info("Evaluation of %d questions written to %s (%d pictures)", len(examples),
+                 out_dir, len(pictures))
     if print_table:
         print(table, flush=True)
     return results

@@ -54,6 +54,7 @@ from earthgpt_jax.evaluate import metrics, parsers
 TASKS = ("classification", "caption", "vqa", "grounding", "detection")
 _ALIASES = {"captioning": "caption", "cls": "classification"}
 MAX_SKIPPED_REPORTED = 20
+JAVA_NOT_REQUESTED = "not requested (add --java_metrics; needs java on PATH)"
 
 
 class LineError(ValueError):
@@ -146,9 +147,19 @@ def _gt_groups(row: dict) -> list[tuple[str, list]]:
     raise _Skip("no `boxes` with `labels`, or `answer`")
 
 
-def read_rows(lines: Iterable[str], name: str = "<predictions>") -> list[tuple[int, dict]]:
+def read_rows(lines: Iterable[str | bytes], name: str = "<predictions>"
+              ) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line; lines may be bytes (a file opened "rb"),
+    so text that is not UTF-8 is reported with its line."""
     rows = []
     for lineno, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise LineError(f"{name} line {lineno}: not UTF-8 text (byte "
+                                f"0x{line[e.start]:02x} at column {e.start + 1}); save the file "
+                                f"as UTF-8") from None
         if not line.strip():
             continue
         try:
@@ -197,6 +208,9 @@ def score_rows(task: str, rows, iou_threshold: float = 0.5, name: str = "<predic
         out = metrics.classification_accuracy(preds, [r[0] for r in refs])
     elif task == "caption":
         out = metrics.caption_scores(preds, refs, java_metrics=java_metrics)
+        for name, reason in (out.get("not_computed") or {}).items():
+            if reason == metrics.JAVA_NOT_REQUESTED:  # it names main.py's option
+                out["not_computed"][name] = JAVA_NOT_REQUESTED
     elif task == "vqa":
         out = metrics.vqa_accuracy(preds, refs, qtypes)
     elif task == "grounding":
@@ -213,24 +227,28 @@ def score_rows(task: str, rows, iou_threshold: float = 0.5, name: str = "<predic
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m earthgpt_jax.evaluate.score",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m earthgpt_jax.evaluate.score", description=__doc__.split("\n\n")[0],
+        # The input schema and the output keys, as the module docstring gives them.
+        epilog=__doc__[__doc__.index("Predictions file schema"):],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=TASKS + tuple(_ALIASES))
-    parser.add_argument("--predictions", required=True, help="JSONL file, schema in --help")
+    parser.add_argument("--predictions", required=True,
+                        help="JSONL file, one JSON object per line (schema below)")
     parser.add_argument("--iou_threshold", type=float, default=0.5)
     parser.add_argument("--java_metrics", action="store_true",
                         help="caption: also METEOR and SPICE (need `java`; SPICE also the "
                              "Stanford CoreNLP jars); reasons under `not_computed` otherwise")
     args = parser.parse_args(argv)
     try:
-        with open(args.predictions, encoding="utf-8") as f:
+        with open(args.predictions, "rb") as f:  # decoded per line: errors name their line
             rows = read_rows(f, args.predictions)
         out = score_rows(args.task, rows, args.iou_threshold, args.predictions,
                          java_metrics=args.java_metrics)
     except OSError as e:
         print(f"error: cannot read {args.predictions}: {e.strerror or e}", file=sys.stderr)
         return 2
-    except (LineError, UnicodeDecodeError) as e:
+    except LineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     json.dump(out, sys.stdout, indent=2, sort_keys=True)

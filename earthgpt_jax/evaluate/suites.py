@@ -116,13 +116,14 @@ TABLES = {
 }
 
 
-def selected_suites(names: str) -> list[Suite]:
-    """'clrs, ssdd' -> their Suites, in the order given; an unknown name is an error."""
+def selected_suites(names: str, option: str = "config.eval.suites") -> list[Suite]:
+    """'clrs, ssdd' -> their Suites, in the order given; an unknown name is an error naming
+    the `option` the names came from."""
     picked = [n.strip() for n in (names or "").split(",") if n.strip()]
     unknown = [n for n in picked if n not in SUITES]
     if unknown:
         raise ValueError(f"unknown evaluation suite(s) {', '.join(unknown)} in "
-                         f"config.eval.suites; known: {', '.join(SUITES)}")
+                         f"{option}; known: {', '.join(SUITES)}")
     return [SUITES[n] for n in dict.fromkeys(picked)]
 
 
@@ -333,14 +334,21 @@ def main(argv=None) -> int:
     parser.add_argument("--suites", default=PAPER_SUITES,
                         help=f"comma-separated; known: {', '.join(SUITES)}")
     parser.add_argument("--manual_dir", default="", help="folder holding <suite>/ raw downloads")
-    parser.add_argument("--data_dir", required=True, help="TFDS folder to prepare into")
+    parser.add_argument("--data_dir", help="TFDS folder to prepare into (required)")
     parser.add_argument("--max_bad_fraction", type=float, default=None,
                         help="largest fraction of skipped records per split (builder default)")
     args = parser.parse_args(argv)
+    try:
+        picked = selected_suites(args.suites, "--suites")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.data_dir:  # checked after the names, so a mistyped one is told at once
+        parser.error("the following arguments are required: --data_dir")
     logging.basicConfig(level=logging.INFO)
     data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
     failed = 0
-    for suite in selected_suites(args.suites):
+    for suite in picked:
         try:
             source = open_suite(suite, data_dir, args.manual_dir, args.max_bad_fraction)
             print(f"{suite.name}: ready ({suite.builder}, split {suite.split}: "

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from earthgpt_jax.data.tokenizer import IMAGE_TOKEN
 from earthgpt_jax.models.convnext import ConvNeXt
 from earthgpt_jax.models.layers import Linear
 from earthgpt_jax.models.llama import LlamaDecoder
-from earthgpt_jax.models.presets import IMAGE_TOKEN, EarthGPTConfig
+from earthgpt_jax.models.presets import EarthGPTConfig
 from earthgpt_jax.models.vit import ViT
 
 # Each tower gets the normalisation it was pre-trained with.
@@ -118,3 +119,16 @@ class EarthGPT(nn.Module):
 
     def embed_tokens(self, tokens):
         return self.llm.embed(tokens)
+
+
+def dummy_inputs(model_cfg: EarthGPTConfig, batch: int, text_len: int):
+    """Zero inputs of the shapes `EarthGPT.__call__` takes: for init and shape tracing."""
+    size = model_cfg.image_size
+    return (jnp.zeros((batch, size, size, 3), jnp.uint8), jnp.zeros((batch, text_len), jnp.int32),
+            jnp.ones((batch, text_len), bool))
+
+
+def abstract_params(model: EarthGPT, text_len: int = 8):
+    """Boxed (logically annotated) abstract params: shapes and axis names, no memory."""
+    inputs = dummy_inputs(model.cfg, 1, text_len)
+    return jax.eval_shape(lambda r: model.init(r, *inputs), jax.random.key(0))["params"]

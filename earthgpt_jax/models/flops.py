@@ -1,5 +1,8 @@
-"""Model FLOPs of an EarthGPT train step: MFU's numerator, for training logs, AOT reports and
-benchmarks (so it needs nothing but the configs).
+"""EarthGPT's accounting, for training logs, AOT reports and benchmarks: parameter counts
+(of a params tree, and from the configs alone), model FLOPs of a train step (MFU's numerator),
+the FLOPs a jaxpr executes, and peak FLOP/s (MFU's denominator: the datasheet table, or a
+measured matmul). The formulas need nothing but the configs; jax and flax are imported only
+by the functions that read params or programs, or run one.
 
 What is counted ("model FLOPs", PaLM-style: what the maths needs, not what a kernel happens to do)
 
@@ -33,10 +36,20 @@ O(tokens * width), a few percent at most). A multiply-add is 2 FLOPs. N below is
   Trainable towers (freeze_vision=False) cost 3x their forward: activation + weight gradients.
 
 Checked in tests/test_benchmarks_train.py: `train_step_flops` equals, to the FLOP, the dot/conv
-FLOPs of our jitted train step's jaxpr, stages a and b.
+FLOPs of our jitted train step's jaxpr (`jaxpr_matmul_flops`), stages a and b, and its forward
+part those of the jitted forward (tests/test_packing.py: the packed forward too);
+`parameter_counts` equals `parameter_summary` of the model's params.
+
+Peaks: `device_peak_flops` reads one datasheet table (by `jax.Device.device_kind`; aot.py looks
+TPU generations up in it too); `measure_matmul_peak` times the best large matmul XLA runs on
+this machine, so benchmarks can give MFU against what this software stack reaches.
 """
 
 from __future__ import annotations
+
+import time
+
+import numpy as np
 
 # Decoder linears a stage trains (mirrors earthgpt_jax.optim.STAGE_TRAINABLE, which is the
 # source of truth; tests/test_benchmarks_train.py checks the two agree).
@@ -55,6 +68,76 @@ def decoder_linears(llm) -> dict[str, int]:
     return {"q_proj": d * q, "k_proj": d * kv, "v_proj": d * kv, "o_proj": q * d,
             "gate_proj": d * i, "up_proj": d * i, "down_proj": i * d}
 
+
+# ----------------------------------------------------------------------------- parameters
+
+PARTS = ("llm", "vit", "convnext", "projector")
+
+
+def parameter_summary(params, labels=None) -> dict[str, int]:
+    """{'llm', 'vit', 'convnext', 'projector', 'adapters', 'total'[, 'trainable']} counts of a
+    params tree (`labels`: optim's trainable labels, 'train' where a stage trains a leaf).
+
+    `llm` counts the decoder without its adapters, which are reported on their own.
+    """
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(params, sep="/")
+    counts = dict.fromkeys(PARTS + ("adapters",), 0)
+    for path, value in flat.items():
+        part = path.split("/", 1)[0]
+        key = "adapters" if "/adapter_" in path else part
+        counts[key] = counts.get(key, 0) + int(value.size)
+    counts["total"] = sum(int(v.size) for v in flat.values())
+    if labels is not None:
+        flat_labels = traverse_util.flatten_dict(labels, sep="/")
+        counts["trainable"] = sum(int(flat[p].size) for p, l in flat_labels.items()
+                                  if l == "train")
+    return counts
+
+
+def format_summary(counts: dict[str, int], stage: str | None = None) -> str:
+    parts = [f"{k} {v:,}" for k, v in counts.items() if k not in ("total", "trainable")]
+    line = "parameters: " + ", ".join(parts) + f"; total {counts['total']:,}"
+    if "trainable" in counts:
+        line += f"; trainable in stage {stage}: {counts['trainable']:,}"
+    return line
+
+
+def parameter_counts(model_cfg) -> dict[str, int]:
+    """`parameter_summary`'s counts (no 'trainable') from the configs alone, no params built."""
+    llm, vit, cnx = model_cfg.llm, model_cfg.vit, model_cfg.convnext
+    d = llm.hidden_size
+    linears = decoder_linears(llm)
+    outs = {"q_proj": llm.num_heads * llm.head_dim, "k_proj": llm.num_kv_heads * llm.head_dim,
+            "v_proj": llm.num_kv_heads * llm.head_dim, "o_proj": d,
+            "gate_proj": llm.intermediate_size, "up_proj": llm.intermediate_size,
+            "down_proj": d}
+    per_layer = sum(linears.values()) + 2 * d
+    if llm.attention_bias:
+        per_layer += sum(outs[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if llm.mlp_bias:
+        per_layer += sum(outs[n] for n in ("gate_proj", "up_proj", "down_proj"))
+    counts = {"llm": 2 * llm.vocab_size * d + d + llm.num_layers * per_layer,
+              "adapters": 2 * llm.num_layers * sum(outs.values()) if llm.adapters else 0}
+    h, m, p = vit.hidden_size, vit.mlp_dim, vit.patch_size
+    vit_block = 4 * (h * h + h) + (h * m + m) + (m * h + h) + 2 * 2 * h + 2 * h
+    counts["vit"] = (p * p * 3 * h + h + h + (1 + (vit.pretrain_image_size // p) ** 2) * h
+                     + vit.num_layers * vit_block + 2 * h)
+    conv = 16 * 3 * cnx.dims[0] + cnx.dims[0] + 2 * cnx.dims[0]
+    prev = cnx.dims[0]
+    for stage, (c, depth) in enumerate(zip(cnx.dims, cnx.depths)):
+        if stage:
+            conv += 2 * prev + 4 * prev * c + c
+        conv += depth * (49 * c + c + 2 * c + (4 * c * c + 4 * c) + (4 * c * c + c) + c)
+        prev = c
+    counts["convnext"] = conv
+    counts["projector"] = model_cfg.fused_channels * d + d
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+# ----------------------------------------------------------------------------- model FLOPs
 
 def vit_forward_flops(vit, image_size: int) -> float:
     """One image through every block of the DINOv2-style ViT."""
@@ -136,6 +219,66 @@ def prefix_logits_flops(model_cfg, batch: int, stage: str) -> float:
     return passes * per_position * batch * (1 + model_cfg.num_visual_tokens)
 
 
+# ----------------------------------------------------------------------------- executed FLOPs
+
+
+def _dot_flops(eqn) -> float:
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    contract = int(np.prod([lhs[d] for d in lhs_contract]))
+    return 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * contract
+
+
+def _conv_flops(eqn) -> float:
+    rhs = eqn.invars[1].aval.shape  # kernel
+    dn = eqn.params["dimension_numbers"]
+    spec = dn.rhs_spec  # (out feature dim, in feature dim, spatial dims...)
+    per_output = float(rhs[spec[1]]) * float(np.prod([rhs[d] for d in spec[2:]]))
+    return 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * per_output
+
+
+def _sub_jaxprs(value):
+    from jax.extend import core
+    if isinstance(value, core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, core.Jaxpr):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _sub_jaxprs(item)
+
+
+def jaxpr_matmul_flops(jaxpr) -> float:
+    """FLOPs of every dot_general and convolution a (closed) jaxpr executes, nested calls
+    included: scan bodies count `length` times, `cond` its most expensive branch. What the
+    program computes, whether or not the model needs it: compare with `train_step_flops`.
+    Opaque kernels (custom calls such as cuDNN attention) are not seen."""
+    from jax.extend import core
+    if isinstance(jaxpr, core.ClosedJaxpr):
+        jaxpr = jaxpr.jaxpr
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            total += _dot_flops(eqn)
+        elif name == "conv_general_dilated":
+            total += _conv_flops(eqn)
+        elif name == "while":
+            raise ValueError("jaxpr_matmul_flops: a while loop has no static trip count")
+        inner = [jaxpr_matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        if not inner:
+            continue
+        if name == "cond":
+            total += max(inner)
+        elif name == "scan":
+            total += eqn.params["length"] * sum(inner)
+        else:
+            total += sum(inner)
+    return total
+
+
+# ----------------------------------------------------------------------------- peaks and MFU
+
 # Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` (first match wins: "TPU v5
 # lite" is a v5e, plain "TPU v5" a v5p). Datasheet figures; MFU in the training logs uses them.
 PEAK_BF16_FLOPS_BY_DEVICE_KIND = (
@@ -158,3 +301,31 @@ def device_peak_flops(device_kind: str) -> float | None:
         if name.lower() in device_kind.lower():
             return peak
     return None
+
+
+def measure_matmul_peak(dtype="float32", n: int = 2048, repeats: int = 10,
+                        batch: int = 4) -> float:
+    """FLOP/s of the fastest of `repeats` jitted [batch, n, n] @ [n, n] products on jax's
+    default device (inputs already on the device; compile and first run excluded).
+
+    `batch` products per call amortise the dispatch and synchronisation of a call: with one
+    8192^3 product per call (~1.4 ms on an H100) they hid 10-20% of the card's peak.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((batch, n, n), np.float32), dtype=dtype)
+    b = jnp.asarray(rng.standard_normal((n, n), np.float32), dtype=dtype)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * batch * n ** 3 / best
+
+
+def mfu(step_flops: float, step_seconds: float, peak_flops_per_s: float) -> float:
+    return step_flops / step_seconds / peak_flops_per_s

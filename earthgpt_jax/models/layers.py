@@ -1,5 +1,6 @@
 """Building blocks shared by the decoder and the vision towers: linears with logical axes and
-the stage-B bias/scale adapter, RMSNorm, rotary embeddings, grouped-query attention."""
+the stage-B bias/scale adapter, RMSNorm, rotary embeddings, and `attention`, the decoder's one
+attention entry point (unpacked, packed and cached; kernel chosen by `impl`)."""
 
 from __future__ import annotations
 
@@ -83,8 +84,8 @@ def rotary_embedding(x, positions, theta: float):
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def masked_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(d) + mask) v, any kv_heads dividing heads.
+def _masked_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d) + mask) v, any kv_heads dividing heads: the einsum kernel.
 
     q: [B, Tq, H, D]; k, v: [B, S, KV, D]; mask: [B, Tq, S] bool, True where a query may look.
     """
@@ -99,60 +100,59 @@ def masked_attention(q, k, v, mask):
     return out.reshape(batch, tq, heads, dim)
 
 
-def grouped_query_attention(q, k, v, query_index, key_valid):
-    """Attention with causal + padding masks.
-
-    query_index: [Tq] index of each query in the key axis (causality); key_valid: [B, S] bool,
-    False for padding and unwritten cache slots.
-    """
-    causal = jnp.arange(k.shape[1])[None, :] <= query_index[:, None]  # [Tq, S]
-    return masked_attention(q, k, v, causal[None] & key_valid[:, None, :])
-
-
-def cached_attention(q, k, v, cache_k, cache_v, key_valid, cache_index):
-    """Attention of T new queries over the cache's earlier slots and the T new keys.
-
-    The cache is only read: its slots [cache_index, cache_index + T) are stale (the new keys
-    come in as extra columns instead), so the caller writes just the T new slots afterwards
-    (one in-place dynamic_update_slice for all layers), not a fresh copy of every layer's
-    cache per token. key_valid [B, S] covers the cache slots, the new ones included.
-    """
-    tq = q.shape[1]
-    slots = jnp.arange(cache_k.shape[1])
-    earlier = key_valid & (slots < cache_index)[None]                          # [B, S]
-    new_valid = jax.lax.dynamic_slice_in_dim(key_valid, cache_index, tq, axis=1)  # [B, T]
+def _attention_mask(batch, tq, key_valid, segment_ids, cache_slots, cache_index):
+    """[B, Tq, S] bool, True where a query may look: causal, and
+    - segment_ids: inside the query's own segment, never at segment 0 (padding);
+    - otherwise key_valid, and with a cache (S = cache_slots + Tq) the cache's written slots
+      before cache_index, then the new keys causally."""
     causal = jnp.tril(jnp.ones((tq, tq), bool))
-    mask = jnp.concatenate([jnp.broadcast_to(earlier[:, None], (q.shape[0], tq, slots.size)),
+    if segment_ids is not None:
+        return (causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+                & (segment_ids[:, None, :] > 0))
+    if cache_slots is None:
+        return causal[None] & key_valid[:, None, :]
+    earlier = key_valid & (jnp.arange(cache_slots) < cache_index)[None]             # [B, S]
+    new_valid = jax.lax.dynamic_slice_in_dim(key_valid, cache_index, tq, axis=1)   # [B, T]
+    return jnp.concatenate([jnp.broadcast_to(earlier[:, None], (batch, tq, cache_slots)),
                             causal[None] & new_valid[:, None, :]], axis=2)
-    keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
-    values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=1)
-    return masked_attention(q, keys, values, mask)
 
 
-def prefix_causal_attention(q, k, v, key_valid, implementation: str):
-    """Causal attention through `jax.nn.dot_product_attention` ("xla" or "cudnn").
+def attention(q, k, v, *, impl: str = "einsum", key_valid=None, segment_ids=None, cache=None,
+              cache_index=0):
+    """The decoder's causal grouped-query attention: every LLaMA forward comes through here.
 
-    Padding is given to it as key lengths, so each row's valid keys must be a prefix (right
-    padding); the result then equals `grouped_query_attention` with query_index = arange(T).
-    q: [B, T, H, D]; k, v: [B, T, KV, D]; key_valid: [B, T] bool.
+    q: [B, T, H, D]; k, v: [B, T, KV, D], the T new keys/values (KV divides H). Besides
+    causality, a query sees
+    - unpacked rows: the keys where key_valid [B, T] (or [B, S] with a cache) is True;
+    - packed rows: segment_ids [B, T] int instead of key_valid, only keys of its own segment
+      (0 = padding, which no query sees), so no sample sees another's tokens;
+    - decoding: cache = (cache_k, cache_v) [B, S, KV, D] too, its slots before cache_index that
+      key_valid [B, S] marks (the new slots included). The cache is only read: its slots
+      [cache_index, cache_index + T) are stale (the new keys come in as extra columns
+      instead), so the caller writes just the T new slots afterwards (one in-place
+      dynamic_update_slice for all layers), not a fresh copy of every layer's cache per token.
+
+    impl picks the kernel: "einsum" (ours, the reference: masks the full score matrix) or
+    `jax.nn.dot_product_attention`'s "xla"/"cudnn". Unpacked rows hand that one the padding as
+    key lengths with its built-in causal mask (cuDNN's flash kernel), so each row's valid keys
+    must be a prefix (right padding); packed rows hand it the mask (on cuDNN applied as a bias).
+    A decode step's mask (earlier slots, then the new keys causally) is neither, so the cached
+    path is always the einsum's.
     """
-    lengths = jnp.sum(key_valid, axis=1, dtype=jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths,
-                                        implementation=implementation)
-
-
-def segment_causal_attention(q, k, v, segment_ids, implementation: str):
-    """Causal attention inside segments: packed rows hold several samples, and no sample may see
-    another's tokens. segment_ids [B, T] int (0 = padding, whose keys no query sees).
-
-    "einsum" masks the full score matrix; "xla"/"cudnn" hand the same mask to
-    `jax.nn.dot_product_attention` (on cuDNN a mask is applied as a bias, not as the flash
-    kernel's built-in causal/padding masks).
-    """
-    tq = q.shape[1]
-    causal = jnp.tril(jnp.ones((tq, tq), bool))
-    mask = (causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-            & (segment_ids[:, None, :] > 0))
-    if implementation == "einsum":
-        return masked_attention(q, k, v, mask)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+    if (key_valid is None) == (segment_ids is None):
+        raise ValueError("attention: give key_valid (padding) or segment_ids (packed rows)")
+    if cache is not None and segment_ids is not None:
+        raise ValueError("segment_ids (packed rows) are for training; decode without them")
+    if impl != "einsum" and cache is None and segment_ids is None:
+        lengths = jnp.sum(key_valid, axis=1, dtype=jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                            key_value_seq_lengths=lengths, implementation=impl)
+    batch, tq = q.shape[:2]
+    mask = _attention_mask(batch, tq, key_valid, segment_ids,
+                           None if cache is None else cache[0].shape[1], cache_index)
+    if cache is not None:
+        k = jnp.concatenate([cache[0].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([cache[1].astype(v.dtype), v], axis=1)
+    if impl == "einsum" or cache is not None:
+        return _masked_attention(q, k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)

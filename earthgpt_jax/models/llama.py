@@ -11,9 +11,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from earthgpt_jax.models.layers import (Linear, RMSNorm, cached_attention,
-                                        grouped_query_attention, prefix_causal_attention,
-                                        rotary_embedding, segment_causal_attention)
+from earthgpt_jax.models.layers import Linear, RMSNorm, attention, rotary_embedding
 from earthgpt_jax.models.presets import LlamaConfig
 
 REMAT_POLICIES = {
@@ -45,18 +43,10 @@ class DecoderLayer(nn.Module):
         k = rotary_embedding(k.reshape(batch, tq, cfg.num_kv_heads, hd), positions,
                              cfg.rope_theta)
         v = v.reshape(batch, tq, cfg.num_kv_heads, hd)
-        if cache is None:
-            new_kv = None
-            if segment_ids is not None:  # packed rows: key_valid is implied by segment 0
-                attn = segment_causal_attention(q, k, v, segment_ids, cfg.attention_impl)
-            elif cfg.attention_impl == "einsum":
-                attn = grouped_query_attention(q, k, v, jnp.arange(tq), key_valid)
-            else:
-                attn = prefix_causal_attention(q, k, v, key_valid, cfg.attention_impl)
-        else:
-            # Returns only the new slots' k/v; LlamaDecoder writes them into the cache.
-            new_kv = (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
-            attn = cached_attention(q, k, v, cache[0], cache[1], key_valid, cache_index)
+        attn = attention(q, k, v, impl=cfg.attention_impl, key_valid=key_valid,
+                         segment_ids=segment_ids, cache=cache, cache_index=cache_index)
+        # Returns only the new slots' k/v; LlamaDecoder writes them into the cache.
+        new_kv = None if cache is None else (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
         attn = nn.with_logical_constraint(attn, ("batch", "length", "heads", None))
         x = x + self._linear(cfg.hidden_size, ("heads", "embed"), "o_proj",
                              cfg.attention_bias)(attn.reshape(batch, tq, -1))
@@ -116,8 +106,6 @@ class LlamaDecoder(nn.Module):
         model's step FLOPs). `segment_ids` [B,T] (packed rows, no cache) replace `key_valid`:
         attention stays inside each segment.
         """
-        if segment_ids is not None and cache is not None:
-            raise ValueError("segment_ids (packed rows) are for training; decode without them")
         x = nn.with_logical_constraint(embeddings.astype(self.dtype), ("batch", "length", "embed"))
         if self.cfg.scan_layers:
             x, new_kv = self.layers(x, cache, positions, key_valid, cache_index, segment_ids)

@@ -12,10 +12,6 @@ import dataclasses
 
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
-# Token id of a visual-token position in a packed row (earthgpt_jax/data/packing.py writes it,
-# EarthGPT.packed_logits fills it with the image's token). Negative: no vocabulary id collides.
-IMAGE_TOKEN = -1
-
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:

@@ -82,7 +82,8 @@ def create_app(service: ChatService) -> Starlette:
 
     async def create(request):
         name = os.path.basename(request.query_params.get("name", "") or "upload")[:200]
-        data = await _read_limited(request, service.limits.max_upload_bytes, f"upload {name}")
+        data = await _read_limited(request, service.limits.max_upload_bytes,
+                                   "the upload" if name == "upload" else f"upload {name}")
         conv = await run_in_threadpool(service.create, data, name)
         return JSONResponse(conv.facts(), status_code=201)
 

@@ -13,6 +13,7 @@ the open-file limit as TFDS would (the 1000 buckets stay open while a split is g
 from __future__ import annotations
 
 import importlib.util
+import logging
 import types
 
 from etils import epath
@@ -30,6 +31,24 @@ _GFILE_ONLY = types.SimpleNamespace(
     )),
     errors=types.SimpleNamespace(ResourceExhaustedError=_NeverRaised),
 )
+
+
+# TFDS tries to raise the open-file limit for every split it writes and logs an ERROR through
+# absl when the soft limit already equals the hard one (the usual case in containers). Nothing
+# is wrong then: a split under 1 GB never opens the 1000 bucket files.
+_FD_LIMIT_NOTICE = "Soft and hard limits for the maximum number of open file descriptors"
+
+
+class _DropFdLimitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_FD_LIMIT_NOTICE)
+
+
+def quiet_fd_limit_notice() -> None:
+    """Drops that one absl ERROR line (every other record passes); idempotent."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropFdLimitNotice) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropFdLimitNotice())
 
 
 def spill_without_tensorflow() -> bool:

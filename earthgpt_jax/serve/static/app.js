@@ -100,7 +100,8 @@ async function openImage(blob, name) {
   const response = await fetch(`/api/conversations?name=${encodeURIComponent(name)}`, {
     method: "POST", body: blob, headers: { "Content-Type": "application/octet-stream" } });
   if (!response.ok) {
-    setStatus(`${name}: ${await errorText(response)}`, true);
+    const message = await errorText(response);  // the server's own messages name the file
+    setStatus(message.includes(name) ? message : `${name}: ${message}`, true);
     return;
   }
   const conv = await response.json();
@@ -179,7 +180,8 @@ async function* readEvents(response) {
 async function ask(question) {
   question = question.trim();
   if (!state.conv) { setStatus("upload or pick an image first", true); return; }
-  if (!question || state.busy) return;
+  if (state.busy) return;
+  if (!question) { setStatus("the question is empty: type one, or pick a shortcut", true); return; }
   setBusy(true);
   bubble("user", question);
   const answer = bubble("assistant", "");

@@ -1,5 +1,6 @@
-"""Orbax I/O for converted weights: leaf-by-leaf writes and reads, so host memory stays near
-the largest single (stacked) tensor rather than the whole model.
+"""The one owner of the checkpoint layouts: converted weights and training runs, written and
+read leaf by leaf (host memory near the largest single tensor, not the whole model) and restored
+straight onto the target devices' shardings (training's init, evaluation, chat, serving).
 
 Layouts understood:
 
@@ -22,7 +23,10 @@ training checkpoint's optimizer state (2x the parameters) is never read.
 
 Two ways to read: `SubtreeCheckpoint.read` gives numpy leaves (the converters, which stream
 leaf by leaf); `restore_sharded` restores a subtree straight into the shardings of a running
-model (`config.init.*`), each process reading only its own shards.
+model (`config.init.*`, `restore_params`), each process reading only its own shards.
+Training runs: `checkpoint_manager` (the train loop's saves and resume), `restore_params`
+(params only, for evaluation and chat), `restore_part` / `restore_from_workdir` (what
+`config.init` names).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import ctypes
 import dataclasses
 import gc
 import json
+import logging
 import math
 import os
 import shutil
@@ -39,6 +44,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 from etils import epath
+from flax import traverse_util
 import orbax.checkpoint as ocp
 
 from earthgpt_jax.models.presets import LlamaConfig
@@ -161,6 +167,7 @@ class SubtreeCheckpoint:
     """One subtree of the params inside an orbax PyTree checkpoint, read leaf by leaf."""
     pytree_dir: str          # the directory holding _METADATA
     prefix: KeyPath          # path of the subtree inside that pytree
+    step: int | None = None  # the training step, for a training run's checkpoint
 
     _metadata: Any = dataclasses.field(default=None, init=False, repr=False)
 
@@ -227,7 +234,6 @@ class LlmCheckpoint(SubtreeCheckpoint):
     """Where a decoder's parameters live inside an orbax checkpoint."""
     cfg: LlamaConfig
     extra: dict              # token ids / dtype hints (bos_id, eos_id, hf_config)
-    step: int | None = None
 
 
 def open_converted_part(ckpt_dir: str, part: str) -> SubtreeCheckpoint:
@@ -269,26 +275,28 @@ def open_llm_checkpoint(ckpt_dir: str, step: int | None = None) -> LlmCheckpoint
                              extra={"hf_config": hf_config,
                                     "bos_id": hf_config.get("bos_token_id"),
                                     "eos_id": hf_config.get("eos_token_id")})
-    checkpoints = os.path.join(ckpt_dir, "checkpoints")
-    if not os.path.isdir(checkpoints):
+    if not os.path.isdir(os.path.join(ckpt_dir, "checkpoints")):
         raise FileNotFoundError(f"{ckpt_dir} has {MODEL_CONFIG} but neither {PARAMS_DIR}/ "
                                 f"(converted checkpoint) nor checkpoints/ (training workdir)")
-    step = latest_step(checkpoints) if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint found in {checkpoints}")
+    run = open_workdir_params(ckpt_dir, step)
     llm = config.get("llm", config)
-    return LlmCheckpoint(pytree_dir=os.path.join(checkpoints, str(step), "state"),
-                         prefix=("params", "llm"), cfg=_llama_config_from_dict(llm),
-                         extra={"bos_id": config.get("bos_id"), "eos_id": None}, step=step)
+    return LlmCheckpoint(pytree_dir=run.pytree_dir, prefix=run.prefix + ("llm",),
+                         cfg=_llama_config_from_dict(llm),
+                         extra={"bos_id": config.get("bos_id"), "eos_id": None}, step=run.step)
 
 
 def open_workdir_params(workdir: str, step: int | None = None) -> SubtreeCheckpoint:
     """The `params` subtree of a training workdir's latest (or given) checkpoint,
-    `W/checkpoints/<step>/state` (its optimizer state is never read through this)."""
+    `W/checkpoints/<step>/state` (its optimizer state is never read through this). `workdir`
+    may also be that run's `checkpoints/` folder."""
     workdir = os.path.abspath(workdir)
+    if os.path.basename(workdir) == "checkpoints" and not os.path.isdir(
+            os.path.join(workdir, "checkpoints")):
+        workdir = os.path.dirname(workdir)
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints):
-        raise FileNotFoundError(f"{workdir} is not a training workdir: {checkpoints} is missing")
+        raise FileNotFoundError(f"no checkpoint found in {workdir}: it is not a training "
+                                f"workdir ({checkpoints} is missing)")
     step = latest_step(checkpoints) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint found in {checkpoints} (has that run saved one?)")
@@ -296,7 +304,7 @@ def open_workdir_params(workdir: str, step: int | None = None) -> SubtreeCheckpo
     if not os.path.isdir(pytree_dir):
         raise FileNotFoundError(f"{pytree_dir} is missing: checkpoint {step} of {workdir} holds "
                                 f"no train state")
-    return SubtreeCheckpoint(pytree_dir, ("params",))
+    return SubtreeCheckpoint(pytree_dir, ("params",), step=step)
 
 
 def _flat_metadata(tree, path: KeyPath = ()) -> dict[KeyPath, Any]:
@@ -329,7 +337,7 @@ def restore_sharded(pytree_dir: str, prefix: Sequence[str],
                     targets: Mapping[KeyPath, jax.ShapeDtypeStruct], *,
                     may_lack: Callable[[KeyPath], bool] = lambda path: False,
                     skip: Sequence[KeyPath] = (), label: str = "",
-                    inflight_bytes: int | None = None
+                    inflight_bytes: int | None = None, check_only: bool = False
                     ) -> tuple[dict[KeyPath, jax.Array], list[KeyPath]]:
     """Restores the subtree `prefix` of the orbax PyTree checkpoint in `pytree_dir` straight into
     `targets` ({path below prefix: ShapeDtypeStruct carrying the target sharding}).
@@ -339,6 +347,7 @@ def restore_sharded(pytree_dir: str, prefix: Sequence[str],
     before any data is read: a stored leaf with no target, a target leaf the checkpoint lacks
     (unless `may_lack(path)`), or a shape that differs is a ValueError naming the tensor.
     Subtrees in `skip` (paths below prefix) are neither read nor checked, on either side.
+    `check_only`: the checks alone, nothing read (returns ({}, lacking)).
 
     Memory: each process reads only the shards its devices hold (`ArrayRestoreArgs` with the
     target sharding; orbax reads one shard, casts it on the host and puts it on its devices).
@@ -375,7 +384,7 @@ def restore_sharded(pytree_dir: str, prefix: Sequence[str],
         raise ValueError(f"{where}tensor {name} has shape {tuple(stored[wrong[0]].shape)} in "
                          f"{pytree_dir}, the model expects {tuple(targets[wrong[0]].shape)}{more}")
     wanted = [p for p in targets if p in stored]
-    if not wanted:
+    if check_only or not wanted:
         return {}, lacking
     item: dict = {}
     args: dict = {}
@@ -404,3 +413,97 @@ def restore_sharded(pytree_dir: str, prefix: Sequence[str],
             node = node[key]
         out[tuple(p)] = node
     return out, lacking
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def _is_adapter(path: tuple) -> bool:
+    """Stage B's bias/scale adapters: absent from LLaMA-2 and from stage-A runs, they start as
+    the identity wherever a checkpoint lacks them."""
+    return path[-1] in ("adapter_scale", "adapter_bias")
+
+
+def abbreviate_paths(paths) -> str:
+    """Parameter paths, with the modules and leaves that share a parent folded into braces:
+    'llm/layers/{k_proj,q_proj}/{adapter_bias,adapter_scale}'."""
+    modules: dict = {}
+    for path in paths:
+        parent, module, leaf = path[:-2], path[-2:-1], path[-1]
+        modules.setdefault((parent, leaf), []).extend(module)
+    leaves: dict = {}
+    for (parent, leaf), names in modules.items():
+        leaves.setdefault((parent, tuple(sorted(names))), []).append(leaf)
+    brace = lambda names: names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
+    return ", ".join("/".join(list(parent) + ([brace(list(names))] if names else [])
+                              + [brace(sorted(leaf))])
+                     for (parent, names), leaf in sorted(leaves.items()))
+
+
+def _log_fresh(source: str, lacking: list[tuple], prefix: tuple = ()) -> None:
+    if lacking:
+        logging.info("%s lacks %d parameters; they keep their usual init: %s", source,
+                     len(lacking), abbreviate_paths([prefix + tuple(p) for p in lacking]))
+
+
+def restore_part(part: str, ckpt_dir: str, targets: dict, check_only: bool = False) -> dict:
+    """`config.init.<part>`: the `part` ('llm', 'vit', 'convnext') of a converted checkpoint
+    (or, for 'llm', of a training workdir too), restored onto `targets` (that part's abstract
+    params, ShapeDtypeStructs with shardings). Returns {path below part: sharded jax.Array}.
+
+    Leaves the checkpoint lacks are allowed only for the stage-B adapters (they start as the
+    identity); any other missing, extra or differently shaped tensor is an error naming it.
+    """
+    ck = (open_llm_checkpoint(ckpt_dir) if part == "llm"
+          else open_converted_part(ckpt_dir, part))
+    restored, lacking = restore_sharded(
+        ck.pytree_dir, ck.prefix, traverse_util.flatten_dict(targets), may_lack=_is_adapter,
+        label=f"config.init.{part}={ckpt_dir}", check_only=check_only)
+    if check_only:
+        return {}
+    logging.info("Loaded %s weights (%d tensors) from %s", part, len(restored), ckpt_dir)
+    _log_fresh(f"config.init.{part}={ckpt_dir}", lacking, (part,))
+    return restored
+
+
+def restore_from_workdir(workdir: str, targets: dict, skip=(),
+                         check_only: bool = False) -> dict:
+    """`config.init.from_workdir`: the params of a training run's latest checkpoint (every part:
+    decoder, towers, projector, adapters where present) restored onto `targets` (the abstract
+    params, ShapeDtypeStructs with shardings); the parts in `skip` are neither read nor checked.
+    Returns {full param path: sharded jax.Array}. Its optimizer state and step are never read.
+
+    Parameters the run lacks are allowed only for the stage-B adapters (a stage-A run has
+    none): they keep their usual init (the identity) and are listed in the log. Any other
+    missing, extra or differently shaped tensor is an error naming it.
+    """
+    ck = open_workdir_params(workdir)
+    label = f"config.init.from_workdir={workdir}"
+    restored, lacking = restore_sharded(
+        ck.pytree_dir, ck.prefix, traverse_util.flatten_dict(targets), may_lack=_is_adapter,
+        skip=[(part,) for part in skip], label=label, check_only=check_only)
+    if check_only:
+        return {}
+    logging.info("Started from %s (%d tensors of %s)%s", workdir, len(restored), ck.pytree_dir,
+                 "".join(f"; its {p} is replaced by config.init.{p}" for p in skip))
+    _log_fresh(label, lacking)
+    return restored
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.checkpoint.keep, save_interval_steps=config.checkpoint.every_steps,
+        enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=options)
+
+
+def restore_params(workdir: str, targets, step: int | None = None):
+    """(params, step): the params only of a training workdir's latest (or given) checkpoint,
+    restored onto `targets` (the abstract params: ShapeDtypeStructs carrying the shardings to
+    restore onto). Evaluation, the terminal chat and the web chat read runs through here; the
+    optimizer state stays on disk."""
+    ck = open_workdir_params(workdir, step)
+    restored, _ = restore_sharded(ck.pytree_dir, ck.prefix, traverse_util.flatten_dict(targets),
+                                  label=f"the checkpoint in {workdir}")
+    return traverse_util.unflatten_dict(restored), ck.step
