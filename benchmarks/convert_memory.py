@@ -78,13 +78,19 @@ def write_synthetic(hf_dir: str, hidden: int, inter: int, layers: int, vocab: in
     return {"largest_tensor": largest, "largest_stacked": largest_stacked}
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def add_model_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The synthetic decoder's shape flags (about 2.1 GB in fp32 by default), shared with
+    benchmarks/init_restore_memory.py so both measure the same model."""
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5504)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--heads", type=int, default=16)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    add_model_shape_args(ap)
     ap.add_argument("--scan_layers", default="true")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args()

@@ -151,12 +151,11 @@ def child(mode: str, ckpt_dir: str, args) -> dict:
 
 
 def main():
+    sys.path.insert(0, ROOT)
+    from benchmarks.convert_memory import add_model_shape_args
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=5504)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--heads", type=int, default=16)
+    add_model_shape_args(ap)
     ap.add_argument("--stored_dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--tmp", default=tempfile.gettempdir())

@@ -9,6 +9,7 @@ from configs import mmrs
 from earthgpt_jax import parallel, train as train_lib
 from earthgpt_jax.convert.__main__ import run as convert
 from earthgpt_jax.models.presets import get_preset
+from tests.fixtures.tiny_hf import tiny_hf_models
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -17,18 +18,10 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("init")
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-        tie_word_embeddings=False))
-    dino = transformers.Dinov2Model(transformers.Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=8,
-        image_size=32))
-    convnext = transformers.ConvNextModel(transformers.ConvNextConfig(
-        hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]))
+    models = tiny_hf_models(vocab_size=64)
     out = {}
-    for name, model in (("llama", llama), ("dino", dino), ("convnext", convnext)):
+    for name, model in (("llama", models["llama"]), ("dino", models["dinov2"]),
+                        ("convnext", models["convnext"])):
         model.save_pretrained(root / f"hf_{name}")
         out[name] = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     convert(["convert", "hf-to-orbax", f"--hf_dir={root / 'hf_llama'}",

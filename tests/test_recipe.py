@@ -26,6 +26,7 @@ import pytest
 from earthgpt_jax.data import synthetic
 from earthgpt_jax.data.tokenizer import USER_TEMPLATE, train_tokenizer
 from tests.fixtures import captions, eval_sets
+from tests.fixtures.tiny_hf import tiny_hf_models
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -85,18 +86,9 @@ def _release_texts(release: str) -> list[str]:
 
 def _hf_models(root, vocab_size, bos_id, eos_id):
     """Random tiny HF models in the shapes of `get_preset('tiny')`, saved as HF directories."""
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-        max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=bos_id,
-        eos_token_id=eos_id))
-    dino = transformers.Dinov2Model(transformers.Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=8,
-        image_size=32))
-    convnext = transformers.ConvNextModel(transformers.ConvNextConfig(
-        hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]))
-    for name, model in (("llama", llama), ("dinov2", dino), ("convnext", convnext)):
+    models = tiny_hf_models(vocab_size, max_position_embeddings=512, bos_token_id=bos_id,
+                            eos_token_id=eos_id)
+    for name, model in models.items():
         model.save_pretrained(os.path.join(root, f"hf_{name}"))
 
 
