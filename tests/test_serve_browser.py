@@ -73,9 +73,18 @@ def test_page_streams_a_detection_answer_and_draws_its_boxes(server, tmp_path):
         driver.find_element(By.ID, "send").click()  # an empty question is told, not ignored
         empty_status = driver.find_element(By.ID, "status").text
         driver.find_element(By.ID, "reset").click()
-        reset = driver.execute_script(
-            "return [document.querySelectorAll('#thread .msg.assistant').length,"
-            " document.getElementById('image-canvas').dataset.boxes]")
+        # The page clears once the server has answered the reset (an awaited fetch): read the
+        # state after that, or up to 10 s later (a page that never clears fails the assert).
+        from selenium.common.exceptions import TimeoutException
+        from selenium.webdriver.support.ui import WebDriverWait
+        read_reset = ("return [document.querySelectorAll('#thread .msg.assistant').length,"
+                      " document.getElementById('image-canvas').dataset.boxes]")
+        try:
+            WebDriverWait(driver, 10).until(
+                lambda d: d.execute_script(read_reset) == [0, "0"])
+        except TimeoutException:
+            pass
+        reset = driver.execute_script(read_reset)
     finally:
         driver.quit()
     assert page["state"] == "done", page
