@@ -4,8 +4,6 @@
   python main.py --config=configs/mmrs.py:size=13b,stage=b --workdir=gs://bucket/run --mode=train
 """
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -23,16 +21,18 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    from earthgpt_jax.config import from_config_dict
     from earthgpt_jax.data.prepare import ReleaseNotFoundError
     from earthgpt_jax.run import run
 
     cli.quiet_library_logs()
     try:
-        run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
-    except ReleaseNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except cli.UsageError as e:
+        config = from_config_dict(flags.FLAGS.config)
+    except (ValueError, TypeError) as e:  # a value a field refuses, e.g. an unknown stage
+        cli.fail(str(e))
+    try:
+        run(config, flags.FLAGS.workdir, flags.FLAGS.mode)
+    except (ReleaseNotFoundError, cli.UsageError) as e:
         cli.fail(str(e))
 
 

@@ -31,13 +31,11 @@ benchmarks/packing.py.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
 import time
 
-import numpy as np
 
 from benchmarks import results
 from earthgpt_jax.models.flops import device_peak_flops
@@ -50,12 +48,9 @@ SIZES = {"demo": dict(image_size=64, max_text_len=128, visual_tokens=16, batch_s
 def demo_config(workdir: str, num_train_images: int):
     from configs import mmrs
 
-    config = mmrs.get_config("demo")
-    config.data.manual_dir = os.path.join(workdir, "release")
-    config.data.tfds_dir = os.path.join(workdir, "tfds")
-    config.data.synthetic_train_images = num_train_images
-    config.data.synthetic_test_images = 20
-    return config
+    return mmrs.get_run_config("demo").replace(data={
+        "manual_dir": os.path.join(workdir, "release"), "tfds_dir": os.path.join(workdir, "tfds"),
+        "synthetic_train_images": num_train_images, "synthetic_test_images": 20})
 
 
 def prepare_data(workdir: str, num_train_images: int = 600, source_px: int = 0):
@@ -152,10 +147,10 @@ def measure_train_step(config, tokenizer, batches: list, live_reader=None, steps
     from earthgpt_jax.run import model_config
 
     cfg = model_config(config, tokenizer.vocab_size, tokenizer.bos_id)
-    trainer = train_lib.Trainer(config, cfg, parallel.build_mesh(config.mesh))
+    trainer = train_lib.Trainer.for_run(config, cfg, parallel.build_mesh(config.mesh))
     state = trainer.init_state(config.train.seed)
     start = time.perf_counter()
-    state, metrics = trainer.train_step(state, batches[0])
+    state, metrics = trainer.train_step(state, batches[0], 0)
     jax.block_until_ready(metrics)
     out = {"compile_s": time.perf_counter() - start, "batch_size": config.train.batch_size}
 
@@ -163,7 +158,7 @@ def measure_train_step(config, tokenizer, batches: list, live_reader=None, steps
         nonlocal state, metrics
         start = time.perf_counter()
         for i in range(steps):
-            state, new_metrics = trainer.train_step(state, next_batch(i))
+            state, new_metrics = trainer.train_step(state, next_batch(i), i + 1)
             jax.block_until_ready(metrics)  # the previous step's, as the training loop reads it
             metrics = new_metrics
         jax.block_until_ready(metrics)
@@ -180,31 +175,23 @@ def measure_train_step(config, tokenizer, batches: list, live_reader=None, steps
 # Documented assumption for the 7B consumption (no 7B step can run on this CPU).
 H100_BF16_DENSE_PEAK = device_peak_flops("H100")  # FLOP/s, datasheet (dense, no sparsity)
 ASSUMED_MFU = 0.40               # issue 7's H100 target for 7B stage B
-VIT_L14_PARAMS, CONVNEXT_L_GMACS_224 = 304e6, 34.4  # DINOv2 ViT-L/14; ConvNeXt-L at 224 px
 
 
 def seven_b_consumption(max_text_len: int, visual_tokens: int = 256) -> dict:
-    """Examples/s one H100 consumes training 7B stage B on padded batches, from model FLOPs.
-
-    Per example: decoder 4*N*T (forward 2N + activation gradients 2N; stage B's bias/scale
-    weight gradients are negligible) + attention 8*L*T^2*d (forward 4*T^2*d per layer, doubled
-    for its backward), T = 1 + 256 + max_text_len tokens (padded: the step pays for padding);
-    frozen towers forward only: ViT-L/14 2*P per patch token at 448 px (1025 tokens) and
-    ConvNeXt-L's 34.4 GMACs at 224 px scaled by (448/224)^2. Divided into 40% of the H100's
-    989 TFLOP/s bf16 peak. Stage A (q/k/v weight gradients too) costs more per example, so it
-    consumes less: stage B is the hungrier case for the pipeline.
+    """Examples/s one H100 consumes training 7B stage B, from model FLOPs
+    (earthgpt_jax/models/flops.py) of an example whose text fills max_text_len: the most an
+    example costs, so the least it consumes (shorter texts cost less; MFU counts no padding).
+    Divided into 40% of the H100's 989 TFLOP/s bf16 peak. Stage A (q/k/v weight gradients too)
+    costs more per example, so it consumes less: stage B is the hungrier case for the pipeline.
     """
+    from earthgpt_jax.models import flops
     from earthgpt_jax.models.presets import get_preset
 
-    llm = get_preset("7b").llm
-    d, layers, inter, vocab = llm.hidden_size, llm.num_layers, llm.intermediate_size, llm.vocab_size
-    n_decoder = layers * (4 * d * d + 3 * d * inter) + vocab * d  # matmul params (+ LM head)
-    tokens = 1 + visual_tokens + max_text_len
-    decoder = 4 * n_decoder * tokens + 8 * layers * tokens ** 2 * d
-    towers = 2 * VIT_L14_PARAMS * (1 + (448 // 14) ** 2) + 2 * CONVNEXT_L_GMACS_224 * 1e9 * 4
-    flops = decoder + towers
-    rate = ASSUMED_MFU * H100_BF16_DENSE_PEAK / flops
-    return {"flops_per_example": flops, "examples_per_s_per_chip": rate, "tokens": tokens}
+    cfg = get_preset("7b", llm={"adapters": True}, grid_size=int(round(visual_tokens ** 0.5)))
+    per_example = flops.train_step_flops(cfg, 1, max_text_len, "b")["total"]
+    rate = ASSUMED_MFU * H100_BF16_DENSE_PEAK / per_example
+    return {"flops_per_example": per_example, "examples_per_s_per_chip": rate,
+            "tokens": 1 + visual_tokens + max_text_len}
 
 
 def run(workdir: str, sizes=("demo", "7b"), workers=(0, 1, 2), num_batches: int = 30,
@@ -258,7 +245,7 @@ def result_lines(result: dict, target: float = 3.0) -> list[str]:
                    f"s/step fed live by the pipeline (0 workers) on the same CPU; compile "
                    f"{train['compile_s']:.1f} s")
     out.append(f"- 7B consumption (assumption, not measured): one H100 at {ASSUMED_MFU:.0%} MFU "
-               f"of {H100_BF16_DENSE_PEAK / 1e12:.0f} TFLOP/s bf16 training stage B on padded "
+               f"of {H100_BF16_DENSE_PEAK / 1e12:.0f} TFLOP/s bf16 training stage B on full "
                f"{b7['tokens']}-token sequences = {b7['flops_per_example'] / 1e12:.1f} TFLOP/"
                f"example -> {b7['examples_per_s_per_chip']:.1f} examples/s per chip")
     out += ["", "| size | source images | workers | examples/s | text tok/s (non-pad) | LLM tok/s "

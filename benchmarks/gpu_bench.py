@@ -10,13 +10,25 @@ synthetic in-memory arrays (no TFDS, grain, sentencepiece or ml_collections), we
 1. peak: the best bf16 and fp32 [n, n] matmul on the device (MFU's denominator, measured on the
    same card in the same run) and a device-to-device copy's bandwidth (the decoding roofline).
 2. train: the real `Trainer` jitted step (stage B: bias/scale adapters + projector trainable,
-   frozen 7B decoder and vision towers, fp32 master weights, bf16 compute, full remat), for each
-   attention implementation asked for. MFU = model FLOPs (earthgpt_jax/models/flops.py) / step
-   time / peak, against both the measured matmul peak and the card's datasheet bf16 peak. With
-   --pack_length, on packed rows (segment-masked attention, several samples and image slots per
-   row) as the real configs train.
+   frozen 7B decoder and vision towers, fp32 master weights, bf16 compute), for each variant
+   (attention kernel x remat policy x batch) asked for. MFU = model FLOPs / step time / peak and,
+   beside it, hardware utilisation = hardware FLOPs (what the step runs: padding, blank image
+   slots, masked score blocks, remat recompute) / step time / peak, both by
+   earthgpt_jax/models/flops.py from the `flops_spec` written with each row (tests/test_flops.py
+   recomputes committed results from it), against the card's datasheet bf16 peak and the
+   measured matmul peak. With --pack_length, on packed rows (segment-masked attention, several
+   samples and image slots per row) as the real configs train.
 3. decode: `greedy_generate` at each batch size: 256 visual tokens + prompt, new tokens forced
-   (no EOS), bf16 weights; decode tokens/s excludes the prefill, which is timed on its own.
+   (no EOS), bf16 weights; decode tokens/s excludes the prefill, which is timed on its own. The
+   roofline is the bytes a decode step must read, every weight and the KV cache written so
+   far (mean over the steps), at the measured copy bandwidth.
+
+The A/B grid on one card (each is one command of under 10 minutes):
+
+    bash benchmarks/gpu.sh                                    # unpacked 768-position rows
+    bash benchmarks/gpu.sh --pack_length=2048 --text_len=64 --batch=4 \
+        --variants=einsum/full,cudnn/full,cudnn/save_dot_except_mlp,cudnn/minimal/2 \
+        --phases=peak,train                                   # packed rows, 6 samples each
 
 Every figure is printed with the card's name and the package versions, and all of them are
 written as JSON to --out. A phase that fails prints its error and the run goes on; phases that
@@ -37,29 +49,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-class Namespace(dict):
-    """The slice of an ml_collections.ConfigDict the Trainer reads (attributes + .get)."""
+def train_config(args):
+    """The typed run config of the benchmark (earthgpt_jax/config.py needs no ml_collections)."""
+    from earthgpt_jax.config import RunConfig
 
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def train_config(args) -> Namespace:
-    from configs.mmrs import DEFAULT_RULES
-
-    train = Namespace(stage=args.stage, batch_size=args.batch, grad_accum_steps=1,
-                      loss_normalization="tokens", learning_rate=2e-5, warmup_steps=10,
-                      end_lr_fraction=0.05, lr_decay_steps=0, num_steps=1000, b1=0.9, b2=0.95,
-                      weight_decay=0.05, grad_clip_norm=1.0)
-    mesh = Namespace(ici={"data": 1, "fsdp": -1, "tensor": 1},
-                     dcn={"data": -1, "fsdp": 1, "tensor": 1}, rules=DEFAULT_RULES)
     # data: the Trainer sizes its batches and logged model FLOPs (MFU) with it.
-    data = Namespace(max_text_len=args.text_len, packing=bool(args.pack_length),
-                     pack_length=args.pack_length, images_per_pack=args.images_per_pack)
-    return Namespace(train=train, mesh=mesh, init=Namespace(), data=data)
+    return RunConfig().replace(
+        train={"stage": args.stage, "batch_size": args.batch, "warmup_steps": 10,
+               "num_steps": 1000},
+        data={"max_text_len": args.text_len, "packing": bool(args.pack_length),
+              "pack_length": args.pack_length or 2048, "images_per_pack": args.images_per_pack})
 
 
 def environment() -> dict:
@@ -154,12 +153,22 @@ def synthetic_packed_batch(model_cfg, rows: int, length: int, slots: int, text_l
 
 
 def model_config(args, attention: str, remat: str = ""):
+    from earthgpt_jax.models import flops
     from earthgpt_jax.models.presets import get_preset
 
-    overrides = {"llm_adapters": args.stage == "b", "llm_attention_impl": attention}
-    if remat:
-        overrides["remat_policy"] = remat
-    return get_preset(args.size, **overrides)
+    spec = {"size": args.size, "stage": args.stage, "attention_impl": attention,
+            "remat_policy": remat or get_preset(args.size).remat_policy}
+    return flops.spec_config(spec)
+
+
+def flops_spec(args, model_cfg, rows: int, samples_per_row: int) -> dict:
+    """What `flops.flops_for_spec` needs to recompute a train row's FLOPs from the JSON."""
+    return {"size": args.size, "stage": args.stage, "rows": rows, "text_len": args.text_len,
+            "pack_length": args.pack_length,
+            "images_per_row": args.images_per_pack if args.pack_length else 1,
+            "samples_per_row": samples_per_row,
+            "attention_impl": model_cfg.llm.attention_impl,
+            "remat_policy": model_cfg.remat_policy}
 
 
 def parse_variants(text: str, default_batch: int) -> list[tuple[str, str, int]]:
@@ -182,7 +191,6 @@ def device_memory_gb() -> dict:
 
 def phase_train(args, report: dict, deadline: float) -> None:
     import jax
-    from earthgpt_jax.models import flops
     from earthgpt_jax.parallel import build_mesh
     from earthgpt_jax.train import Trainer
 
@@ -198,8 +206,8 @@ def phase_train(args, report: dict, deadline: float) -> None:
             print(f"[train {name}] skipped: time budget spent", flush=True)
             continue
         try:
-            config.train.batch_size = batch_size
-            trainer = Trainer(config, model_cfg, mesh)
+            trainer = Trainer.for_run(config.replace(train={"batch_size": batch_size}),
+                                      model_cfg, mesh)
             if state is None:
                 start = time.perf_counter()
                 state = trainer.init_state(0)
@@ -208,30 +216,27 @@ def phase_train(args, report: dict, deadline: float) -> None:
             if args.pack_length:
                 batch = synthetic_packed_batch(model_cfg, batch_size, args.pack_length,
                                                args.images_per_pack, args.text_len)
-                samples, seq = batch.pop("samples_per_row") * batch_size, args.pack_length
+                per_row, seq = batch.pop("samples_per_row"), args.pack_length
             else:
                 batch = synthetic_batch(model_cfg, batch_size, args.text_len)
-                samples, seq = batch_size, 1 + model_cfg.num_visual_tokens + args.text_len
+                per_row, seq = 1, 1 + model_cfg.num_visual_tokens + args.text_len
+            samples = per_row * batch_size
             start = time.perf_counter()
-            state, metrics = trainer.train_step(state, batch)
+            state, metrics = trainer.train_step(state, batch, 0)
             first_loss = float(metrics["loss"])
             compile_s = time.perf_counter() - start
             for _ in range(args.warmup):
-                state, metrics = trainer.train_step(state, batch)
+                state, metrics = trainer.train_step(state, batch, 0)
             jax.block_until_ready(metrics)
 
             def step():
                 nonlocal state, metrics
-                state, metrics = trainer.train_step(state, batch)
+                state, metrics = trainer.train_step(state, batch, 0)
                 jax.block_until_ready(metrics["loss"])
 
             times = timed(step, args.steps)
             step_s = float(np.median(times))
-            model_flops = flops.train_step_flops(
-                model_cfg, batch_size, args.text_len, args.stage,
-                packed_length=args.pack_length or None, images_per_row=args.images_per_pack)
-            peak = report.get("peak", {}).get("matmul_bf16_flops")
-            sheet = flops.device_peak_flops(report["env"]["device"])
+            spec = flops_spec(args, model_cfg, batch_size, per_row)
             row = {
                 "compile_and_first_step_s": compile_s, "step_s_median": step_s,
                 "step_s_min": min(times), "steps_timed": args.steps,
@@ -239,27 +244,53 @@ def phase_train(args, report: dict, deadline: float) -> None:
                 "text_tokens_per_s": samples * args.text_len / step_s,
                 "examples_per_s": samples / step_s, "rows": batch_size,
                 "positions_per_row": seq,
-                "model_tflops_per_step": model_flops["total"] / 1e12,
-                "model_tflops_per_s": model_flops["total"] / step_s / 1e12,
-                "mfu_vs_measured_bf16_matmul": (flops.mfu(model_flops["total"], step_s, peak)
-                                                if peak else None),
-                "mfu_vs_datasheet_bf16": (flops.mfu(model_flops["total"], step_s, sheet)
-                                          if sheet else None),
+                **utilisation(spec, step_s, report),
                 "loss_first": first_loss, "loss_last": float(metrics["loss"]),
                 "memory_gb": device_memory_gb(),
-                "flops_breakdown_tflops": {k: v / 1e12 for k, v in model_flops.items()},
             }
             report["train"][name] = row
             print(f"[train {name}] {report['env']['device']}: {step_s * 1e3:.0f} ms/step, "
-                  f"{row['sequence_tokens_per_s']:.0f} tok/s, {row['model_tflops_per_s']:.0f} "
-                  f"model TFLOP/s, MFU {_pct(row['mfu_vs_measured_bf16_matmul'])} of measured "
-                  f"matmul peak, {_pct(row['mfu_vs_datasheet_bf16'])} of datasheet; loss "
-                  f"{first_loss:.3f} -> {row['loss_last']:.3f}; compile {compile_s:.0f} s; "
-                  f"memory {row['memory_gb']}", flush=True)
+                  f"{row['sequence_tokens_per_s']:.0f} tok/s, MFU "
+                  f"{_pct(row['mfu_vs_datasheet_bf16'])} (hardware "
+                  f"{_pct(row['hardware_utilisation_vs_datasheet_bf16'])}) of the datasheet bf16 "
+                  f"peak, {_pct(row['mfu_vs_measured_bf16_matmul'])} "
+                  f"({_pct(row['hardware_utilisation_vs_measured_bf16_matmul'])}) of the measured "
+                  f"matmul; loss {first_loss:.3f} -> {row['loss_last']:.3f}; compile "
+                  f"{compile_s:.0f} s; memory {row['memory_gb']}", flush=True)
         except Exception as e:  # noqa: BLE001  (one failed variant must not lose the others)
             report["train"][name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             traceback.print_exc()
     report["train"]["params_for_decode"] = state.params if state is not None else None
+
+
+def utilisation(spec: dict, step_s: float, report: dict) -> dict:
+    """A train row's FLOP figures: model and hardware TFLOP per step and per second, MFU and
+    hardware utilisation against the datasheet and the measured matmul peaks, the spec."""
+    from earthgpt_jax.models import flops
+
+    model, hardware = flops.flops_for_spec(spec)
+    peaks = {"datasheet_bf16": flops.device_peak_flops(report["env"]["device"]),
+             "measured_bf16_matmul": report.get("peak", {}).get("matmul_bf16_flops")}
+    row = {"flops_spec": spec,
+           "model_tflops_per_step": model["total"] / 1e12,
+           "hardware_tflops_per_step": hardware["total"] / 1e12,
+           "model_tflops_per_s": model["total"] / step_s / 1e12,
+           "hardware_tflops_per_s": hardware["total"] / step_s / 1e12}
+    for name, peak in peaks.items():
+        row[f"mfu_vs_{name}"] = flops.mfu(model["total"], step_s, peak) if peak else None
+        row[f"hardware_utilisation_vs_{name}"] = (flops.mfu(hardware["total"], step_s, peak)
+                                                  if peak else None)
+    row["flops_breakdown_tflops"] = {k: v / 1e12 for k, v in model.items()}
+    row["hardware_flops_breakdown_tflops"] = {k: v / 1e12 for k, v in hardware.items()}
+    return row
+
+
+def kv_cache_read_bytes(llm, batch: int, prefill_len: int, new_tokens: int,
+                        itemsize: int) -> float:
+    """Mean bytes of K and V a decode step must read: every layer's cache written so far
+    (the prefill, then one more slot per step), over the new_tokens - 1 decode steps."""
+    mean_slots = prefill_len + (new_tokens - 1) / 2
+    return 2.0 * llm.num_layers * batch * mean_slots * llm.num_kv_heads * llm.head_dim * itemsize
 
 
 def phase_decode(args, report: dict, deadline: float) -> None:
@@ -306,21 +337,30 @@ def phase_decode(args, report: dict, deadline: float) -> None:
             decode_s = max(total - pre, 1e-9)
             per_token_s = decode_s / args.new_tokens
             bandwidth = report.get("peak", {}).get("copy_bytes_per_s")
+            prefill_len = 1 + model_cfg.num_visual_tokens + args.prompt_len
+            kv_bytes = kv_cache_read_bytes(model_cfg.llm, batch, prefill_len, args.new_tokens,
+                                           jnp.dtype(model_cfg.dtype).itemsize)
             row = {"prefill_s": pre, "total_s": total, "compile_s": compile_s,
                    "decode_tokens_per_s": batch * args.new_tokens / decode_s,
                    "end_to_end_tokens_per_s": batch * args.new_tokens / total,
                    "ms_per_decode_step": per_token_s * 1e3,
-                   # Each decode step reads every weight once: the bandwidth roofline.
+                   # Each decode step reads every weight once and the KV cache written so
+                   # far: the bandwidth roofline.
+                   "kv_cache_read_gb_mean": kv_bytes / 2 ** 30,
                    "weight_read_fraction_of_copy_bandwidth":
                        (weight_bytes / per_token_s / bandwidth) if bandwidth else None,
-                   "prefill_tokens": 1 + model_cfg.num_visual_tokens + args.prompt_len,
+                   "roofline_fraction_weights_and_kv":
+                       ((weight_bytes + kv_bytes) / per_token_s / bandwidth)
+                       if bandwidth else None,
+                   "prefill_tokens": prefill_len,
                    "distinct_tokens_generated": int(len(np.unique(np.asarray(out))))}
             report["decode"][f"batch_{batch}"] = row
             print(f"[decode batch {batch}] {report['env']['device']}: "
                   f"{row['decode_tokens_per_s']:.0f} tok/s decoding "
                   f"({row['ms_per_decode_step']:.1f} ms/step, "
-                  f"{_pct(row['weight_read_fraction_of_copy_bandwidth'])} of the copy bandwidth "
-                  f"roofline), prefill {pre * 1e3:.0f} ms for {row['prefill_tokens']} tokens, "
+                  f"{_pct(row['roofline_fraction_weights_and_kv'])} of the copy bandwidth "
+                  f"roofline, weights + KV cache), prefill {pre * 1e3:.0f} ms for "
+                  f"{row['prefill_tokens']} tokens, "
                   f"end to end {row['end_to_end_tokens_per_s']:.0f} tok/s; compile "
                   f"{compile_s:.0f} s", flush=True)
         except Exception as e:  # noqa: BLE001
@@ -345,10 +385,13 @@ def parse_args(argv=None):
     p.add_argument("--images_per_pack", type=int, default=7)
     p.add_argument("--steps", type=int, default=8, help="timed train steps per variant")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--variants", default="einsum/full,cudnn/full,cudnn/none/8",
+    p.add_argument("--variants",
+                   default="einsum/full,cudnn/full,cudnn/save_dot_except_mlp,cudnn/minimal/8,"
+                           "cudnn/none/8",
                    help="train variants to time, comma-separated attention/remat/batch "
-                        "(attention: einsum|xla|cudnn; remat: none|full|dots_saveable, empty = "
-                        "the preset's; batch: empty = --batch)")
+                        "(attention: einsum|xla|cudnn; remat: none or a policy of "
+                        "earthgpt_jax/models/llama.py REMAT_POLICIES, empty = the preset's; "
+                        "batch: empty = --batch)")
     p.add_argument("--decode_batches", default="1,8")
     p.add_argument("--decode_layers", default="unrolled", choices=("unrolled", "scanned"))
     p.add_argument("--prompt_len", type=int, default=64)

@@ -67,12 +67,11 @@ def abstract_decoder(args):
     from earthgpt_jax.models.presets import get_preset
     from earthgpt_jax.models.earthgpt import abstract_params
 
-    config = mmrs.get_config("demo")
-    config.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1}
+    config = mmrs.get_run_config("demo").replace(mesh={"ici": {"data": 1, "fsdp": -1, "tensor": 1}})
     mesh = parallel.build_mesh(config.mesh)
     cfg = dataclasses.replace(get_preset("tiny"), llm=_llama_config(args))
     boxed = abstract_params(EarthGPT(cfg))
-    shardings = parallel.shardings_for(boxed, mesh, parallel.logical_rules(config))
+    shardings = parallel.shardings_for(boxed, mesh, config.mesh.rules)
     targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                            nn.unbox(boxed), shardings)
     return mesh, targets["llm"]

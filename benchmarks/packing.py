@@ -63,7 +63,7 @@ def default_layouts() -> dict[str, tuple]:
 
     out = {}
     for size, arg in CONFIG_ARGS.items():
-        data = mmrs.get_config(arg).data
+        data = mmrs.get_run_config(arg).data
         visual = get_preset(size).num_visual_tokens
         images = data.images_per_pack or max_samples_per_row(data.pack_length, visual)
         out[size] = (size, visual, data.max_text_len, data.pack_length, images, data.pack_bins)
@@ -145,16 +145,17 @@ def measure_packed_pipeline(source, preprocess, options, rows: int, groups: int)
             "position_efficiency": float(np.mean(eff)), "startup_s": startup}
 
 
-def seven_b_packed_consumption(samples_per_row: float, pack_length: int, images: int) -> dict:
-    """Samples/s one H100 consumes training 7B stage B on packed rows at ASSUMED_MFU."""
+def seven_b_packed_consumption(text_lengths: np.ndarray, samples_per_row: float) -> dict:
+    """Samples/s one H100 consumes training 7B stage B at ASSUMED_MFU: model FLOPs per sample
+    of the stream (causal attention within the sample; a packed row's padding and blank slots
+    are not model FLOPs)."""
     from earthgpt_jax.models.presets import get_preset
 
-    cfg = get_preset("7b", llm_adapters=True)
-    row_flops = flops.train_step_flops(cfg, 1, 0, "b", packed_length=pack_length,
-                                       images_per_row=images)["total"]
-    rows_per_s = ASSUMED_MFU * H100_BF16_DENSE_PEAK / row_flops
-    return {"row_tflops": row_flops / 1e12, "rows_per_s": rows_per_s,
-            "samples_per_s": rows_per_s * samples_per_row}
+    cfg = get_preset("7b", llm={"adapters": True})
+    sample_flops = flops.model_flops(cfg, "b", text_lengths)["total"] / len(text_lengths)
+    samples_per_s = ASSUMED_MFU * H100_BF16_DENSE_PEAK / sample_flops
+    return {"sample_tflops": sample_flops / 1e12, "rows_per_s": samples_per_s / samples_per_row,
+            "samples_per_s": samples_per_s}
 
 
 def run(args, log=print) -> list[str]:
@@ -197,10 +198,10 @@ def run(args, log=print) -> list[str]:
     demo_key, b7_key = defaults["demo"], defaults["7b"]
     lines += ["", "| pipeline | images | samples/s | rows/s | position eff. | start-up s | "
               "consumer samples/s | pipeline / consumer |", "|---|---|---|---|---|---|---|---|"]
-    demo_cfg = config.copy_and_resolve_references()
-    demo_cfg.data.packing = True  # the demo config's own pack_length and images_per_pack
+    # The demo config's own pack_length and images_per_pack.
+    demo_cfg = config.replace(data={"packing": True})
     cfg = model_config(demo_cfg, tokenizer.vocab_size, tokenizer.bos_id)
-    demo_options = train_lib.packing_options(demo_cfg, cfg)
+    demo_options = train_lib.packing_options(demo_cfg.data, cfg)
     pre = TrainPreprocess(tokenizer.path, cfg.image_size, demo_cfg.data.max_text_len)
     demo = measure_packed_pipeline(source, pre, demo_options, 16, args.groups)
     consumer = None
@@ -217,9 +218,9 @@ def run(args, log=print) -> list[str]:
                         f"s/step, compile {step['compile_s']:.1f} s")
     lines.append(_pipeline_row(f"demo ({cfg.image_size} px, 16 rows x {demo_options.length})",
                                "synthetic 56-96 px", demo, consumer, "demo step"))
-    config_7b = mmrs.get_config(CONFIG_ARGS["7b"])
+    config_7b = mmrs.get_run_config(CONFIG_ARGS["7b"])
     b7_length, b7_images = config_7b.data.pack_length, b7_key[4]
-    b7 = seven_b_packed_consumption(results[b7_key]["samples_per_row"], b7_length, b7_images)
+    b7 = seven_b_packed_consumption(by_max_text[b7_key[2]], results[b7_key]["samples_per_row"])
     sources = [(source, tokenizer, "synthetic 56-96 px")]
     if args.source_px:
         big, big_tok, _ = data_pipeline.prepare_data(args.workdir, args.num_train_images,
@@ -227,17 +228,17 @@ def run(args, log=print) -> list[str]:
         sources.append((big, big_tok, f"upscaled {args.source_px} px PNG"))
     for src, tok, label in sources:
         model_7b = dataclasses.replace(get_preset("7b"), bos_id=tok.bos_id)
-        options = train_lib.packing_options(config_7b, model_7b)
+        options = train_lib.packing_options(config_7b.data, model_7b)
         pre7 = TrainPreprocess(tok.path, model_7b.image_size, config_7b.data.max_text_len)
         r = measure_packed_pipeline(src, pre7, options, 4, args.groups)
         lines.append(_pipeline_row(f"7b ({model_7b.image_size} px, 4 rows x {b7_length})",
                                    label, r, b7["samples_per_s"], "one H100 (derived)"))
     lines.append(f"- 7B consumption (assumption, not measured): one H100 at {ASSUMED_MFU:.0%} "
                  f"MFU of {H100_BF16_DENSE_PEAK / 1e12:.0f} TFLOP/s training stage B on packed "
-                 f"rows of {b7_length} positions with {b7_images} image slots = "
-                 f"{b7['row_tflops']:.1f} TFLOP/row "
-                 f"-> {b7['rows_per_s']:.2f} rows/s x {results[b7_key]['samples_per_row']:.2f} "
-                 f"samples/row = {b7['samples_per_s']:.1f} samples/s")
+                 f"rows of {b7_length} positions with {b7_images} image slots: "
+                 f"{b7['sample_tflops']:.2f} model TFLOP per sample of the mix "
+                 f"-> {b7['samples_per_s']:.1f} samples/s = {b7['rows_per_s']:.2f} rows/s of "
+                 f"{results[b7_key]['samples_per_row']:.2f} samples")
     lines.append(f"- Cores on this host: {os.cpu_count()}; load average at end: "
                  f"{os.getloadavg()[0]:.1f}")
     eff = results[b7_key]["position_efficiency"]

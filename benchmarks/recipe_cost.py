@@ -9,10 +9,13 @@ rows (configs/mmrs.py: 2048 positions, image slots derived from it):
    - stage A: caption samples. Real LAION/COCO text is not available offline, so their text
      length is an assumption, stated in the output: uniform in [CAPTION_TEXT_TOKENS] tokens
      (chat template + prompt + one-sentence caption + EOS; COCO captions average ~10.5 words).
-2. Model FLOPs of one packed row (`earthgpt_jax/models/flops.py`, the formula the training
-   logs use; frozen weights cost no weight gradients).
-3. chip-hours per epoch = rows x FLOPs per row / (chip bf16 peak x MFU) / 3600, at a stated MFU
-   (an assumption, not a measurement: `--mfu`).
+2. Model FLOPs per sample (`earthgpt_jax/models/flops.py`: frozen weights cost no weight
+   gradients; causal attention within each sample; neither the rows' padding nor their blank
+   image slots count), the mean over the same sample stream; the stream's text lengths are
+   stored in the JSON (`flops_spec`), so tests/test_flops.py recomputes the figure.
+3. chip-hours per epoch = samples x model FLOPs per sample / (chip bf16 peak x MFU) / 3600, at
+   a stated MFU (an assumption, not a measurement: `--mfu`; MFU counts model FLOPs, so the
+   packing's padding is part of what it leaves out).
 4. The smallest slice that fits each (size, stage), read from the AOT table's raw result
    (`benchmarks/results/aot_table.md`, written by `benchmarks/aot_table.py`).
 
@@ -71,31 +74,36 @@ def samples_per_row(args, layout) -> dict[str, dict]:
     _, visual, max_text, length, images, bins = layout
     source, tokenizer, _ = data_pipeline.prepare_data(args.workdir, args.num_train_images)
     lengths = packing.text_lengths_by_task(source, tokenizer, max_text)
-    stage_b = packing.pack_lengths(packing.mix_stream(lengths, args.samples), visual, length,
-                                   images, bins)
+    stream_b = packing.mix_stream(lengths, args.samples)
     rng = np.random.default_rng(0)
     captions = rng.integers(CAPTION_TEXT_TOKENS[0], CAPTION_TEXT_TOKENS[1] + 1, args.samples)
-    stage_a = packing.pack_lengths(captions, visual, length, images, bins)
-    return {"a": stage_a, "b": stage_b}
+    out = {}
+    for stage, stream in (("a", captions), ("b", stream_b)):
+        out[stage] = packing.pack_lengths(stream, visual, length, images, bins)
+        values, counts = np.unique(stream, return_counts=True)
+        out[stage]["text_length_counts"] = {str(int(v)): int(c) for v, c in zip(values, counts)}
+    return out
 
 
 def cost_table(per_row: dict[str, dict], layout, mfu: float) -> list[dict]:
     from earthgpt_jax.models import flops
-    from earthgpt_jax.models.presets import get_preset
 
-    _, _, _, length, images, _ = layout
     rows = []
     for size in ("7b", "13b"):
         for stage in ("a", "b"):
-            cfg = get_preset(size, llm_adapters=stage == "b")
-            row_flops = flops.train_step_flops(cfg, 1, 0, stage, packed_length=length,
-                                               images_per_row=images)["total"]
+            spec = {"size": size, "stage": stage,
+                    "text_length_counts": per_row[stage]["text_length_counts"]}
+            model, _ = flops.flops_for_spec(spec)
+            sample_flops = model["total"] / sum(spec["text_length_counts"].values())
+            spec = {k: v for k, v in spec.items() if k != "text_length_counts"}
+            spec["text_length_counts_from"] = f"packing.{stage}.text_length_counts"
             for epoch, samples in EPOCHS[stage].items():
                 n_rows = samples / per_row[stage]["samples_per_row"]
-                hours = {chip: n_rows * row_flops / (flops.device_peak_flops(kind) * mfu) / 3600
-                         for chip, kind in CHIPS.items()}
+                hours = {chip: samples * sample_flops / (flops.device_peak_flops(kind) * mfu)
+                         / 3600 for chip, kind in CHIPS.items()}
                 rows.append({"size": size, "stage": stage, "epoch": epoch, "samples": samples,
-                             "rows": n_rows, "row_tflops": row_flops / 1e12,
+                             "rows": n_rows, "flops_spec": spec,
+                             "model_tflops_per_sample": sample_flops / 1e12,
                              "chip_hours": hours})
     return rows
 
@@ -137,13 +145,13 @@ def main(argv=None) -> dict:
 
 def format_markdown(result: dict) -> str:
     chips = list(CHIPS)
-    lines = ["| model | stage | epoch | samples | samples/row | rows | TFLOP/row | "
+    lines = ["| model | stage | epoch | samples | samples/row | rows | model TFLOP/sample | "
              + " | ".join(f"{c} chip-h" for c in chips) + " |",
              "|---" * (7 + len(chips)) + "|"]
     for r in result["cost"]:
         per_row = result["packing"][r["stage"]]["samples_per_row"]
         lines.append(f"| {r['size']} | {r['stage'].upper()} | {r['epoch']} | {r['samples']:,} | "
-                     f"{per_row:.2f} | {r['rows']:,.0f} | {r['row_tflops']:.0f} | "
+                     f"{per_row:.2f} | {r['rows']:,.0f} | {r['model_tflops_per_sample']:.2f} | "
                      + " | ".join(f"{r['chip_hours'][c]:,.0f}" for c in chips) + " |")
     return "\n".join(lines)
 

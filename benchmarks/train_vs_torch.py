@@ -224,17 +224,13 @@ class OursSide:
         from earthgpt_jax import parallel, train as train_lib
 
         self.jax = jax
-        config = mmrs.get_config("demo")
-        config.train.stage = stage
-        config.train.batch_size = batches[0]["tokens"].shape[0]
-        config.train.num_steps = len(batches)
-        config.train.grad_accum_steps = 1
-        for key, value in TRAIN_HPARAMS.items():
-            config.train[key] = value
-        config.mesh.ici = {"data": 1, "fsdp": 1, "tensor": 1}
-        config.mesh.dcn = {"data": 1, "fsdp": 1, "tensor": 1}
+        one = {"data": 1, "fsdp": 1, "tensor": 1}
+        config = mmrs.get_run_config("demo").replace(
+            train=dict(TRAIN_HPARAMS, stage=stage, batch_size=batches[0]["tokens"].shape[0],
+                       num_steps=len(batches), grad_accum_steps=1),
+            mesh={"ici": one, "dcn": one})
         mesh = parallel.build_mesh(config.mesh, jax.devices()[:1])
-        self.trainer = train_lib.Trainer(config, model_cfg, mesh)
+        self.trainer = train_lib.Trainer.for_run(config, model_cfg, mesh)
         self.state = initial_state(self.trainer, converted_params(paths, model_cfg))
         jax.block_until_ready(self.state)
         self.batches = batches
@@ -250,12 +246,12 @@ class OursSide:
         batch = {k: jax.make_array_from_process_local_data(trainer.batch_shardings[k], v)
                  for k, v in host_batch.items() if k in trainer.batch_shardings}
         with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-            jaxpr = jax.make_jaxpr(trainer._train_step)(self.state, batch)
+            jaxpr = jax.make_jaxpr(trainer._train_step)(self.state, batch, np.float32(0))
         return flops_lib.jaxpr_matmul_flops(jaxpr)
 
     def step(self, index: int) -> dict:
         start = time.perf_counter()
-        self.state, metrics = self.trainer.train_step(self.state, self.batches[index])
+        self.state, metrics = self.trainer.train_step(self.state, self.batches[index], index)
         self.jax.block_until_ready((self.state, metrics))
         seconds = time.perf_counter() - start
         if int(metrics["skipped"]):

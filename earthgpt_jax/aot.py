@@ -13,9 +13,10 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import flax.linen as nn
 
-from earthgpt_jax.models.flops import device_peak_flops
+from earthgpt_jax.models.flops import device_peak_flops, train_step_flops
 
 
 # Cloud TPU accelerator types count TensorCores for v4/v5p (2 per chip) and chips for v5e/v6e.
@@ -88,13 +89,13 @@ def topology_devices(topo: Topology):
 
 def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) -> dict:
     """Compiles the train step for `topology`; returns the per-chip memory/FLOP report."""
-    from earthgpt_jax import parallel
+    from earthgpt_jax import parallel, train as trainer_lib
     from earthgpt_jax.train import Trainer
 
     topo = parse_topology(topology, num_slices)
     devices = topology_devices(topo)
     mesh = parallel.build_mesh(config.mesh, devices)
-    trainer = Trainer(config, model_cfg, mesh)
+    trainer = Trainer.for_run(config, model_cfg, mesh)
     batch = config.train.batch_size
     parallel.check_batch_divides(batch, mesh)
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_shardings[k])
@@ -104,7 +105,8 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
               "global_batch": batch, "hbm_gib_per_chip": HBM_GIB[topo.generation],
               "parameters": trainer.summary}
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
-        lowered = trainer._train_step.lower(trainer.abstract_state, abstract_batch)
+        lowered = trainer._train_step.lower(trainer.abstract_state, abstract_batch,
+                                            jax.ShapeDtypeStruct((), jnp.float32))
         try:
             compiled = lowered.compile()
         except Exception as e:  # XLA says RESOURCE_EXHAUSTED with the bytes it needed
@@ -124,12 +126,18 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
                              - per_chip["aliased_gib"] + per_chip["temporaries_gib"]
                              + per_chip["code_gib"])
     peak = getattr(mem, "peak_memory_in_bytes", 0) / gib
-    flops = trainer.step_flops
+    # Model FLOPs of a step whose samples all have max_text_len text tokens (as many per packed
+    # row as fit): the real mix of lengths is unknown here. Hardware FLOPs beside it.
+    data = config.data
+    flops = train_step_flops(model_cfg, batch, data.max_text_len, config.train.stage,
+                             packed_length=data.pack_length if data.packing else None,
+                             images_per_row=trainer_lib.images_per_pack(data, model_cfg))["total"]
     chips = report["chips"]
     chip_peak = device_peak_flops(DEVICE_KIND[topo.generation])
     return report | {
         "fits": True, "per_chip": per_chip, "xla_peak_gib": peak,
         "model_tflops_per_step": flops / 1e12,
+        "hardware_tflops_per_step": trainer.executed_flops / 1e12,
         # Step time at 50% MFU; and the MFU a given step time would mean.
         "step_seconds_at_50pct_mfu": flops / (0.5 * chip_peak * chips),
     }

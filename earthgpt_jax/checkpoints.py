@@ -490,9 +490,10 @@ def restore_from_workdir(workdir: str, targets: dict, skip=(),
     return restored
 
 
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, checkpoint) -> ocp.CheckpointManager:
+    """The training run's manager; `checkpoint` is config.checkpoint (how often, how many)."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.checkpoint.keep, save_interval_steps=config.checkpoint.every_steps,
+        max_to_keep=checkpoint.keep, save_interval_steps=checkpoint.every_steps,
         enable_async_checkpointing=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  options=options)

@@ -38,8 +38,11 @@ def unrolled_for_decoding(model: EarthGPT, params) -> tuple[EarthGPT, dict]:
     return EarthGPT(unrolled), {**params, "llm": llm}
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    length = max(len(s) for s in sequences)
+def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 1
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, valid) [B, L], each row right-aligned; L is the longest rounded up to
+    `multiple`, so callers compile one program per bucket of prompt lengths, not per length."""
+    length = -(-max(len(s) for s in sequences) // multiple) * multiple
     tokens = np.full((len(sequences), length), pad_id, np.int32)
     valid = np.zeros((len(sequences), length), bool)
     for i, seq in enumerate(sequences):
@@ -168,9 +171,15 @@ def nucleus_filter(logits, top_p):
     return jnp.where(keep, logits, -jnp.inf)
 
 
+@jax.jit
+def sampling_logits(logits, temperature, top_p):
+    """What top-p sampling draws from: logits / temperature, -inf outside the nucleus."""
+    return nucleus_filter(logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6), top_p)
+
+
 def _sample_token(logits, rng, temperature, top_p):
-    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-    return jax.random.categorical(rng, nucleus_filter(scaled, top_p), axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, sampling_logits(logits, temperature, top_p),
+                                  axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))

@@ -14,6 +14,8 @@ import jax
 import optax
 from flax import traverse_util
 
+from earthgpt_jax.config import STAGES, TrainConfig
+
 # Which parameter paths each stage trains (regexes over '/'-joined paths).
 STAGE_TRAINABLE = {
     # Demo from scratch: nothing is pre-trained, so everything learns.
@@ -25,6 +27,7 @@ STAGE_TRAINABLE = {
     # Stage B, unified instruction tuning: only the bias/scale adapters (+ projector).
     "b": (r"^llm/.*/adapter_(scale|bias)$", r"^projector/"),
 }
+assert tuple(STAGE_TRAINABLE) == STAGES  # config.train.stage is checked against STAGES
 
 
 def trainable_labels(params, stage: str):
@@ -56,16 +59,18 @@ def weight_decay_mask(params):
         lambda path, _: getattr(path[-1], "key", None) in DECAYED_LEAF_NAMES, params)
 
 
-def learning_rate_schedule(cfg) -> optax.Schedule:
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     """Linear warmup, then cosine decay to `end_lr_fraction` of the peak."""
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.get("lr_decay_steps") or cfg.num_steps, cfg.warmup_steps + 1),
-        end_value=cfg.learning_rate * cfg.end_lr_fraction)
+        decay_steps=cfg.decay_steps, end_value=cfg.learning_rate * cfg.end_lr_fraction)
 
 
-def make_optimizer(train_cfg, labels) -> optax.GradientTransformation:
-    adamw = optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+def make_optimizer(train_cfg: TrainConfig, labels) -> optax.GradientTransformation:
+    """AdamW with a unit learning rate over the trainable leaves: the train step scales its
+    updates by the schedule's rate, which it takes as an argument (so the schedule is no constant
+    of the compiled program). Decoupled weight decay is scaled by the rate too, as in adamw."""
+    adamw = optax.adamw(1.0, b1=train_cfg.b1, b2=train_cfg.b2,
                         weight_decay=train_cfg.weight_decay, mask=weight_decay_mask)
     tx = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip_norm), adamw)
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

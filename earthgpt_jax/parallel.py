@@ -20,16 +20,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def maybe_initialize_distributed(config) -> None:
-    """Joins a multi-process run when the config or the environment describes one."""
-    dist = config.get("distributed", None)
-    if dist is not None and dist.get("auto", False):
+def maybe_initialize_distributed(dist) -> None:
+    """Joins a multi-process run when `dist` (config.distributed) or the environment describes
+    one."""
+    if dist.auto:
         # Cloud TPU (and SLURM/MPI clusters JAX knows): every parameter is discovered.
         jax.distributed.initialize()
         logging.info("joined %d processes as process %d", jax.process_count(),
                      jax.process_index())
         return
-    coordinator = (dist.coordinator_address if dist else "") or os.environ.get(
+    coordinator = dist.coordinator_address or os.environ.get(
         "JAX_COORDINATOR_ADDRESS", "")
     if coordinator:
         jax.distributed.initialize(coordinator_address=coordinator,
@@ -71,15 +71,14 @@ def build_mesh(mesh_config, devices=None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
-def logical_rules(config) -> tuple[tuple[str, object], ...]:
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                 for name, axes in config.mesh.rules)
-
-
 def shardings_for(boxed_tree, mesh: Mesh, rules):
     """NamedShardings for a tree of (possibly abstract) `nn.Partitioned` values."""
     specs = nn.get_partition_spec(boxed_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -11,6 +11,7 @@ import os
 import jax
 
 from earthgpt_jax import checkpoints, cli, parallel
+from earthgpt_jax.config import RunConfig
 from earthgpt_jax.data import prepare, sources
 from earthgpt_jax.data.pipeline import TrainPreprocess
 from earthgpt_jax.models.presets import EarthGPTConfig, get_preset
@@ -18,11 +19,14 @@ from earthgpt_jax.models.presets import EarthGPTConfig, get_preset
 MODES = ("train", "eval", "compile")
 
 
-def model_config(config, vocab_size: int, bos_id: int) -> EarthGPTConfig:
-    # Stage B trains the bias/scale adapters, so the decoder must have them.
+def model_config(config: RunConfig, vocab_size: int | None = None,
+                 bos_id: int = 1) -> EarthGPTConfig:
+    """The model shapes of a run: config.model's preset, its vocabulary (None: the preset's,
+    LLaMA-2's 32000 for 7b/13b), and stage B's bias/scale adapters, which it trains."""
     return get_preset(config.model.size, vocab_size=vocab_size, bos_id=bos_id,
                       dtype=config.model.dtype, remat_policy=config.model.remat_policy,
-                      llm_adapters=config.train.stage == "b")
+                      llm={"adapters": config.train.stage == "b",
+                           "attention_impl": config.model.attention_impl})
 
 
 def save_model_config(cfg: EarthGPTConfig, workdir: str) -> None:
@@ -32,7 +36,7 @@ def save_model_config(cfg: EarthGPTConfig, workdir: str) -> None:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
 
 
-def _needs_release(config, workdir: str, mode: str, evaluates_suites: bool) -> bool:
+def _needs_release(config: RunConfig, workdir: str, mode: str, evaluates_suites: bool) -> bool:
     """Training on MMRS-1M (config.data.sources empty or listing mmrs1m), the demo and the
     mmrs1m test split read MMRS-1M. The paper's suites only use its training answers for the
     blind baselines, so they are evaluated without it (baselines then come from each suite's
@@ -48,13 +52,15 @@ def _needs_release(config, workdir: str, mode: str, evaluates_suites: bool) -> b
     return os.path.isdir(os.path.join(prepare.release_dir(config, workdir), "data", "json"))
 
 
-def run(config, workdir: str, mode: str) -> dict | None:
+def run(config: RunConfig, workdir: str, mode: str) -> dict | None:
     from earthgpt_jax import train as train_lib
     from earthgpt_jax.evaluate import suites
     from earthgpt_jax.evaluate.runner import run_eval, run_suites
+    from earthgpt_jax.inference import InferenceSession
 
     if mode not in MODES:
         raise ValueError(f"unknown --mode={mode}; choose one of {', '.join(MODES)}")
+    check_model(config)
     if mode == "compile":
         return compile_only(config)
     if mode == "eval":  # before any data is generated or built
@@ -73,7 +79,7 @@ def run(config, workdir: str, mode: str) -> dict | None:
     # Fail within seconds when the release is missing, before any compile.
     if needs_release and not config.data.synthetic:
         prepare.check_release(prepare.release_dir(config, workdir))
-    parallel.maybe_initialize_distributed(config)
+    parallel.maybe_initialize_distributed(config.distributed)
     os.makedirs(workdir, exist_ok=True)
     opened, skipped = [], {}
     if evaluates_suites:
@@ -96,7 +102,7 @@ def run(config, workdir: str, mode: str) -> dict | None:
     mesh = parallel.build_mesh(config.mesh)
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size,
                  jax.devices()[0].platform)
-    trainer = train_lib.Trainer(config, cfg, mesh)
+    trainer = train_lib.Trainer.for_run(config, cfg, mesh)
     if mode == "train":
         check_init_sources(config, workdir, trainer)
         preprocess = TrainPreprocess(tokenizer.path, cfg.image_size, config.data.max_text_len)
@@ -111,12 +117,21 @@ def run(config, workdir: str, mode: str) -> dict | None:
     else:
         params, step = checkpoints.restore_params(workdir, trainer.abstract_state.params)
         logging.info("Evaluating the checkpoint of step %d", step)
+    session = InferenceSession(trainer.model, params, tokenizer, mesh, trainer.rules, step=step)
     if evaluates_suites:
-        return run_suites(config, workdir, trainer.model, params, tokenizer, opened, skipped,
-                          mesh, trainer.rules, train_source=train_source, step=step)
+        return run_suites(config, workdir, session, opened, skipped, train_source=train_source)
     eval_source = prepare.data_source(data_dir, config.eval.split)
-    return run_eval(config, workdir, trainer.model, params, tokenizer, eval_source, mesh,
-                    trainer.rules, train_source=train_source)
+    return run_eval(config, workdir, session, eval_source, train_source=train_source)
+
+
+def check_model(config: RunConfig) -> None:
+    """What config.model names, checked before any data work (the preset's size and dtype are
+    checked when the config is built)."""
+    from earthgpt_jax.models.llama import REMAT_POLICIES
+
+    if config.model.remat_policy not in ("none", *REMAT_POLICIES):
+        raise cli.UsageError(f"config.model.remat_policy={config.model.remat_policy!r} is not "
+                             f"one of none, {', '.join(REMAT_POLICIES)}")
 
 
 def _checkpoints_dir(workdir: str) -> str:
@@ -136,11 +151,11 @@ def check_checkpoint(workdir: str) -> None:
             f"same command with --mode=train) or point --workdir at a training run")
 
 
-def check_init_sources(config, workdir: str, trainer) -> None:
+def check_init_sources(config: RunConfig, workdir: str, trainer) -> None:
     """config.init's checkpoints checked against the model (names and shapes, from their
     metadata) before anything compiles; not when the run resumes its own checkpoint (then
     config.init is not used)."""
-    if not any(config.get("init", {}).values()) or _has_checkpoint(workdir):
+    if not config.init.named() or _has_checkpoint(workdir):
         return
     try:
         trainer.check_init_sources()
@@ -163,7 +178,7 @@ def _pip_install(package: str) -> str:
     return f"pip install {pins[0] if pins else package}"
 
 
-def compile_only(config) -> dict:
+def compile_only(config: RunConfig) -> dict:
     """--mode=compile: the real train step compiled for config.compile.topology; no data, no
     TPU. The vocabulary is the preset's (LLaMA-2's 32000 for 7b/13b)."""
     from earthgpt_jax import aot
@@ -179,9 +194,7 @@ def compile_only(config) -> dict:
     if importlib.util.find_spec("libtpu") is None:
         raise cli.UsageError(f"--mode=compile needs libtpu (it describes TPU topologies to XLA "
                              f"on this host): {_pip_install('libtpu')}")
-    cfg = get_preset(config.model.size, dtype=config.model.dtype,
-                     remat_policy=config.model.remat_policy,
-                     llm_adapters=config.train.stage == "b")
+    cfg = model_config(config)
     print(f"compiling the train step for {topology} ({topo.chips * topo.num_slices} chips; "
           f"several minutes)...", flush=True)
     report = aot.compile_train_step(config, cfg, topology, config.compile.num_slices)

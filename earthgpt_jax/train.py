@@ -4,6 +4,7 @@ the loop with logging, orbax checkpoints (train state + data-iterator state) and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,56 +21,53 @@ import flax.linen as nn
 from flax import struct, traverse_util
 
 from earthgpt_jax import checkpoints, optim, parallel, plots
+from earthgpt_jax.config import DEFAULT_RULES, DataConfig, InitConfig, RunConfig, TrainConfig
 from earthgpt_jax.models.earthgpt import EarthGPT, abstract_params, dummy_inputs
 from earthgpt_jax.models import flops
-from earthgpt_jax.models.presets import EarthGPTConfig
+from earthgpt_jax.models.presets import EarthGPTConfig, resolve_attention_impl
 
-def packing_enabled(config) -> bool:
-    return bool(config.data.get("packing", False))
-
-
-def batch_shapes(config, model_cfg: EarthGPTConfig, batch: int) -> dict[str, tuple]:
+def batch_shapes(data: DataConfig, model_cfg: EarthGPTConfig, batch: int) -> dict[str, tuple]:
     """{name: (shape, dtype)} of a global batch of `batch` rows, as the train step takes it:
-    padded examples, or packed rows (earthgpt_jax/data/packing.py) with `config.data.packing`."""
+    padded examples, or packed rows (earthgpt_jax/data/packing.py) with `data.packing`."""
     size = model_cfg.image_size
-    if packing_enabled(config):
-        length, slots = config.data.pack_length, images_per_pack(config, model_cfg)
+    if data.packing:
+        length, slots = data.pack_length, images_per_pack(data, model_cfg)
         return {"image": ((batch, slots, size, size, 3), jnp.uint8),
                 "tokens": ((batch, length), jnp.int32),
                 "segment_ids": ((batch, length), jnp.int32),
                 "positions": ((batch, length), jnp.int32),
                 "loss_mask": ((batch, length), jnp.float32)}
-    length = config.data.max_text_len
+    length = data.max_text_len
     return {"image": ((batch, size, size, 3), jnp.uint8), "tokens": ((batch, length), jnp.int32),
             "valid": ((batch, length), jnp.bool_), "loss_mask": ((batch, length), jnp.float32)}
 
 
-def images_per_pack(config, model_cfg: EarthGPTConfig) -> int:
-    """Image slots per packed row: `config.data.images_per_pack`, or with 0 as many samples as a
-    row can ever hold (pack_length // (BOS + visual tokens + 1 text token))."""
+def images_per_pack(data: DataConfig, model_cfg: EarthGPTConfig) -> int:
+    """Image slots per packed row: `data.images_per_pack`, or with 0 as many samples as a row
+    can ever hold (pack_length // (BOS + visual tokens + 1 text token))."""
     from earthgpt_jax.data.packing import max_samples_per_row
-    return (config.data.images_per_pack or
-            max_samples_per_row(config.data.pack_length, model_cfg.num_visual_tokens))
+    return (data.images_per_pack or
+            max_samples_per_row(data.pack_length, model_cfg.num_visual_tokens))
 
 
-def packing_options(config, model_cfg: EarthGPTConfig):
-    """The pipeline's packing options from the config, or None when packing is off."""
-    if not packing_enabled(config):
+def packing_options(data: DataConfig, model_cfg: EarthGPTConfig):
+    """The pipeline's packing options, or None when packing is off."""
+    if not data.packing:
         return None
     from earthgpt_jax.data.packing import PackingOptions
-    return PackingOptions(length=config.data.pack_length,
-                          images_per_row=images_per_pack(config, model_cfg),
+    return PackingOptions(length=data.pack_length, images_per_row=images_per_pack(data, model_cfg),
                           visual_tokens=model_cfg.num_visual_tokens, bos_id=model_cfg.bos_id,
-                          bins_per_batch=config.data.get("pack_bins", 64))
+                          bins_per_batch=data.pack_bins)
 
 
-def step_flops(config, model_cfg: EarthGPTConfig) -> float:
-    """Model FLOPs of one train step of this config (packed or not): MFU's numerator."""
-    packed = packing_enabled(config)
-    return flops.train_step_flops(
-        model_cfg, config.train.batch_size, config.data.max_text_len, config.train.stage,
-        packed_length=config.data.pack_length if packed else None,
-        images_per_row=images_per_pack(config, model_cfg) if packed else 1)["total"]
+def executed_flops(train: TrainConfig, data: DataConfig, model_cfg: EarthGPTConfig) -> float:
+    """Hardware FLOPs of one train step (padding, blank image slots and remat recompute
+    included; the same every step): hardware utilisation's numerator. MFU's counts each
+    batch's real samples (`flops.batch_model_flops`)."""
+    return flops.executed_train_step_flops(
+        model_cfg, train.batch_size, data.max_text_len, train.stage,
+        packed_length=data.pack_length if data.packing else None,
+        images_per_row=images_per_pack(data, model_cfg) if data.packing else 1)["total"]
 
 
 @struct.dataclass
@@ -82,24 +80,27 @@ class TrainState:
 class Trainer:
     """Owns the model, optimizer, mesh and the jitted functions of one training run."""
 
-    def __init__(self, config, model_cfg: EarthGPTConfig, mesh):
-        if config.train.batch_size % (config.train.grad_accum_steps * jax.process_count()):
-            raise ValueError(f"config.train.batch_size={config.train.batch_size} must divide by "
-                             f"grad_accum_steps={config.train.grad_accum_steps} x "
+    def __init__(self, model_cfg: EarthGPTConfig, mesh, train: TrainConfig, data: DataConfig,
+                 init: InitConfig = InitConfig(), rules=DEFAULT_RULES):
+        if train.batch_size % (train.grad_accum_steps * jax.process_count()):
+            raise ValueError(f"config.train.batch_size={train.batch_size} must divide by "
+                             f"grad_accum_steps={train.grad_accum_steps} x "
                              f"{jax.process_count()} processes")
-        if config.train.loss_normalization not in ("tokens", "examples"):
-            raise ValueError(f"config.train.loss_normalization must be 'tokens' or 'examples', "
-                             f"got {config.train.loss_normalization!r}")
-        self.config = config
+        self.train_cfg, self.data_cfg, self.init_cfg = train, data, init
+        # `auto` attention becomes this mesh's kernel here, so the FLOP counts below see it.
+        impl = resolve_attention_impl(model_cfg.llm.attention_impl,
+                                      mesh.devices.flat[0].platform)
+        model_cfg = dataclasses.replace(
+            model_cfg, llm=dataclasses.replace(model_cfg.llm, attention_impl=impl))
         self.model = EarthGPT(model_cfg)
         self.mesh = mesh
-        self.rules = parallel.logical_rules(config)
+        self.rules = rules
         boxed = abstract_params(self.model)
-        self.labels = optim.trainable_labels(nn.unbox(boxed), config.train.stage)
+        self.labels = optim.trainable_labels(nn.unbox(boxed), train.stage)
         self.summary = flops.parameter_summary(nn.unbox(boxed), self.labels)
-        logging.info("%s", flops.format_summary(self.summary, config.train.stage))
-        self.tx = optim.make_optimizer(config.train, self.labels)
-        self.schedule = optim.learning_rate_schedule(config.train)
+        logging.info("%s", flops.format_summary(self.summary, train.stage))
+        self.tx = optim.make_optimizer(train, self.labels)
+        self.schedule = optim.learning_rate_schedule(train)
         inputs = dummy_inputs(model_cfg, 1, 8)
 
         def init_boxed(rng):
@@ -115,19 +116,28 @@ class Trainer:
         # Built once: a jit made per init_state call would compile the whole init again.
         self._init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)),
                              out_shardings=self.state_shardings)
-        self.packed = packing_enabled(config)
-        self.batch_shapes = batch_shapes(config, model_cfg, config.train.batch_size)
+        self.packed = data.packing
+        self.batch_shapes = batch_shapes(data, model_cfg, train.batch_size)
         self.batch_shardings = {k: parallel.batch_sharding(mesh, len(shape))
                                 for k, (shape, _) in self.batch_shapes.items()}
-        # Model FLOPs of one step (earthgpt_jax/models/flops.py) and the mesh's datasheet peak:
-        # the MFU the logs report (None on devices without a known peak, e.g. CPU).
-        self.step_flops = step_flops(config, model_cfg)
-        peak = config.train.get("peak_flops_per_device") or flops.device_peak_flops(
+        # Hardware FLOPs of one step (earthgpt_jax/models/flops.py) and the mesh's datasheet
+        # peak: the utilisation the logs report beside MFU (None without a known peak, e.g. CPU).
+        self.executed_flops = executed_flops(train, data, model_cfg)
+        peak = train.peak_flops_per_device or flops.device_peak_flops(
             mesh.devices.flat[0].device_kind)
         self.peak_flops = peak * mesh.devices.size if peak else None
-        self._train_step = jax.jit(self._step, in_shardings=(self.state_shardings,
-                                                             self.batch_shardings),
-                                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+        # The learning rate is an argument, not a constant of the program: runs that differ
+        # only in their schedule (length, warmup, peak) share one compiled step.
+        self._train_step = jax.jit(
+            self._step, in_shardings=(self.state_shardings, self.batch_shardings,
+                                      parallel.replicated(mesh)),
+            out_shardings=(self.state_shardings, None), donate_argnums=0)
+        self._learning_rates = None
+
+    @classmethod
+    def for_run(cls, config: RunConfig, model_cfg: EarthGPTConfig, mesh) -> "Trainer":
+        """The trainer of a run's config (its train, data, init and mesh parts)."""
+        return cls(model_cfg, mesh, config.train, config.data, config.init, config.mesh.rules)
 
     def init_state(self, seed: int) -> TrainState:
         """Step 0: random init, sharded as it is created; then the weights config.init names.
@@ -153,16 +163,16 @@ class Trainer:
 
     def _restore_init(self, check_only: bool = False) -> dict:
         """{full param path: sharded array} of what config.init names (`init_state`)."""
-        init_cfg = self.config.get("init", {})
-        parts = [p for p in ("llm", "vit", "convnext") if init_cfg.get(p)]
+        named = self.init_cfg.named()
+        parts = [p for p in ("llm", "vit", "convnext") if p in named]
         targets = self.abstract_state.params
         restored = {}
-        if init_cfg.get("from_workdir"):
-            restored.update(checkpoints.restore_from_workdir(init_cfg.from_workdir, targets, skip=parts,
-                                                 check_only=check_only))
+        if "from_workdir" in named:
+            restored.update(checkpoints.restore_from_workdir(
+                named["from_workdir"], targets, skip=parts, check_only=check_only))
         for part in parts:
             restored.update({(part,) + k: v for k, v in checkpoints.restore_part(
-                part, init_cfg[part], targets[part], check_only=check_only).items()})
+                part, named[part], targets[part], check_only=check_only).items()})
         return restored
 
     def loss_terms(self, params, batch):
@@ -188,7 +198,7 @@ class Trainer:
             targets, weights = batch["tokens"], batch["loss_mask"]
             membership = None  # one sample per row
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        if self.config.train.loss_normalization == "examples":
+        if self.train_cfg.loss_normalization == "examples":
             # Each conversation weighs the same, however long its answers: a one-word answer
             # ("yes") is not drowned by a detection answer of a hundred tokens.
             if membership is None:
@@ -218,7 +228,7 @@ class Trainer:
         so the backward pass does activation gradients only (about 4N instead of 6N FLOPs per
         token) and the accumulation carry holds adapter-sized gradients, not a model-sized one.
         """
-        accum = self.config.train.grad_accum_steps
+        accum = self.train_cfg.grad_accum_steps
         trainable, frozen = self.split_trainable(params)
 
         def numerator(t, b):
@@ -248,9 +258,11 @@ class Trainer:
             {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **grads})
         return num / den, tokens, grad_norm, full
 
-    def _step(self, state: TrainState, batch):
+    def _step(self, state: TrainState, batch, learning_rate):
         loss, tokens, grad_norm, grads = self._grads(state.params, batch)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        # The optimizer's updates are those of a unit learning rate (optim.make_optimizer).
+        updates = jax.tree.map(lambda u: learning_rate * u, updates)
         params = optax.apply_updates(state.params, updates)
         # Numerics guard: a non-finite loss or gradient leaves the state untouched (counted).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -258,15 +270,31 @@ class Trainer:
         new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                                opt_state=keep(opt_state, state.opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens,
-                   "learning_rate": self.schedule(state.step),
+                   "learning_rate": learning_rate,
                    "skipped": 1 - finite.astype(jnp.int32)}
         return new_state, metrics
 
-    def train_step(self, state, host_batch):
+    def learning_rate(self, step: int) -> np.float32:
+        """The schedule's rate for the update from `step` (0-based), read from a table computed
+        once on the host side: evaluating the schedule on the device every step would wait for
+        the step in flight."""
+        if self._learning_rates is None or step >= len(self._learning_rates):
+            steps = jnp.arange(max(self.train_cfg.num_steps, step) + 1)
+            self._learning_rates = np.asarray(jax.device_get(jax.vmap(self.schedule)(steps)),
+                                              np.float32)
+        return self._learning_rates[step]
+
+    def model_flops(self, host_batch) -> float:
+        """Model FLOPs of a step on this host batch (its real samples; MFU's numerator)."""
+        local = flops.batch_model_flops(self.model.cfg, self.train_cfg.stage, host_batch)
+        return local["total"] * jax.process_count()  # every process holds a like share
+
+    def train_step(self, state, host_batch, step: int):
+        """One update from `step` (0-based, the state's step) on a host-local batch."""
         batch = {k: jax.make_array_from_process_local_data(self.batch_shardings[k], host_batch[k])
                  for k in self.batch_shapes}
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self._train_step(state, batch)
+            return self._train_step(state, batch, self.learning_rate(step))
 
 
 class _Preemption:
@@ -287,11 +315,11 @@ class _Preemption:
 class MetricsLog:
     """Console line + `metrics.jsonl` + TensorBoard, all from process 0."""
 
-    def __init__(self, workdir: str, total_steps: int, step_flops: float | None = None,
+    def __init__(self, workdir: str, total_steps: int, executed_flops: float | None = None,
                  peak_flops: float | None = None):
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
-        self.step_flops, self.peak_flops = step_flops, peak_flops
+        self.executed_flops, self.peak_flops = executed_flops, peak_flops
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.writer = None
         if self.enabled:
@@ -323,10 +351,13 @@ class MetricsLog:
                "skipped_steps": int(sum(m["skipped"] for m in fetched)),
                "tokens_per_s": tokens / elapsed,
                "steps_per_s": len(timed) / elapsed}
-        if self.step_flops:
-            row["model_tflops_per_s"] = self.step_flops * row["steps_per_s"] / 1e12
+        if all("model_flops" in m for m in timed):  # the loop adds it per batch
+            model_per_s = sum(m["model_flops"] for m in timed) / elapsed
+            row["model_tflops_per_s"] = model_per_s / 1e12
             if self.peak_flops:
-                row["mfu"] = self.step_flops * row["steps_per_s"] / self.peak_flops
+                row["mfu"] = model_per_s / self.peak_flops
+                row["hardware_utilization"] = (self.executed_flops * row["steps_per_s"]
+                                               / self.peak_flops)
         eta = (self.total_steps - step) / max(row["steps_per_s"], 1e-9)
         self._t0 = now
         if not self.enabled:
@@ -337,7 +368,8 @@ class MetricsLog:
             if key != "step":
                 self.writer.add_scalar(f"train/{key}", value, step)
         self.writer.flush()
-        mfu = f"  MFU {100 * row['mfu']:.1f}%" if "mfu" in row else ""
+        mfu = (f"  MFU {100 * row['mfu']:.1f}% (hardware {100 * row['hardware_utilization']:.1f}%)"
+               if "mfu" in row else "")
         logging.info("step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tok/s%s  ETA %s",
                      step, self.total_steps, row["loss"], row["grad_norm"],
                      row["learning_rate"], row["tokens_per_s"], mfu, _hms(eta))
@@ -353,7 +385,7 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainState:
+def train(config: RunConfig, workdir: str, trainer: Trainer, source, preprocess) -> TrainState:
     """Runs (or resumes) training to `config.train.num_steps`; returns the final state."""
     tc = config.train
     parallel.check_batch_divides(tc.batch_size, trainer.mesh)
@@ -365,10 +397,10 @@ def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainSt
         source, preprocess, batch_size=tc.batch_size // jax.process_count(),
         seed=config.data.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), num_threads=config.data.num_threads,
-        num_workers=config.data.get("num_workers", 0),
-        packing=packing_options(config, trainer.model.cfg))
+        num_workers=config.data.num_workers,
+        packing=packing_options(config.data, trainer.model.cfg))
     data_iter = pipeline.iterate(dataset)
-    mngr = checkpoints.checkpoint_manager(workdir, config)
+    mngr = checkpoints.checkpoint_manager(workdir, config.checkpoint)
     latest = mngr.latest_step()
     if latest is not None:
         restored = mngr.restore(latest, args=ocp.args.Composite(
@@ -379,14 +411,14 @@ def train(config, workdir: str, trainer: Trainer, source, preprocess) -> TrainSt
         logging.info("Resuming from the checkpoint of step %d in %s", latest, mngr.directory)
         # A restarted stage-B run resumes itself; config.init (e.g. from_workdir = stage A)
         # only ever seeds step 0.
-        unused = {k: v for k, v in config.get("init", {}).items() if v}
+        unused = config.init.named()
         if unused:
             logging.info("config.init %s not used: this run resumes its own checkpoint", unused)
     else:
         state = trainer.init_state(config.train.seed)
         logging.info("No checkpoint in %s: starting from step 0", mngr.directory)
     start = int(jax.device_get(state.step))
-    log = MetricsLog(workdir, tc.num_steps, trainer.step_flops, trainer.peak_flops)
+    log = MetricsLog(workdir, tc.num_steps, trainer.executed_flops, trainer.peak_flops)
 
     def save(state, step, force=False):
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -417,11 +449,11 @@ def _loop(config, trainer, state, start, data_iter, log, save, mngr):
         host_batch = next(data_iter)
         if step == start + 1:
             logging.info("Compiling the train step (the first step waits for it)...")
-        state, metrics = trainer.train_step(state, host_batch)
+        state, metrics = trainer.train_step(state, host_batch, step - 1)
         if step == start + 1:  # rates and ETAs count the steps after the compile
             jax.block_until_ready(metrics)
             log.exclude_compile()
-        history.append(metrics)
+        history.append(dict(metrics, model_flops=trainer.model_flops(host_batch)))
         # The previous step's flag: reading it costs no wait, the device is on this step.
         if previous is not None:
             nonfinite_in_row = nonfinite_in_row + 1 if int(previous[1]["skipped"]) else 0

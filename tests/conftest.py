@@ -33,10 +33,41 @@ try:  # a size limit makes JAX guard each read and write with a file lock: safe 
 except ImportError:
     pass
 
+# The tests run a few steps of tiny models, where XLA's optimisation passes cost far more than
+# they save: a tiny Trainer's init + first train step compiled in 130 s with them and 37 s
+# without on this 2-core machine (under load), while a step ran ~20% slower. Off for the whole
+# session, through the environment so subprocess tests (main.py, chat, convert) inherit it; the
+# tests whose assertions need the optimised programs (training long enough to learn, TPU memory
+# figures from AOT compiles) opt back in with @pytest.mark.optimized.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "optimized: compile with XLA's optimisation passes on "
+                                       "(the session turns most of them off)")
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimizations(request):
+    """The `optimized` marker's switch, for the test's own compiles (and, through the
+    environment, its subprocesses')."""
+    if request.node.get_closest_marker("optimized") is None:
+        yield
+        return
+    import jax
+    previous = os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"]
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "false"
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous == "true")
+        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = previous
 
 
 def pytest_report_header(config):

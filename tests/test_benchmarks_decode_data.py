@@ -11,20 +11,22 @@ from benchmarks import data_pipeline, decode_vs_hf, results
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-TINY_LLM = dict(vocab_size=256, llm_hidden_size=64, llm_num_layers=2, llm_num_heads=4,
-                llm_num_kv_heads=2, llm_intermediate_size=128)
+TINY_LLM = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                intermediate_size=128)
 
 
 def test_decode_benchmark_greedy_tokens_equal_and_figures_positive(tmp_path):
     cfg = decode_vs_hf.earthgpt_config(image_size=32, grid_size=4, **TINY_LLM)
+    # The static-cache reference eager: torch.compile alone would take longer than the test.
     result = decode_vs_hf.run(batches=(2,), prompt_len=5, new_tokens=6, repeats=1, cfg=cfg,
-                              unrolled=True, log=lambda _: None)
+                              unrolled=True, hf_static="eager", log=lambda _: None)
     (row,) = result["rows"]
     assert row["prefix_len"] == 1 + 16 + 5
     assert row["check"]["all_equal"], row["check"]
     assert row["check_unrolled"]["all_equal"], row["check_unrolled"]
+    assert row["check_hf_static"]["all_equal"], row["check_hf_static"]
     assert row["check"]["positions"] == 2 * 6
-    for side in ("ours", "hf"):
+    for side in ("ours", "ours_unrolled", "hf", "hf_static"):
         for key in ("prefill_s", "total_s", "end_to_end_tokens_per_s", "prefill_tokens_per_s"):
             assert row[side][key] > 0, (side, key)
         # total - prefill: positive, or nan where a toy model's decode drowns in timer noise.
@@ -37,6 +39,7 @@ def test_decode_benchmark_greedy_tokens_equal_and_figures_positive(tmp_path):
     results.append_section("Decoding", "cmd", decode_vs_hf.result_lines(result), str(out))
     text = out.read_text()
     assert text.startswith("# earlier section\n") and "| 2 | ours (JAX) |" in text
+    assert "| 2 | HF generate, static cache |" in text
 
 
 def test_compare_tokens_reports_first_divergence_and_margin():

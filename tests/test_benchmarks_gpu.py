@@ -6,24 +6,31 @@ import math
 import pytest
 
 from benchmarks import gpu_bench
+from earthgpt_jax.models import flops
 
 
 def test_gpu_bench_runs_every_phase_at_a_tiny_size(tmp_path):
     out = tmp_path / "gpu_bench.json"
     report = gpu_bench.main([
         "--size=tiny", "--batch=8", "--text_len=16", "--steps=2", "--new_tokens=4",
-        "--prompt_len=4", "--matmul_n=128", "--copy_gb=0.01", "--variants=einsum,xla",
-        "--decode_batches=2", f"--out={out}"])
+        "--prompt_len=4", "--matmul_n=128", "--copy_gb=0.01",
+        "--variants=einsum,xla,einsum/save_qkv_proj", "--decode_batches=2", f"--out={out}"])
     assert out.exists()
     assert report["peak"]["matmul_fp32_flops"] > 0
-    for name in ("einsum/none/8", "xla/none/8"):
+    for name in ("einsum/none/8", "xla/none/8", "einsum/save_qkv_proj/8"):
         row = report["train"][name]
         assert "error" not in row, row
         assert row["step_s_median"] > 0 and math.isfinite(row["loss_last"])
         assert row["mfu_vs_datasheet_bf16"] is None  # CPU: no datasheet peak
+        model, hardware = flops.flops_for_spec(row["flops_spec"])
+        assert row["model_tflops_per_step"] == model["total"] / 1e12
+        assert row["hardware_tflops_per_step"] == hardware["total"] / 1e12 > model["total"] / 1e12
+    assert report["train"]["einsum/save_qkv_proj/8"]["hardware_flops_breakdown_tflops"][
+        "remat_recompute"] > 0
     decode = report["decode"]["batch_2"]
     assert "error" not in decode, decode
     assert decode["end_to_end_tokens_per_s"] > 0
+    assert decode["kv_cache_read_gb_mean"] > 0
 
 
 def test_gpu_bench_trains_packed_rows(tmp_path):

@@ -41,10 +41,11 @@ def test_tiny_benchmark_runs_and_the_two_sides_agree(tmp_path):
             assert len(set(np.round(s["losses"], 6))) > 1
         # both sides train the same number of parameters
         assert row["ours"]["trainable_params"] == row["torch"]["trainable_params"]
-        # the formula is exactly what our step program multiplies: no weight gradient for a
-        # frozen weight, no LM head at the image prefix
+        # the hardware formula is exactly what our step program multiplies: no weight gradient
+        # for a frozen weight, no LM head at the image prefix, the whole score matrix
+        cfg = train_vs_torch.bench_model_config("tiny", row["stage"])
         assert 1e9 * row["ours"]["executed_gflops_per_step"] == pytest.approx(
-            row["flops"]["total"], rel=1e-9)
+            flops.executed_train_step_flops(cfg, 2, 12, row["stage"])["total"], rel=1e-9)
     text = results.read_text()
     assert text.startswith("# earlier sections stay\n")
     assert "## Train step: ours vs the PyTorch/HF reference" in text
@@ -74,30 +75,31 @@ def test_trained_matmuls_match_the_optimizer_masks(stage):
 
 
 def test_formula_matches_the_forward_programs_matmuls():
-    """The forward part of train_step_flops is exactly the dot/conv FLOPs of the jitted
-    forward (the LM head runs at the text positions only)."""
+    """The forward part of the hardware formula is exactly the dot/conv FLOPs of the jitted
+    forward (the LM head runs at the text positions only; einsum attention computes every
+    score, the masked ones too)."""
     cfg = train_vs_torch.bench_model_config("tiny", "a")
     batch, text_len = 3, 10
     model = earthgpt.EarthGPT(cfg)
     inputs = dummy_inputs(cfg, batch, text_len)
     params = nn.unbox(abstract_params(model))
     jaxpr = jax.make_jaxpr(lambda p, *x: model.apply({"params": p}, *x))(params, *inputs)
-    f = flops.train_step_flops(cfg, batch, text_len, "a")
+    f = flops.executed_train_step_flops(cfg, batch, text_len, "a")
     seq = 1 + cfg.num_visual_tokens + text_len
     forward = (f["decoder_forward"] + f["attention_forward"] + f["lm_head_forward"]
                + f["projector_forward_and_weight_gradient"] / 2 + f["vit"] + f["convnext"])
     assert flops.jaxpr_matmul_flops(jaxpr) == pytest.approx(forward, rel=1e-9)
     # stage b trains no decoder matmul: it differs from stage a by q/k/v's weight gradients
-    b = flops.train_step_flops(dataclasses.replace(cfg, llm=dataclasses.replace(
+    b = flops.executed_train_step_flops(dataclasses.replace(cfg, llm=dataclasses.replace(
         cfg.llm, adapters=True)), batch, text_len, "b")
     qkv = cfg.llm.hidden_size * (cfg.llm.num_heads + 2 * cfg.llm.num_kv_heads) * cfg.llm.head_dim
     assert f["total"] - b["total"] == pytest.approx(2 * qkv * cfg.llm.num_layers * batch * seq)
 
 
 def test_reference_schedule_and_normalisation_match_ours():
-    import ml_collections
+    from earthgpt_jax.config import TrainConfig
     hp = dict(train_vs_torch.TRAIN_HPARAMS, num_steps=9, warmup_steps=3)
-    schedule = optim.learning_rate_schedule(ml_collections.ConfigDict(hp))
+    schedule = optim.learning_rate_schedule(TrainConfig(**hp))
     for step in range(12):
         assert torch_reference.learning_rate(step, hp) == pytest.approx(float(schedule(step)),
                                                                         rel=1e-6, abs=1e-12)

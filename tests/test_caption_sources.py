@@ -52,7 +52,7 @@ def test_spec_parses_kinds_weights_and_home(tmp_path, monkeypatch):
     ("coco:{d}:-1", "weight must be a positive number"),
     ("coco:{d}:heavy", "weight 'heavy' is not a number"),
     ("coco:{d}:", "weight '' is not a number"),
-    ("llava:{d}", "unknown kind 'llava'; known kinds: mmrs1m, coco, webdataset"),
+    ("laion:{d}", "unknown kind 'laion'; known kinds: mmrs1m, coco, webdataset, llava"),
     ("coco:{d}/missing:1", "directory .*missing does not exist"),
     ("coco:{d},coco:{d}:3", "is listed twice"),
 ])
@@ -318,20 +318,20 @@ def test_stage_a_config_reads_captions_and_needs_no_release(tmp_path):
     from earthgpt_jax.data import prepare
     from earthgpt_jax.run import _needs_release
 
-    a = mmrs.get_config("size=7b,stage=a")
+    a = mmrs.get_run_config("size=7b,stage=a")
     assert a.data.sources == "coco:~/data/coco:1,webdataset:~/data/laion400m:4"
     assert [(s.kind, s.weight) for s in sources.parse_sources(a.data.sources,
                                                               check_paths=False)] == [
         ("coco", 1.0), ("webdataset", 4.0)]
     assert len(a.data.caption_prompts) >= 2
-    assert mmrs.get_config("size=13b,stage=b").data.sources == ""
-    assert mmrs.get_config("demo").data.sources == ""
-    a.eval.at_end = False
+    assert mmrs.get_run_config("size=13b,stage=b").data.sources == ""
+    assert mmrs.get_run_config("demo").data.sources == ""
+    a = a.replace(eval={"at_end": False})
     assert not _needs_release(a, str(tmp_path), "train", evaluates_suites=False)
-    a.data.sources += ",mmrs1m:~/mmrs"
+    a = a.replace(data={"sources": a.data.sources + ",mmrs1m:~/mmrs"})
     assert _needs_release(a, str(tmp_path), "train", evaluates_suites=False)
     assert sources.with_release_dir(a).data.manual_dir == os.path.expanduser("~/mmrs")
     # The demo's own tokenizer is trained on MMRS-1M text: caption runs need LLaMA-2's.
-    demo = mmrs.get_config("demo")
+    demo = mmrs.get_run_config("demo")
     with pytest.raises(ValueError, match="config.tokenizer.path is empty"):
         prepare.prepare_tokenizer(demo, str(tmp_path), None)

@@ -5,13 +5,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_train import tiny_config
-from earthgpt_jax import chat, parallel, train as train_lib
+from tests.test_train import tiny_config, one_device_trainer
+from earthgpt_jax import chat, inference, train as train_lib
 from earthgpt_jax.data import prepare
 from earthgpt_jax.data.pipeline import TrainPreprocess
 from earthgpt_jax.run import model_config, save_model_config
@@ -31,7 +30,7 @@ def workdir(tmp_path_factory):
     tok = prepare.prepare_tokenizer(config, work, source)
     cfg = model_config(config, tok.vocab_size, tok.bos_id)
     save_model_config(cfg, work)
-    trainer = train_lib.Trainer(config, cfg, parallel.build_mesh(config.mesh, jax.devices()[:1]))
+    trainer = one_device_trainer(config, cfg)
     train_lib.train(config, work, trainer, source,
                     TrainPreprocess(tok.path, cfg.image_size, config.data.max_text_len))
     rng = np.random.default_rng(0)
@@ -63,36 +62,40 @@ def test_session_matches_greedy_and_keeps_history(workdir):
     from earthgpt_jax.data.tokenizer import Tokenizer, encode_dialogue_prompt
     from earthgpt_jax.generate import greedy_generate, left_pad
     from earthgpt_jax.data.images import square_and_resize
-    from earthgpt_jax.models.earthgpt import EarthGPT
-    model = EarthGPT(chat.load_model_config(os.path.join(workdir, "model_config.json")))
-    params, step = chat.restore_latest_params(os.path.join(workdir, "checkpoints"), model)
-    assert step == 2
+    session = inference.InferenceSession.from_workdir(os.path.join(workdir, "checkpoints"))
+    assert session.step == 2
+    model, params = session.model, session.params
     tok = Tokenizer(os.path.join(workdir, "tokenizer.model"))
-    session = chat.Session(model, params, tok, workdir, max_new_tokens=5)
-    image = chat.load_image(os.path.join(workdir, "rgb.png"))
+    dialogue = chat.Chat(session, workdir, max_new_tokens=5)
+    image = inference.load_image(os.path.join(workdir, "rgb.png"))
     history = [("What is this?", "A harbor.")]
     streamed = io.StringIO()
-    answer = session.answer(image, history, "How many ships?", streamed)
+    answer = dialogue.answer(image, history, "How many ships?", streamed)
     ids = encode_dialogue_prompt(tok, history, "How many ships?")
     tokens, valid = left_pad([ids], tok.pad_id)
     want = greedy_generate(model, params, square_and_resize(image, model.cfg.image_size)[None],
                            tokens, valid, max_new_tokens=5, eos_id=tok.eos_id,
                            pad_id=tok.pad_id)
     from earthgpt_jax.generate import apply_stop_strings
-    want_text = apply_stop_strings(tok.decode(np.asarray(want)[0]), chat.STOP_STRINGS)
+    want_text = apply_stop_strings(tok.decode(np.asarray(want)[0]), inference.STOP_STRINGS)
     assert answer == want_text.strip()
     assert streamed.getvalue().strip() == answer
 
 
 def test_boxes_are_drawn_next_to_the_image(workdir):
-    image = chat.load_image(os.path.join(workdir, "rgb.png"))
+    image = inference.load_image(os.path.join(workdir, "rgb.png"))
     path = chat.draw_answer(image, os.path.join(workdir, "rgb.png"),
                             "There are <p>2 ships</p>[0.10,0.20,0.30,0.40;0.5,0.5,0.6,0.6]",
                             workdir, 1)
     assert path == os.path.join(workdir, "rgb.earthgpt_turn1.png") and os.path.exists(path)
     assert chat.draw_answer(image, os.path.join(workdir, "rgb.png"), "A harbor.", workdir, 2) \
         is None
-    assert chat.answer_boxes("[0.1,0.1,0.5,0.5]")[0] == [[0.1, 0.1, 0.5, 0.5]]
+    assert inference.answer_boxes("[0.1,0.1,0.5,0.5]")[0] == [[0.1, 0.1, 0.5, 0.5]]
+    # An oriented box (four corners) comes back, and is drawn, as its corners.
+    oriented = "There is <p>1 ship</p>[0.20,0.10,0.50,0.30,0.40,0.45,0.10,0.25]"
+    assert inference.answer_boxes(oriented) == (
+        [[0.2, 0.1, 0.5, 0.3, 0.4, 0.45, 0.1, 0.25]], ["ship"])
+    assert chat.draw_answer(image, os.path.join(workdir, "rgb.png"), oriented, workdir, 3)
 
 
 def test_clear_errors_exit_2(workdir, tmp_path):
@@ -113,14 +116,7 @@ def test_clear_errors_exit_2(workdir, tmp_path):
     bad.write_bytes(b"not an image")
     code, err = run(f"--ckpt_dir={workdir}", f"--image={bad}")
     assert code == 2 and "cannot decode image" in err and err.count("\n") == 1
-    import tifffile
-    tifffile.imwrite(tmp_path / "ms.tif", np.zeros((8, 8, 5), np.uint16), photometric="minisblack",
-                     planarconfig="contig")
-    code, err = run(f"--ckpt_dir={workdir}", f"--image={tmp_path / 'ms.tif'}")
-    assert code == 2 and "unsupported band count 5" in err, err
-    tifffile.imwrite(tmp_path / "sar16.tif", (np.arange(64, dtype=np.uint16) * 900).reshape(8, 8))
-    arr = chat.load_image(str(tmp_path / "sar16.tif"))
-    assert arr.shape == (8, 8, 3) and arr.dtype == np.uint8 and arr.max() == 255
+    # Multi-band and 16-bit TIFFs are read as training reads them: tests/test_inference.py.
 
 
 def test_each_user_turn_gets_a_prompt_marker():

@@ -11,7 +11,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import tfds_builders  # noqa: F401  (registers every builder)
-from earthgpt_jax.data.boxes import DETECTION_PROMPT, GROUNDING_PROMPT
+from earthgpt_jax.data.boxes import (DETECTION_PROMPT, GROUNDING_PROMPT, NO_OBJECTS_ANSWER,
+                                     parse_detection)
 from tests.fixtures import eval_sets
 from tfds_builders import eval_common
 from tfds_builders.crsvqa.crsvqa import _split_ids
@@ -36,6 +37,8 @@ CASES = {
     "sar_ships/ssdd": (eval_sets.ssdd, "sar", "detection"),
     "sar_ships/hrsid": (eval_sets.hrsid, "sar", "detection"),
     "hit_uav": (eval_sets.hit_uav, "infrared", "detection"),
+    "dota": (eval_sets.dota, "optical", "detection"),
+    "hrsc2016": (eval_sets.hrsc2016, "optical", "detection"),
 }
 
 
@@ -110,7 +113,8 @@ def test_counts_fields_and_report(built, name):
             assert [f for f, _ in turns] == ["human", "gpt"] * (len(turns) // 2)
             boxes = np.asarray(r["boxes"])
             assert boxes.dtype == np.float32 and boxes.shape[1:] == (4,)
-            assert (boxes.shape[0] > 0) == (task in ("grounding", "detection"))
+            empty = _text(r["image_path"]) in facts.get("empty", ())
+            assert (boxes.shape[0] > 0) == (task in ("grounding", "detection") and not empty)
             assert np.all((boxes >= 0) & (boxes <= 1))
             assert np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
             assert len(r["box_labels"]) == len(r["box_turns"]) == boxes.shape[0]
@@ -154,8 +158,10 @@ def test_dior_rsvg_boxes_and_indices(built):
 
 def test_detection_answers_and_boxes(built):
     for name in ("sar_ships/ssdd", "sar_ships/hrsid", "hit_uav"):
-        known = built[name][2]["known"]
-        recs = _read(built, name, "test")
+        facts = built[name][2]
+        known = facts["known"]
+        recs = [r for path, r in _by_key(built, name, "test").items()
+                if path not in facts["empty"]]
         assert len(recs) == 1
         assert _turns(recs[0]) == [("human", DETECTION_PROMPT), ("gpt", known["answer"])]
         np.testing.assert_allclose(recs[0]["boxes"], known["boxes"], atol=1e-6)
@@ -167,10 +173,24 @@ def test_detection_answers_and_boxes(built):
     assert "unknown class 'boat'" in reasons["sar_ships/ssdd"]
     assert "missing image" in reasons["sar_ships/hrsid"]
     assert "unknown category id 5" in reasons["sar_ships/hrsid"]
-    assert "no objects" in reasons["sar_ships/hrsid"]
     assert "outside the 64x32 image" in reasons["hit_uav"]
     (val,) = _read(built, "hit_uav", "val")
     assert _turns(val)[1][1] == "There is <p>1 other vehicle</p>[0.16,0.41,0.25,0.50]"
+
+
+def test_empty_scenes_are_kept_with_the_no_objects_answer(built):
+    """Images without objects (HIT-UAV: 1.0-1.4% of each real split; an SSDD XML without
+    `object`; an HRSID image without annotations) are records answered NO_OBJECTS_ANSWER with
+    no boxes, which the parser reads as an empty detection, not as malformed."""
+    for name in ("sar_ships/ssdd", "sar_ships/hrsid", "hit_uav"):
+        facts = built[name][2]
+        recs = _by_key(built, name, "test")
+        for path in facts["empty"]:
+            rec = recs[path]
+            assert _turns(rec) == [("human", DETECTION_PROMPT), ("gpt", NO_OBJECTS_ANSWER)]
+            assert np.asarray(rec["boxes"]).shape == (0, 4) and len(rec["box_labels"]) == 0
+            assert parse_detection(_turns(rec)[1][1]) == ([], 0)
+        assert "no_objects" not in built[name][0].bad_records("test")["bad_by_reason"]
 
 
 def test_malformed_json_fails_its_split_by_name(tmp_path):
@@ -197,13 +217,19 @@ def test_captions_vqa_classification_turns(built):
     assert example["references"] == caps and example["task"] == "captioning"
     assert _text(rec["image_path"]) == "NWPU_images/airplane/airplane_001.jpg"
 
-    vqa = {_turns(r)[0][1]: _turns(r)[1][1] for r in _read(built, "rsvqa_hr", "test")}
-    assert vqa == {"Is there a road?": "yes", "Is a parking present?": "no",
-                   "Is the number of residential buildings equal to the number of roads?": "no"}
+    # One record per image, its questions in id order, each asked alone.
+    (rec,) = _read(built, "rsvqa_hr", "test")
+    assert _turns(rec) == [
+        ("human", "Is there a road?"), ("gpt", "yes"), ("human", "Is a parking present?"),
+        ("gpt", "no"), ("human", "Is the number of residential buildings equal to the number "
+                                  "of roads?"), ("gpt", "no")]
+    assert bool(rec["independent"])
+    assert [e["history"] for e in eval_examples(rec, 0)] == [[], [], []]
 
-    crs = sorted(_turns(r) for r in _read(built, "crsvqa", "test"))
+    (crs,) = _read(built, "crsvqa", "test")
     question, answer = built["crsvqa"][2]["first"]
-    assert [("human", question), ("gpt", answer)] in crs  # full-width ？ read as ?
+    assert _turns(crs)[:2] == [("human", question), ("gpt", answer)]  # full-width ？ read as ?
+    assert len(_turns(crs)) == 4 and bool(crs["independent"])
 
     for name in [n for n in CASES if n.startswith("scene_folders/")]:
         facts = built[name][2]
@@ -215,6 +241,107 @@ def test_captions_vqa_classification_turns(built):
         assert listed == sorted(listed) and answer in listed
         if "classes" in facts:
             assert listed == sorted(facts["classes"])
+
+
+@pytest.mark.parametrize("name,files", [
+    ("hit_uav", ("normal_json/annotations/test.json",)),
+    ("sar_ships/hrsid", ("annotations/test2017.json",)),
+    ("rsvqa_hr", ("USGS_split_test_phili_questions.json", "USGS_split_test_phili_answers.json",
+                  "USGS_split_test_phili_images.json")),
+    ("nwpu_captions", ("dataset_nwpu.json",)),
+    ("sar_ships/ssdd", ("BBox_SSDD/voc_style/Annotations_test/000001.xml",)),
+])
+def test_utf8_bom_is_accepted(tmp_path, built, name, files):
+    """Annotation files saved with a UTF-8 BOM (Windows editors) build as without one."""
+    write = CASES[name][0]
+    manual = tmp_path / "manual"
+    write(str(manual))
+    for rel in files:
+        path = manual / rel
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    builder = _prepare(name, manual, str(tmp_path / "tfds"), max_bad_fraction=1.0)
+    assert builder.bad_records("test")["bad_by_reason"] == built[name][0].bad_records(
+        "test")["bad_by_reason"]
+    assert builder.info.splits["test"].num_examples == built[name][0].info.splits[
+        "test"].num_examples
+
+
+def test_dota_real_label_files(tmp_path):
+    """DOTA's real labelTxt files (release: header + CRLF; split patches: floats, LF, one
+    empty): one record per file, corners written in the answer and kept in `box_corners`,
+    enclosing boxes in `boxes`; the empty patch an empty scene; a broken line quoted."""
+    facts = eval_sets.dota(str(tmp_path / "manual"))
+    builder = _prepare("dota", tmp_path / "manual", str(tmp_path / "tfds"), max_bad_fraction=1.0)
+    for split, (good, bad) in facts["counts"].items():
+        report = builder.bad_records(split)
+        assert (report["good"], report["bad"]) == (good, bad), report
+    (bad,) = builder.bad_records("val")["bad_records"]
+    assert bad["kind"] == "box_malformed" and facts["bad_line"] in bad["reason"]
+    src = tfds.data_source("dota", data_dir=str(tmp_path / "tfds"), split="train")
+    (rec,) = [src[i] for i in range(len(src))]
+    answer = _turns(rec)[1][1]
+    assert answer.startswith("There are <p>14 small vehicles</p>[0.89,0.49,0.90,0.49,0.90,0.52,"
+                             "0.89,0.52;") and " and <p>50 large vehicles</p>[" in answer
+    corners = np.asarray(rec["box_corners"])
+    assert corners.shape == (64, 8)
+    # First object: 674 375 683 375 684 394 675 395 on a 760 x 760 image.
+    np.testing.assert_allclose(corners[0] * 760, [674, 375, 683, 375, 684, 394, 675, 395],
+                               atol=1e-3)
+    np.testing.assert_allclose(rec["boxes"][0] * 760, [674, 375, 684, 395], atol=1e-3)
+    groups, malformed = parse_detection(answer, corners=True)
+    assert malformed == 0 and sum(len(b) for _, _, b in groups) == 64
+    val = _by_key(built={"dota": (builder, None, None, str(tmp_path / "tfds"))}, name="dota",
+                  split="val")
+    assert _turns(val[facts["empty"][0]])[1][1] == NO_OBJECTS_ANSWER
+    assert np.asarray(val[facts["empty"][0]]["box_corners"]).shape == (0, 8)
+
+
+def test_hrsc2016_real_annotation(tmp_path):
+    """HRSC2016's real XML: the rotated box (mbox_*, radians) becomes four corners in the
+    answer and `box_corners`; a listed image without ships is an empty scene; an object missing
+    mbox_w is a bad record quoting its values."""
+    from earthgpt_jax.data.boxes import pixel_quad_to_norm, rotated_corners
+    import math
+
+    facts = eval_sets.hrsc2016(str(tmp_path / "manual"))
+    builder = _prepare("hrsc2016", tmp_path / "manual", str(tmp_path / "tfds"),
+                       max_bad_fraction=1.0)
+    report = builder.bad_records("test")
+    assert (report["good"], report["bad"]) == facts["counts"]["test"]
+    (bad,) = report["bad_records"]
+    assert bad["kind"] == "box_malformed" and "'mbox_w': None" in bad["reason"]
+    recs = _by_key({"hrsc2016": (builder, None, None, str(tmp_path / "tfds"))}, "hrsc2016",
+                   "test")
+    ship = recs["FullDataSet/AllImages/100000006.bmp"]
+    cx, cy, w, h, angle = facts["mbox"]
+    width, height = facts["size"]
+    quad = [min(max(v, 0), width if k % 2 == 0 else height)
+            for k, v in enumerate(rotated_corners(cx, cy, w, h, math.degrees(angle)))]
+    want = pixel_quad_to_norm(quad, width, height)
+    np.testing.assert_allclose(np.asarray(ship["box_corners"])[0], want, atol=1e-5)
+    (turn,) = [t for f, t in _turns(ship) if f == "gpt"]
+    assert turn.startswith("There is <p>1 ship</p>[") and turn.count(",") == 7
+    empty = recs[facts["empty"][0]]
+    assert _turns(empty)[1][1] == NO_OBJECTS_ANSWER and np.asarray(empty["boxes"]).shape == (0, 4)
+
+
+def test_rsvqa_hr_real_files_one_record_per_image(tmp_path):
+    """The real test_phili files (ConfigILM's cut: 2 active images, ~100 questions each): one
+    record per image holding its 63 and 62 presence/comparison questions, marked independent,
+    so the image is stored once, not once per question, and the runner asks each alone."""
+    from earthgpt_jax.evaluate.runner import eval_examples
+
+    facts = eval_sets.rsvqa_hr_real(str(tmp_path / "manual"))
+    builder = _prepare("rsvqa_hr", tmp_path / "manual", str(tmp_path / "tfds"))
+    src = tfds.data_source("rsvqa_hr", data_dir=str(tmp_path / "tfds"), split="test")
+    records = {_text(src[i]["image_path"]): src[i] for i in range(len(src))}
+    assert {p: len(_turns(r)) // 2 for p, r in records.items()} == facts["per_image"]
+    for r in records.values():
+        assert bool(r["independent"])
+        examples = eval_examples(r, 0)
+        assert all(e["history"] == [] for e in examples)
+        assert {e["references"][0] for e in examples} == {"yes", "no"}
+    assert builder.bad_records("test")["bad"] == 0
 
 
 def test_threshold_stops_the_build_and_keeps_the_report(tmp_path):

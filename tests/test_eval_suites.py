@@ -8,36 +8,30 @@ import json
 import os
 import shutil
 
-import jax
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import mmrs
-from earthgpt_jax import parallel, train as train_lib
 from earthgpt_jax.data import prepare, synthetic
 from earthgpt_jax.evaluate import metrics, parsers, runner, suites
 from earthgpt_jax.evaluate.report import vqa_question_type
 from earthgpt_jax.run import model_config, run
 from tests.fixtures import eval_sets
-from tests.test_train import tiny_config
+from tests.test_train import tiny_config, one_device_trainer
 
 # Suites built from fixtures (their raw copies go to RAW/<suite>/), with the question count
 # each one's test split holds.
 BUILT = {"nasc_tg2": (lambda d: eval_sets.scene_folders(d, "nasc_tg2"), 2),
          "rsvqa_hr": (eval_sets.rsvqa_hr, 3),
-         "ssdd": (eval_sets.ssdd, 1)}
+         "ssdd": (eval_sets.ssdd, 2)}
 
 
 def _eval_config(work, raw, **eval_overrides):
     config = tiny_config(work)
-    config.eval.batch_size = 4
-    config.eval.max_new_tokens = 6
-    config.eval.suites_manual_dir = raw
-    config.eval.suites_max_bad_fraction = 1.0  # the fixtures hold bad records on purpose
-    config.eval.suites_data_dir = os.path.join(work, "eval_tfds")
-    for key, value in eval_overrides.items():
-        config.eval[key] = value
-    return config
+    return config.replace(eval={
+        "batch_size": 4, "max_new_tokens": 6, "suites_manual_dir": raw,
+        "suites_max_bad_fraction": 1.0,  # the fixtures hold bad records on purpose
+        "suites_data_dir": os.path.join(work, "eval_tfds"), **eval_overrides})
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +52,7 @@ def evaluated(tmp_path_factory):
     tok = prepare.prepare_tokenizer(config, work, prepare.data_source(data_dir, "train"))
     cfg = model_config(config, tok.vocab_size, tok.bos_id)
     # Initialised on one device (the quickest compile); the run restores it onto its own mesh.
-    trainer = train_lib.Trainer(config, cfg, parallel.build_mesh(config.mesh, jax.devices()[:1]))
+    trainer = one_device_trainer(config, cfg)
     with ocp.CheckpointManager(os.path.join(work, "checkpoints")) as mngr:
         mngr.save(0, args=ocp.args.Composite(
             state=ocp.args.StandardSave(trainer.init_state(0))))
@@ -132,7 +126,7 @@ def test_missing_suites_give_one_clear_error(tmp_path):
         assert f"python -m earthgpt_jax.evaluate.suites --suites={name}" in message
     assert f"{tmp_path / 'raw' / 'dior_rsvg'} does not exist" in message
     assert "Annotations/" in message  # the builder's own download instructions
-    config.eval.skip_missing_suites = True
+    config = config.replace(eval={"skip_missing_suites": True})
     opened, skipped = suites.open_suites(config, str(tmp_path))
     assert opened == [] and list(skipped) == ["dior_rsvg", "hit_uav", "nasc_tg2"]
     with pytest.raises(ValueError, match="unknown evaluation suite.*nope"):
@@ -140,10 +134,10 @@ def test_missing_suites_give_one_clear_error(tmp_path):
 
 
 def test_config_defaults_name_the_paper_suites():
-    assert mmrs.get_config().eval.suites == suites.PAPER_SUITES
+    assert mmrs.get_run_config().eval.suites == suites.PAPER_SUITES
     assert [s.name for s in suites.selected_suites(suites.PAPER_SUITES)] == \
         suites.PAPER_SUITES.split(",")
-    assert mmrs.get_config("demo").eval.suites == ""
+    assert mmrs.get_run_config("demo").eval.suites == ""
 
 
 @pytest.mark.parametrize("question,answer,expected", [

@@ -17,6 +17,7 @@ from flax import traverse_util
 from configs import mmrs
 from earthgpt_jax import parallel, train as train_lib
 from earthgpt_jax import checkpoints as ckpt_lib
+from earthgpt_jax.config import InitConfig
 from earthgpt_jax.run import model_config, save_model_config
 
 VOCAB, LENGTH, BATCH = 64, 16, 8
@@ -26,20 +27,13 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8,
 
 
 def _config(stage, **train):
-    config = mmrs.get_config("demo")
-    config.model.size = "tiny"
-    config.data.max_text_len = LENGTH
-    config.train.stage = stage
-    config.train.batch_size = BATCH
-    config.train.num_steps = 3
-    config.train.warmup_steps = 0
-    config.train.learning_rate = 1e-2
-    config.train.log_every_steps = 1
-    config.checkpoint.every_steps = 100
-    config.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1}  # 8-way FSDP
-    for key, value in train.items():
-        config.train[key] = value
-    return config
+    return mmrs.get_run_config("demo").replace(
+        model={"size": "tiny"},
+        data={"max_text_len": LENGTH},
+        train={"stage": stage, "batch_size": BATCH, "num_steps": 3, "warmup_steps": 0,
+               "learning_rate": 1e-2, "log_every_steps": 1, **train},
+        checkpoint={"every_steps": 100},
+        mesh={"ici": {"data": 1, "fsdp": -1, "tensor": 1}})  # 8-way FSDP
 
 
 def _batch(seed):
@@ -60,7 +54,7 @@ class _Example(grain.transforms.Map):
 
 def _trainer(config):
     cfg = model_config(config, VOCAB, 1)
-    return train_lib.Trainer(config, cfg, parallel.build_mesh(config.mesh)), cfg
+    return train_lib.Trainer.for_run(config, cfg, parallel.build_mesh(config.mesh)), cfg
 
 
 class _Records:
@@ -99,7 +93,7 @@ def runs(tmp_path_factory):
     save_model_config(cfg_a, workdir_a)
     state_a = _run(config_a, trainer_a, workdir_a)
     config_b = _config("b", learning_rate=0.0)
-    config_b.init.from_workdir = workdir_a
+    config_b = config_b.replace(init={"from_workdir": workdir_a})
     trainer_b, _ = _trainer(config_b)
     return {"root": root, "workdir_a": workdir_a, "trainer_a": trainer_a,
             "params_a": state_a.params, "config_b": config_b, "trainer_b": trainer_b,
@@ -164,7 +158,7 @@ def test_stage_b_with_lr_0_gives_stage_a_logits(runs):
     trainer_b = runs["trainer_b"]
     start = trainer_b.init_state(0)
     before = _flat(start.params)
-    state, _ = trainer_b.train_step(start, _batch(1))
+    state, _ = trainer_b.train_step(start, _batch(1), 0)
     for path, value in _flat(state.params).items():  # LR 0: the step moved nothing
         np.testing.assert_array_equal(value, before[path], err_msg=path)
     batch = _batch(2)
@@ -174,8 +168,8 @@ def test_stage_b_with_lr_0_gives_stage_a_logits(runs):
 
 
 def test_a_restarted_stage_b_run_resumes_its_own_checkpoint(runs, tmp_path, monkeypatch):
-    config, trainer = runs["config_b"].copy_and_resolve_references(), runs["trainer_b"]
-    config.train.num_steps = 1
+    config, trainer = runs["config_b"], runs["trainer_b"]
+    config = config.replace(train={"num_steps": 1})
     workdir = str(tmp_path / "stage_b")
     _run(config, trainer, workdir)
 
@@ -231,12 +225,12 @@ def test_bf16_leaves_restore_as_fp32_and_init_parts_override(runs, tmp_path):
     ckpt_lib.write_params_streaming(converted, iter([[(tuple(k.split("/")), v)
                                                       for k, v in llm.items()]]))
     ckpt_lib.save_llama_config(converted, trainer.model.cfg.llm)
-    init = trainer.config.init
+    before = trainer.init_cfg
     try:
-        init.from_workdir, init.llm = workdir, converted
+        trainer.init_cfg = InitConfig(from_workdir=workdir, llm=converted)
         state = trainer.init_state(0)
     finally:
-        init.from_workdir, init.llm = runs["workdir_a"], ""
+        trainer.init_cfg = before
     b = _flat(state.params)
     for path in a:
         expected = llm[path] if path.startswith("llm/") else half[path].astype(np.float32)

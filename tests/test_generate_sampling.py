@@ -91,6 +91,16 @@ def test_nucleus_filter_keeps_the_smallest_covering_set():
     assert kept.tolist() == [[True, False, False, False]]
 
 
+def test_the_web_chats_host_sampling_draws_from_the_same_nucleus():
+    from earthgpt_jax.serve.engine import pick_token
+    logits = np.log(np.asarray([0.5, 0.3, 0.15, 0.05], np.float32))
+    drawn = [pick_token(logits, 1.0, 0.7, np.random.default_rng(seed)) for seed in range(60)]
+    assert set(drawn) == {0, 1}  # nothing outside the nucleus, both of its tokens reached
+    assert drawn == [pick_token(logits, 1.0, 0.7, np.random.default_rng(s)) for s in range(60)]
+    assert pick_token(logits, 0.0, 0.7, np.random.default_rng(0)) == 0  # greedy
+    assert pick_token(logits, 1.0, 0.0, np.random.default_rng(0)) == 0  # top_p 0 is greedy
+
+
 def test_step_wise_stream_equals_greedy(setup):
     model, params, images, tokens, valid, greedy = setup
     got = list(stream_generate(model, params, images[1:], tokens[1:], valid[1:],

@@ -1,15 +1,14 @@
 """Starting a run from converted Hugging Face weights: LLaMA, DINOv2 and ConvNeXt checkpoints
 converted by the CLI load into the sharded train state through config.init.*."""
 
-import jax
 import numpy as np
 import pytest
 
 from configs import mmrs
-from earthgpt_jax import parallel, train as train_lib
 from earthgpt_jax.convert.__main__ import run as convert
 from earthgpt_jax.models.presets import get_preset
 from tests.fixtures.tiny_hf import tiny_hf_models
+from tests.test_train import one_device_trainer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -34,12 +33,11 @@ def converted(tmp_path_factory):
 
 
 def _state(root, stage, **init):
-    config = mmrs.get_config("demo")
-    config.train.stage = stage
-    for part, path in init.items():
-        config.init[part] = str(root / path)
-    cfg = get_preset("tiny", vocab_size=64, llm_adapters=stage == "b")
-    trainer = train_lib.Trainer(config, cfg, parallel.build_mesh(config.mesh, jax.devices()[:1]))
+    config = mmrs.get_run_config("demo")
+    config = config.replace(train={"stage": stage})
+    config = config.replace(init={part: str(root / path) for part, path in init.items()})
+    cfg = get_preset("tiny", vocab_size=64, llm={"adapters": stage == "b"})
+    trainer = one_device_trainer(config, cfg)
     return trainer.init_state(0)
 
 
@@ -83,14 +81,14 @@ def test_a_wrong_init_checkpoint_is_refused_before_any_compile(converted, tmp_pa
     checkpoint's metadata, before the jitted init (or anything else) compiles."""
     from earthgpt_jax import cli, run as run_lib
     root, _ = converted
-    config = mmrs.get_config("demo")
-    config.train.stage = "b"
-    config.init.llm = str(root / "llm")
-    config.init.convnext = str(root / "convnext")
+    config = mmrs.get_run_config("demo")
+    config = config.replace(
+        train={"stage": "b"},
+        init={"llm": str(root / "llm"), "convnext": str(root / "convnext")})
 
     def trainer(vocab_size):
-        cfg = get_preset("tiny", vocab_size=vocab_size, llm_adapters=True)
-        made = train_lib.Trainer(config, cfg, parallel.build_mesh(config.mesh, jax.devices()[:1]))
+        cfg = get_preset("tiny", vocab_size=vocab_size, llm={"adapters": True})
+        made = one_device_trainer(config, cfg)
         made._init = None  # an init (a compile) before the check would fail on this
         return made
 

@@ -109,3 +109,67 @@ def test_empty_inputs():
 def test_length_mismatch_raises():
     with pytest.raises(ValueError):
         metrics.grounding_scores([None], [])
+
+
+def test_false_positives_on_empty_scenes_lower_precision_and_map():
+    """Image 1 holds one ship, found; image 2 is an empty scene. Answering it 'no objects'
+    keeps precision and AP at 1; a box written there is a false positive: precision 1/2 and,
+    ranked equal to the true positive but after it (image order), AP stays 1 (the TP comes
+    first); placed before it (empty scene first), AP drops to 1/2 (VOC all-point)."""
+    ship = [0.1, 0.1, 0.2, 0.2]
+    gt = [[("ship", [ship])], []]
+    clean = [[("ship", [ship])], []]
+    noisy = [[("ship", [ship])], [("ship", [[0.5, 0.5, 0.6, 0.6]])]]
+    s = metrics.detection_scores(clean, gt)
+    assert s["precision@0.5"] == 1.0 and s["count_accuracy"] == 1.0
+    assert metrics.detection_ap(clean, gt)["mAP@0.5"] == 1.0
+    s = metrics.detection_scores(noisy, gt)
+    assert s["precision@0.5"] == pytest.approx(0.5) and s["recall@0.5"] == 1.0
+    assert s["count_accuracy"] == pytest.approx(0.5)  # the empty scene's count is wrong
+    assert metrics.detection_ap(noisy, gt)["mAP@0.5"] == pytest.approx(1.0)
+    first = metrics.detection_ap(noisy[::-1], gt[::-1])
+    assert first["mAP@0.5"] == pytest.approx(0.5)
+    assert first["per_class_AP"]["ship"] == {"AP": pytest.approx(0.5), "n_gt": 1, "n_pred": 2}
+
+
+def test_rotated_iou_hand_computed():
+    from earthgpt_jax.data.boxes import box_corners, rotated_corners
+
+    square = box_corners((0, 0, 2, 2))
+    assert metrics.rotated_iou(square, square) == pytest.approx(1.0)
+    # The same square turned 45 degrees about its centre: the overlap is a regular octagon of
+    # area 2a^2(sqrt2 - 1), so IoU = 1 / sqrt2.
+    diamond = rotated_corners(1, 1, 2, 2, 45)
+    assert metrics.rotated_iou(square, diamond) == pytest.approx(2 ** -0.5)
+    # A 4 x 1 bar and the same bar turned 90 degrees: overlap 1, union 7.
+    bar = rotated_corners(0, 0, 4, 1, 0)
+    assert metrics.rotated_iou(bar, rotated_corners(0, 0, 4, 1, 90)) == pytest.approx(1 / 7)
+    assert metrics.rotated_iou(bar, rotated_corners(10, 0, 4, 1, 0)) == 0.0
+    # Corners listed in a self-crossing order still give the polygon they outline.
+    bow_tie = (0, 0, 2, 2, 2, 0, 0, 2)
+    assert metrics.rotated_iou(bow_tie, bow_tie) == pytest.approx(1.0)
+
+
+def test_rotated_map_hand_computed_dota_protocol():
+    """DOTA task 1: polygon IoU, VOC 2007 11-point AP. One image, two true ships; answer order
+    ranks A (TP), B (FP), C (TP, IoU 1/sqrt2): precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1,
+    so 6 of the 11 points (recall 0..0.5) see precision 1 and 5 see 2/3: AP = (6 + 10/3) / 11."""
+    from earthgpt_jax.data.boxes import rotated_corners
+
+    ship1 = rotated_corners(0.3, 0.3, 0.2, 0.2, 0)
+    ship2 = rotated_corners(0.7, 0.7, 0.2, 0.2, 0)
+    gt = [[("ship", [ship1, ship2])]]
+    pred = [[("ship", [ship1, rotated_corners(0.1, 0.9, 0.1, 0.1, 30),
+                       rotated_corners(0.7, 0.7, 0.2, 0.2, 45)])]]
+    out = metrics.rotated_detection_ap(pred, gt)
+    assert out["mAP@0.5"] == pytest.approx((6 + 10 / 3) / 11)
+    assert out["interpolation"] == "voc07"
+    # Thin ships along the two diagonals: their enclosing horizontal boxes are the same box
+    # (horizontal AP 1), the ships cross at right angles (rotated AP 0).
+    ship = rotated_corners(0.5, 0.5, 0.8, 0.05, 45)
+    other = rotated_corners(0.5, 0.5, 0.8, 0.05, -45)
+    assert metrics.rotated_detection_ap([[("ship", [other])]], [[("ship", [ship])]])[
+        "mAP@0.5"] == 0.0
+    hbb = lambda q: [min(q[0::2]), min(q[1::2]), max(q[0::2]), max(q[1::2])]  # noqa: E731
+    assert metrics.detection_ap([[("ship", [hbb(other)])]], [[("ship", [hbb(ship)])]])[
+        "mAP@0.5"] == pytest.approx(1.0)

@@ -17,7 +17,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from earthgpt_jax.data import synthetic
-from earthgpt_jax.data.boxes import parse_boxes, parse_detection
+from earthgpt_jax.data.boxes import (NO_OBJECTS_ANSWER, is_oriented, parse_detection,
+                                     parse_shapes)
 from earthgpt_jax.data.images import decode_image
 from tfds_builders.mmrs1m import (SOURCE_DATASETS, BadRecordsError, ExclusionList, Mmrs1m,
                                   build, in_validation, sensor_for_source)
@@ -112,7 +113,25 @@ def test_box_rules():
     assert det.labels == ["ship", "ship", "vehicle"] and det.turns == [1, 1, 1]
     assert [k for k, _ in det.repairs] == ["box_clipped"]  # zero width is valid, 1.04 clipped
     none = record_boxes("detection", _conv(("Detect.", "There are no objects.")))
-    assert none.arrays()["boxes"].shape == (0, 4)
+    assert none.arrays()["boxes"].shape == (0, 4) and none.repairs == []
+    # Oriented boxes (HRSID_OBB, DOTA folders): 8 corners or centre/size/angle are kept, with
+    # their corners and enclosing boxes; any other count is a bad record quoting the text.
+    obb = record_boxes("detection", _conv(("Detect.", "There are <p>2 ships</p>[0.2,0.1,0.4,0.3,"
+                                                      "0.3,0.4,0.1,0.2;0.5,0.5,0.4,0.2,90]")))
+    np.testing.assert_allclose(obb.arrays()["boxes"], [[0.1, 0.1, 0.4, 0.4],
+                                                       [0.4, 0.3, 0.6, 0.7]], atol=1e-6)
+    np.testing.assert_allclose(obb.arrays()["box_corners"],
+                               [[0.2, 0.1, 0.4, 0.3, 0.3, 0.4, 0.1, 0.2],
+                                [0.6, 0.3, 0.6, 0.7, 0.4, 0.7, 0.4, 0.3]], atol=1e-6)
+    with pytest.raises(BadRecord, match=r"box '0.1,0.2,0.3,0.4,0.5,0.6' is not 4, 5"):
+        record_boxes("detection", _conv(("Detect.", "There is <p>1 ship</p>"
+                                                    "[0.1,0.2,0.3,0.4,0.5,0.6]")))
+    assert det.arrays()["box_corners"].shape == (3, 8)
+    # An empty scene in a wording the scorer would not read as one: kept, its text noted.
+    other = record_boxes("detection", _conv(("Detect.", "Nothing to detect.")))
+    assert other.arrays()["boxes"].shape == (0, 4)
+    assert other.repairs == [("no_objects_wording", "turn 1: empty detection answer without "
+                                                    "'no objects': 'Nothing to detect.'")]
     ground = record_boxes("grounding", _conv(
         ("Please provide the horizontal bounding box coordinate of the region which is "
          "described as:The red car in this remote sensing image", "[0.1,0.2,0.3,0.4]"),
@@ -158,20 +177,23 @@ def built(release, tmp_path_factory):
 
 
 def _expected_boxes(task, turns):
-    """Boxes as boxes.py reads the text, independently of the builder's own walk."""
-    boxes, labels = [], []
+    """Boxes and their corners as boxes.py reads the text, independently of the builder's own
+    walk."""
+    boxes, labels, corners = [], [], []
     for k in range(0, len(turns), 2):
         q, a = turns[k]["value"], turns[k + 1]["value"]
         if task == "detection":
             for label, _, group in parse_detection(a)[0]:
                 boxes += group
                 labels += [label] * len(group)
-        elif task == "grounding":
-            boxes += parse_boxes(a)[0]
-        elif task == "region_captioning":
-            boxes += parse_boxes(q)[0]
-            labels.append(a)
-    return np.asarray(boxes, np.float32).reshape(-1, 4), labels
+            corners += [c for _, _, cs in parse_detection(a, corners=True)[0] for c in cs]
+        elif task in ("grounding", "region_captioning"):
+            shapes = parse_shapes(a if task == "grounding" else q)
+            boxes += shapes.boxes
+            corners += shapes.corners
+            labels += [a] if task == "region_captioning" else []
+    return (np.asarray(boxes, np.float32).reshape(-1, 4), labels,
+            np.asarray(corners, np.float32).reshape(-1, 8))
 
 
 def test_build_and_read_back(built, release):
@@ -190,6 +212,7 @@ def test_build_and_read_back(built, release):
     assert want["train"] and want["validation"]
     assert any(_excluded(r["image"]) for r in want["test"].values())
     tasks, sensors, images_seen = set(), set(), {}
+    oriented = collections.Counter()
     for split, records in want.items():
         src = tfds.data_source("mmrs1m", data_dir=data_dir, split=split)
         assert len(src) == len(records) == builder.info.splits[split].num_examples
@@ -213,19 +236,26 @@ def test_build_and_read_back(built, release):
             turns = _turns(ex)
             assert turns in by_image[path]  # the release's strings, unchanged
             task = _text(ex["task"])
-            boxes, labels = _expected_boxes(task, turns)
+            boxes, labels, corners = _expected_boxes(task, turns)
             assert ex["boxes"].dtype == np.float32 and ex["boxes"].shape == boxes.shape
             np.testing.assert_array_equal(ex["boxes"], boxes)
+            np.testing.assert_array_equal(ex["box_corners"], corners)
+            # The generator's oriented source (as HRSID_OBB) keeps its ships' own corners.
+            oriented[source] += sum(map(is_oriented, ex["box_corners"].tolist()))
             assert len(ex["box_turns"]) == len(ex["box_labels"]) == len(boxes)
             if task in ("detection", "region_captioning"):
                 assert [_text(v) for v in ex["box_labels"]] == labels
-            if task == "detection":
-                assert len(boxes) > 0 and set(ex["box_turns"]) == {1}
+            if task == "detection":  # empty scenes: the one documented answer, no boxes
+                assert (len(boxes) == 0) == (turns[1]["value"] == NO_OBJECTS_ANSWER)
+                assert set(ex["box_turns"]) <= {1}
+            # VQA questions about one image are unrelated: each is asked alone in evaluation.
+            assert bool(ex["independent"]) == (task == "vqa")
             tasks.add(task)
             sensors.add(_text(ex["sensor"]))
     assert tasks == {"classification", "captioning", "vqa", "grounding",
                      "region_captioning", "detection"}
     assert sensors == {"optical", "sar", "infrared"}
+    assert {k for k, v in oriented.items() if v} == {"HRSID_OBB_mini"}, oriented
     excluded = builder.bad_records("train")["excluded"] + builder.bad_records(
         "validation")["excluded"]
     assert excluded == sum(_excluded(r["image"]) for r in train_records.values())
@@ -447,7 +477,7 @@ def test_bad_fraction_over_threshold_fails_clearly(bad_release, tmp_path):
     # The report survives the failed build, one level above the (deleted) version folder.
     with open(data_dir / "mmrs1m" / "all" / "bad_records_train.json") as f:
         assert json.load(f)["bad"] == len(skipped)
-    assert not (data_dir / "mmrs1m" / "all" / "2.0.0").exists()
+    assert not (data_dir / "mmrs1m" / "all" / "2.1.0").exists()
 
 
 def test_decoded_size_follows_exif_orientation(release, tmp_path):

@@ -171,13 +171,36 @@ def test_killed_preparation_resumes_without_decoding_again(release, sequential, 
     cache = tmp_path / "mmrs1m" / "all" / CACHE_NAME
     done = _cache_rows(cache)
     assert kill_after <= done < total
-    assert not (tmp_path / "mmrs1m" / "all" / "2.0.0").exists()
+    assert not (tmp_path / "mmrs1m" / "all" / "2.1.0").exists()
 
     builder = _build(release, tmp_path, num_workers=2)
     assert builder.prepare_stats["decoded"] == total - done
     assert builder.prepare_stats["reused"] >= done
     assert _dataset(str(tmp_path), builder) == want
     assert not cache.exists()
+
+
+def test_script_without_main_guard_prepares_in_one_process(release, sequential, tmp_path):
+    """A plain script (no `if __name__ == "__main__":`) asking for worker processes: each
+    spawned worker would run the script again and die; the build notices, says so, runs in one
+    process and leaves a finished dataset, no `incomplete.*` folder and no resume cache."""
+    _, want = sequential
+    script = tmp_path / "prepare.py"
+    script.write_text("from tfds_builders.mmrs1m import build\n"
+                      f"b = build({release!r}, {str(tmp_path / 'tfds')!r}, num_workers=2, "
+                      f"validation_fraction={VALIDATION_FRACTION}, max_bad_fraction=0.5)\n"
+                      "print('workers', b.prepare_stats['num_workers'])\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": REPO,
+                                            "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "workers 1" in proc.stdout
+    assert "has no `if __name__ == \"__main__\":` guard" in proc.stderr
+    assert "preparing in one process instead of 2" in proc.stderr
+    folder = tmp_path / "tfds" / "mmrs1m" / "all"
+    assert sorted(os.listdir(folder)) == ["2.1.0"]  # no incomplete.*, no resume cache
+    builder = tfds.builder("mmrs1m", data_dir=str(tmp_path / "tfds"))
+    assert _dataset(str(tmp_path / "tfds"), builder) == want
 
 
 def test_failed_build_keeps_the_cache_and_changed_images_are_decoded_again(release, tmp_path):
@@ -211,7 +234,7 @@ def test_failed_build_keeps_the_cache_and_changed_images_are_decoded_again(relea
     other = tmp_path / "other"
     builder = _build(release, other, num_workers=1, resume=False)
     assert builder.prepare_stats["resume_cache"] is None
-    assert sorted(os.listdir(other / "mmrs1m" / "all")) == ["2.0.0"]
+    assert sorted(os.listdir(other / "mmrs1m" / "all")) == ["2.1.0"]
 
 
 def test_progress_lines_for_logs(release, tmp_path, caplog):
@@ -283,3 +306,20 @@ def test_beam_build_equals_the_local_build(release, sequential, tmp_path):
     assert "BadRecordsError" in proc.stderr and "max_bad_fraction 0.0" in proc.stderr
     with open(tmp_path / "strict" / "mmrs1m" / "all" / "bad_records_train.json") as f:
         assert json.load(f)["bad_records"] == want["train"][1]["bad_records"]
+
+
+def test_readme_tfds_snippet_runs_as_pasted(tmp_path):
+    """README, "MMRS-1M through TFDS": the code block, unchanged, run as a script file (its
+    worker processes re-import it) in an empty folder."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("### MMRS-1M through TFDS"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n",
+                                                                                   10)]
+    (tmp_path / "snippet.py").write_text(code)
+    proc = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "records; first:" in proc.stdout
+    assert (tmp_path / "tfds_data" / "mmrs1m" / "all").is_dir()

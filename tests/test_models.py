@@ -71,7 +71,7 @@ def test_parameter_summary_counts_parts_and_stage_b_trainables():
     from earthgpt_jax import optim
     from earthgpt_jax.models.flops import parameter_summary
 
-    cfg = get_preset("7b", llm_adapters=True)
+    cfg = get_preset("7b", llm={"adapters": True})
     params = nn.unbox(abstract_params(EarthGPT(cfg)))
     counts = parameter_summary(params, optim.trainable_labels(params, "b"))
     # One scale and one bias per output feature of every decoder linear, per layer.
@@ -90,11 +90,11 @@ def test_fused_attention_equals_einsum_on_right_padded_batches():
     valid = np.arange(7)[None] < np.array([[7], [4]])  # row 1 right-padded
     params = nn.unbox(EarthGPT(base).init(jax.random.key(0), images, tokens, valid))["params"]
     want = EarthGPT(base).apply({"params": params}, images, tokens, valid)
-    fused = get_preset("tiny", vocab_size=64, llm_attention_impl="xla")
+    fused = get_preset("tiny", vocab_size=64, llm={"attention_impl": "xla"})
     got = EarthGPT(fused).apply({"params": params}, images, tokens, valid)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="attention_impl 'flash'"):
-        get_preset("tiny", llm_attention_impl="flash")
+        get_preset("tiny", llm={"attention_impl": "flash"})
 
 
 def _dense_attention(q, k, v, allowed):

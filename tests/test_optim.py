@@ -5,22 +5,21 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import traverse_util
 
 from earthgpt_jax import optim
+from earthgpt_jax.config import TrainConfig
 from earthgpt_jax.models.earthgpt import EarthGPT, abstract_params
 from earthgpt_jax.models.layers import Linear
 from earthgpt_jax.models.presets import get_preset
 
 
 def _train_cfg(weight_decay=0.1):
-    return ml_collections.ConfigDict(dict(
-        learning_rate=1e-2, warmup_steps=0, num_steps=10, lr_decay_steps=0, end_lr_fraction=1.0,
-        b1=0.9, b2=0.95, weight_decay=weight_decay, grad_clip_norm=1.0))
+    return TrainConfig(learning_rate=1e-2, warmup_steps=0, num_steps=10, end_lr_fraction=1.0,
+                       weight_decay=weight_decay)
 
 
 def test_weight_decay_leaves_norms_biases_and_adapters_unchanged():
@@ -79,7 +78,8 @@ def test_small_adapter_scale_changes_a_bf16_forward():
 
 
 def _paths(scan_layers: bool, adapters: bool) -> list[str]:
-    cfg = get_preset("tiny", vocab_size=64, llm_scan_layers=scan_layers, llm_adapters=adapters)
+    cfg = get_preset("tiny", vocab_size=64,
+                     llm={"scan_layers": scan_layers, "adapters": adapters})
     abstract = jax.tree.map(lambda x: x, abstract_params(EarthGPT(cfg)))
     import flax.linen as nn
     return traverse_util.flatten_dict(nn.unbox(abstract), sep="/")

@@ -26,9 +26,10 @@ def _pack_rows(samples, length, slots, visual, bos):
     return tokens, seg, pos
 
 
-@pytest.mark.parametrize("impl", ["einsum", "xla"])
+# splash: the TPU kernel in Pallas interpret mode on CPU, through the whole packed forward.
+@pytest.mark.parametrize("impl", ["einsum", "xla", "splash"])
 def test_packed_logits_equal_each_sample_alone(impl):
-    cfg = get_preset("tiny", vocab_size=64, llm_attention_impl=impl)
+    cfg = get_preset("tiny", vocab_size=64, llm={"attention_impl": impl})
     model = EarthGPT(cfg)
     v = cfg.num_visual_tokens
     rng = np.random.default_rng(0)
@@ -80,8 +81,8 @@ def test_segments_never_see_each_other():
 
 
 def test_flop_formula_matches_the_packed_forward():
-    """The packed formula (S = row length, every image slot encoded, LM head at S - 1
-    positions) equals the dot/conv FLOPs of the jitted packed forward."""
+    """The packed hardware formula (S = row length, every image slot encoded, LM head at S - 1
+    positions, every score) equals the dot/conv FLOPs of the jitted packed forward."""
     import flax.linen as nn
     from earthgpt_jax.models import flops  # the formula and the jaxpr FLOP counter
     from earthgpt_jax.models.earthgpt import abstract_params
@@ -98,7 +99,8 @@ def test_flop_formula_matches_the_packed_forward():
             jnp.zeros((rows, length), jnp.int32))
     jaxpr = jax.make_jaxpr(lambda p, *x: model.apply({"params": p}, *x,
                                                      method=EarthGPT.packed_logits))(params, *args)
-    f = flops.train_step_flops(cfg, rows, 0, "a", packed_length=length, images_per_row=slots)
+    f = flops.executed_train_step_flops(cfg, rows, 0, "a", packed_length=length,
+                                        images_per_row=slots)
     forward = (f["decoder_forward"] + f["attention_forward"] + f["lm_head_forward"]
                + f["projector_forward_and_weight_gradient"] / 2 + f["vit"] + f["convnext"])
     assert flops.jaxpr_matmul_flops(jaxpr) == pytest.approx(forward, rel=1e-9)
@@ -146,6 +148,6 @@ def test_image_slots_no_row_can_fill_are_refused_and_the_default_is_derived():
         PackingOptions(length=2048, images_per_row=8, visual_tokens=256, bos_id=1)
     PackingOptions(length=2048, images_per_row=7, visual_tokens=256, bos_id=1)
     for size in ("7b", "13b"):
-        config = mmrs.get_config(f"size={size},stage=b")
-        options = train_lib.packing_options(config, get_preset(size))
+        config = mmrs.get_run_config(f"size={size},stage=b")
+        options = train_lib.packing_options(config.data, get_preset(size))
         assert options.images_per_row == 7 and options.length == 2048

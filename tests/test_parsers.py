@@ -61,7 +61,8 @@ def test_normalise_vqa_answer(text, expected):
     (" [ 0.1 , 0.2 , 0.3 , 0.4 ] ", [0.1, 0.2, 0.3, 0.4], 0),
     ("The box is 0.1,0.2,0.3,0.4", [0.1, 0.2, 0.3, 0.4], 0),       # no brackets
     ("[0.1,0.2,0.3,0.4", [0.1, 0.2, 0.3, 0.4], 0),                   # missing closing bracket
-    ("[0.1,0.2,0.3,0.4,0.5]", [0.1, 0.2, 0.3, 0.4], 1),              # 5 numbers
+    ("[0.1,0.2,0.3,0.4,0.5,0.6]", [0.1, 0.2, 0.3, 0.4], 1),          # 6 numbers: no shape
+    ("[0.5,0.5,0.2,0.1,0]", [0.4, 0.45, 0.6, 0.55], 0),              # centre, size, angle
     ("[0.1,0.2,1.3,0.4]", [0.1, 0.2, 1.0, 0.4], 1),                  # > 1 clipped
 ])
 def test_parse_grounding_answer(text, box, malformed):

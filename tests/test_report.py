@@ -232,3 +232,72 @@ def test_a_new_evaluation_replaces_the_pictures_of_the_last_one(tmp_path):
                                              + ["notes.png"])
     report.write_report(report.evaluate_predictions(_examples()), str(out))
     assert "19 questions; baselines from" in (out / "results.md").read_text()
+
+
+def test_empty_scene_scored_and_pictured(tmp_path):
+    """A SAR scene without ships (reference NO_OBJECTS_ANSWER): answering so is not malformed;
+    a box there is a false positive, counted on its own, and its picture says the scene is
+    empty."""
+    sea = np.zeros((60, 80, 3), np.uint8)
+    ship = _ex("detection", "sar", box_text.DETECTION_PROMPT,
+               box_text.detection_to_text([("ship", [B3])]),
+               [box_text.detection_to_text([("ship", [B3])])], image=sea, id="ship")
+    quiet = _ex("detection", "sar", box_text.DETECTION_PROMPT, box_text.NO_OBJECTS_ANSWER,
+                [box_text.NO_OBJECTS_ANSWER], image=sea, id="quiet")
+    noisy = dict(quiet, id="noisy", prediction=box_text.detection_to_text([("ship", [B1])]))
+    good = report.evaluate_predictions([ship, quiet])["groups"]["detection"]["all"]
+    assert good["n_malformed"] == 0 and good["model"]["precision@0.5"] == 1.0
+    assert good["details"]["n_empty_scenes"] == 1
+    bad = report.evaluate_predictions([noisy, ship])["groups"]["detection"]["all"]
+    assert bad["model"]["precision@0.5"] == pytest.approx(0.5)
+    assert bad["model"]["mAP@0.5"] == pytest.approx(0.5)   # the FP is ranked first
+    assert bad["details"]["false_positives_on_empty_scenes"] == 1
+    (path,) = report.write_box_pictures([noisy], str(tmp_path), max_per_task=1)
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert not np.any(np.all(img == report.TRUE_COLOUR, axis=-1)[report.LEGEND_HEIGHT:])
+    assert np.any(np.all(img == report.PRED_COLOUR, axis=-1)[report.LEGEND_HEIGHT:])
+    legend = img[:report.LEGEND_HEIGHT, 136:]
+    assert legend.max() > 128  # the empty-scene note is written
+
+
+
+def test_oriented_boxes_rotated_map_and_polygons(tmp_path):
+    """References with oriented boxes (DOTA/HRSC2016 records) get `rotated mAP@0.5` beside the
+    horizontal mAP: a ship on one diagonal answered with the other has the same enclosing box
+    (horizontal AP 1) but no rotated overlap (rotated AP 0). Pictures draw the corners."""
+    ship = box_text.rotated_corners(0.5, 0.5, 0.8, 0.06, 45)
+    cross = box_text.rotated_corners(0.5, 0.5, 0.8, 0.06, -45)
+    image = np.zeros((50, 50, 3), np.uint8)
+    ref = [box_text.detection_to_text([("ship", [ship])])]
+    right = _ex("detection", "sar", box_text.DETECTION_PROMPT, ref[0], ref, 50, 50, image=image,
+                id="right")
+    wrong = dict(right, id="wrong", prediction=box_text.detection_to_text([("ship", [cross])]))
+    good = report.evaluate_predictions([right])["groups"]["detection"]["all"]["model"]
+    assert good["rotated mAP@0.5"] == pytest.approx(1.0)
+    res = report.evaluate_predictions([wrong])
+    bad = res["groups"]["detection"]["all"]["model"]
+    assert bad["mAP@0.5"] == pytest.approx(1.0) and bad["rotated mAP@0.5"] == 0.0
+    assert _row(res, "detection", "all", "rotated mAP@0.5")["model"] == 0.0
+    # Horizontal references: no rotated row.
+    assert not [r for r in report.evaluate_predictions(_examples())["rows"]
+                if r["metric"] == "rotated mAP@0.5"]
+    (path,) = report.write_box_pictures([wrong], str(tmp_path), max_per_task=1)
+    img = np.asarray(Image.open(path).convert("RGB"))[report.LEGEND_HEIGHT:]
+
+    def colours_near(x, y):  # original-pixel point -> colours within 1 original pixel of it
+        window = img[(y - 1) * 8:(y + 2) * 8, (x - 1) * 8:(x + 2) * 8].reshape(-1, 3)
+        return {tuple(c) for c in window}
+
+    # Truth runs top-left to bottom-right, the prediction bottom-left to top-right; the
+    # enclosing box's edges (10..40), which a rectangle would draw, stay untouched.
+    assert report.TRUE_COLOUR in colours_near(15, 15)
+    assert report.PRED_COLOUR in colours_near(35, 15)
+    assert colours_near(25, 11) == colours_near(11, 25) == {(0, 0, 0)}
+    # Oriented scenes are pictured apart from horizontal ones (the demo's split holds both):
+    # one picture per task and kind, wherever the oriented scene falls in the split.
+    both = report.write_box_pictures(_examples() + [wrong], str(tmp_path / "both"), max_per_task=1)
+    assert [os.path.basename(p) for p in both] == ["grounding_optical_g_1.png",
+                                                   "detection_infrared_d1.png",
+                                                   "detection_sar_wrong.png"]
+    assert report.picture_group(wrong) == ("detection", True)
+

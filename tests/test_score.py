@@ -169,6 +169,23 @@ def test_score_in_process_all_tasks():
     assert det["recall@0.5"] == pytest.approx(2 / 3)
 
 
+def test_score_empty_scenes_count_their_false_positives():
+    """Lines of images without objects (`boxes: []`, or the reference `answer` in the
+    documented NO_OBJECTS_ANSWER form) are scored: a box predicted there halves precision."""
+    ship = [0.1, 0.1, 0.3, 0.3]
+    rows = [{"prediction": boxes.detection_to_text([("ship", [ship])]), "boxes": [ship],
+             "labels": ["ship"]},
+            {"prediction": boxes.NO_OBJECTS_ANSWER, "boxes": [], "labels": []},
+            {"prediction": boxes.NO_OBJECTS_ANSWER, "answer": boxes.NO_OBJECTS_ANSWER}]
+    clean = score.score_rows("detection", rows)
+    assert (clean["n"], clean["skipped"]) == (3, 0)
+    assert clean["precision@0.5"] == 1.0 and clean["mAP@0.5"] == 1.0
+    rows[2]["prediction"] = boxes.detection_to_text([("ship", [[0.5, 0.5, 0.7, 0.7]])])
+    noisy = score.score_rows("detection", rows)
+    assert noisy["precision@0.5"] == pytest.approx(0.5) and noisy["count_accuracy"] == \
+        pytest.approx(2 / 3)
+
+
 @pytest.mark.parametrize("line,reason", [
     ("{not json", "line 2: not valid JSON"),
     ('{"id": 1, "prediction": "x", "box": [0.1, 0.2, 0.3]}', "line 2: `box` must"),
@@ -207,3 +224,21 @@ def test_non_utf8_predictions_name_the_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert f"error: {path} line 2: not UTF-8 text (byte 0xe9 at column 20)" in err
+
+
+def test_score_oriented_references_give_rotated_map():
+    """Oriented references (`corners`, or corners in the `answer` text) add the rotated mAP:
+    the right ship scores 1; the crossing one 0 though its enclosing box is the same."""
+    ship = list(boxes.rotated_corners(0.5, 0.5, 0.8, 0.06, 45))
+    cross = list(boxes.rotated_corners(0.5, 0.5, 0.8, 0.06, -45))
+    rows = [{"prediction": boxes.detection_to_text([("ship", [ship])]), "corners": [ship],
+             "labels": ["ship"]},
+            {"prediction": boxes.detection_to_text([("ship", [cross])]),
+             "answer": boxes.detection_to_text([("ship", [ship])])}]
+    out = score.score_rows("detection", rows[:1])
+    assert out["rotated_mAP@0.5"] == pytest.approx(1.0) and out["mAP@0.5"] == pytest.approx(1)
+    out = score.score_rows("detection", rows[1:])
+    assert out["rotated_mAP@0.5"] == 0.0 and out["mAP@0.5"] == pytest.approx(1.0)
+    assert "rotated_mAP@0.5" not in score.score_rows("detection", [
+        {"prediction": "There are no objects.", "boxes": [[0.1, 0.1, 0.2, 0.2]],
+         "labels": ["ship"]}])

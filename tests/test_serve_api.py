@@ -13,13 +13,12 @@ import os
 import threading
 import time
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_train import tiny_config
-from earthgpt_jax import parallel, train as train_lib
+from tests.test_train import tiny_config, one_device_trainer
+from earthgpt_jax import train as train_lib
 from earthgpt_jax.data import boxes
 from earthgpt_jax.data.pipeline import TrainPreprocess
 from earthgpt_jax.data.synthetic import CAPTION_PROMPTS, CLASSIFICATION_PROMPT
@@ -70,10 +69,10 @@ def trained_workdir(tmp_path_factory) -> dict:
                           os.path.join(work, "tokenizer.model"), vocab_size=360)
     config = tiny_config(work, batch_size=4, num_steps=60, learning_rate=1e-2, warmup_steps=10,
                          log_every_steps=30)
-    config.checkpoint.every_steps = 1000
+    config = config.replace(checkpoint={"every_steps": 1000})
     cfg = model_config(config, tok.vocab_size, tok.bos_id)
     save_model_config(cfg, work)
-    trainer = train_lib.Trainer(config, cfg, parallel.build_mesh(config.mesh, jax.devices()[:1]))
+    trainer = one_device_trainer(config, cfg)
     train_lib.train(config, work, trainer, records,
                     TrainPreprocess(tok.path, cfg.image_size, config.data.max_text_len))
     for name, data in (("ships.png", scene_a), ("vehicle.png", scene_b)):
@@ -169,10 +168,10 @@ def test_bad_uploads_get_clear_4xx(served):
     assert status == 400 and "empty" in body["error"]
     import tifffile
     buf = io.BytesIO()
-    tifffile.imwrite(buf, np.zeros((8, 8, 5), np.uint16), photometric="minisblack",
-                     planarconfig="contig")
-    status, body = call(served, "POST", "/api/conversations?name=ms.tif", buf.getvalue())
-    assert status == 400 and "unsupported band count 5" in body["error"], body
+    tifffile.imwrite(buf, np.random.default_rng(0).integers(0, 4000, (8, 8, 5), np.uint16),
+                     photometric="minisblack", planarconfig="contig")
+    status, facts = call(served, "POST", "/api/conversations?name=ms.tif", buf.getvalue())
+    assert status == 201 and facts["bands"] == 3, facts  # training reads the first three bands
     # Too many bytes, declared up front and streamed without a length; too many pixels.
     big = os.urandom(250_000)
     status, body = call(served, "POST", "/api/conversations?name=big.png", big)
@@ -321,3 +320,30 @@ def test_a_truncated_png_is_called_truncated_not_unknown():
     assert raised.value.status == 400
     assert raised.value.message.startswith("cannot decode image cut.png: its PNG data is "
                                            "truncated or corrupt ("), raised.value.message
+
+
+# An oriented ship in a 64 x 48 image: its corners in pixels, clockwise on the screen.
+ORIENTED_SHIP = (20, 5, 50, 20, 44, 32, 14, 17)
+
+
+def oriented_answer() -> str:
+    """A detection answer with one oriented ship (four corners) and one horizontal vehicle."""
+    return boxes.detection_to_text([
+        ("ship", [boxes.pixel_quad_to_norm(ORIENTED_SHIP, 64, 48)]),
+        ("vehicle", [boxes.pixel_to_norm((2, 30, 10, 40), 64, 48)])])
+
+
+def test_oriented_boxes_come_back_as_corners_beside_their_enclosing_box():
+    from earthgpt_jax.serve.service import answer_boxes
+    ship, vehicle = answer_boxes(oriented_answer(), 64, 48)
+    assert ship["label"] == "ship" and vehicle["label"] == "vehicle"
+    # Two decimals of the 64-pixel padded square move a corner by at most 0.32 pixels.
+    np.testing.assert_allclose(ship["corner_pixels"], ORIENTED_SHIP, atol=0.33)
+    np.testing.assert_allclose(ship["pixels"], [14, 5, 50, 32], atol=0.33)
+    np.testing.assert_allclose(ship["box"], boxes.enclosing_box(ship["corners"]))
+    assert "corners" not in vehicle  # a horizontal box stays a box
+    np.testing.assert_allclose(vehicle["pixels"], [2, 30, 10, 40], atol=0.33)
+    # Centre, size and angle (degrees) is read as the same kind of polygon, clipped to the image.
+    (box,) = answer_boxes("[0.5,0.5,0.4,0.1,45]", 64, 48)
+    assert len(box["corner_pixels"]) == 8 and box["label"] is None
+    assert min(box["corner_pixels"][1::2]) >= 0 and max(box["corner_pixels"][1::2]) <= 48

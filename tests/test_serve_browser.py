@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_serve_api import trained_workdir
+from tests.test_serve_api import ORIENTED_SHIP, oriented_answer, trained_workdir
 from earthgpt_jax.data import boxes
 from earthgpt_jax.serve.screenshot import ask_on_page, find_browser, open_browser
 
@@ -59,6 +59,32 @@ def server(tmp_path_factory):
             proc.kill()
 
 
+# The service's boxes of an oriented answer, drawn on the page: how close (sum of RGB
+# differences, best within a pixel, as a slanted stroke is antialiased) the canvas comes to the
+# box's colour midway along its first edge and at its enclosing box's lower right corner (the
+# label sits at the upper left), and its list entry.
+_DRAW_ORIENTED = """
+const chat = window.earthgptChat;
+chat.state.boxes = arguments[0];
+chat.drawCanvas();
+const canvas = document.getElementById('image-canvas');
+const ctx = canvas.getContext('2d');
+const s = chat.displayScale(chat.state.image.naturalWidth, chat.state.image.naturalHeight);
+const b = chat.state.boxes[0], c = b.corner_pixels, colour = chat.colourFor(b.label, 0);
+const want = [1, 3, 5].map((i) => parseInt(colour.slice(i, i + 2), 16));
+const near = (x, y) => {
+  let best = 1e9;
+  for (let dx = -1; dx <= 1; dx++) for (let dy = -1; dy <= 1; dy++) {
+    const d = ctx.getImageData(Math.round(x * s) + dx, Math.round(y * s) + dy, 1, 1).data;
+    best = Math.min(best, [0, 1, 2].reduce((t, k) => t + Math.abs(d[k] - want[k]), 0));
+  }
+  return best;
+};
+return {edge: near((c[0] + c[2]) / 2, (c[1] + c[3]) / 2), corner: near(b.pixels[2], b.pixels[3]),
+        listed: document.querySelector('#box-list li').textContent};
+"""
+
+
 def test_page_streams_a_detection_answer_and_draws_its_boxes(server, tmp_path):
     from selenium.webdriver.common.by import By
     driver = open_browser()
@@ -69,6 +95,8 @@ def test_page_streams_a_detection_answer_and_draws_its_boxes(server, tmp_path):
         assert driver.save_screenshot(shot)
         chunks = driver.execute_script(
             "return document.querySelector('#thread .msg.assistant').dataset.chunks")
+        from earthgpt_jax.serve.service import answer_boxes
+        oriented = driver.execute_script(_DRAW_ORIENTED, answer_boxes(oriented_answer(), 64, 48))
         driver.find_element(By.ID, "question").clear()
         driver.find_element(By.ID, "send").click()  # an empty question is told, not ignored
         empty_status = driver.find_element(By.ID, "status").text
@@ -97,5 +125,9 @@ def test_page_streams_a_detection_answer_and_draws_its_boxes(server, tmp_path):
     picture = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     colour = np.array([int(page["edges"][0]["colour"][i:i + 2], 16) for i in (1, 3, 5)])
     assert (np.abs(picture - colour).sum(-1) <= 6).sum() > 200  # box strokes in the screenshot
+    # An oriented box is drawn as its polygon (not the rectangle enclosing it) and listed by
+    # its corners.
+    assert oriented["edge"] <= 30 and oriented["corner"] > 60, oriented
+    assert oriented["listed"] == "ship: [" + ", ".join(map(str, ORIENTED_SHIP)) + "] px"
     assert reset == [0, "0"]
     assert empty_status.startswith("the question is empty"), empty_status

@@ -14,10 +14,10 @@ from earthgpt_jax.models.earthgpt import abstract_params
 
 def _on_mesh(model, params, ici):
     """(mesh, logical rules, params sharded by them) for the demo config's mesh with `ici`."""
-    config = mmrs.get_config("demo")
-    config.mesh.ici = ici
+    config = mmrs.get_run_config("demo")
+    config = config.replace(mesh={"ici": ici})
     mesh = parallel.build_mesh(config.mesh)
-    rules = parallel.logical_rules(config)
+    rules = config.mesh.rules
     shardings = parallel.shardings_for(abstract_params(model), mesh, rules)
     return mesh, rules, jax.device_put(params, shardings)
 

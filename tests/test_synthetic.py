@@ -7,11 +7,13 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from earthgpt_jax.data import synthetic
-from earthgpt_jax.data.boxes import (DETECTION_PROMPT, GROUNDING_PROMPT, norm_to_pixel,
-                                     parse_boxes, parse_detection)
+from earthgpt_jax.data.boxes import (DETECTION_PROMPT, GROUNDING_PROMPT, NO_OBJECTS_ANSWER,
+                                     box_corners, enclosing_box, norm_quad_to_pixel,
+                                     norm_to_pixel, parse_boxes, parse_detection)
+from earthgpt_jax.evaluate.metrics import rotated_iou
 from tfds_builders.mmrs1m.mmrs1m import sensor_for_source
 
 
@@ -84,7 +86,8 @@ def test_layout_matches_release(release):
 
 def test_default_sizes_and_speed_budget(release):
     root, _ = release
-    for split, want in (("train", 600), ("test", 150)):
+    # 600/150 images, plus the oriented SAR ships' 45 per 600 (HRSID_OBB_mini).
+    for split, want in (("train", 645), ("test", 161)):
         images = {r["image"] for recs in _split_records(root, split).values() for r in recs}
         assert abs(len(images) - want) <= 0.05 * want
 
@@ -181,13 +184,19 @@ def _answer_boxes(root, split):
             if "bounding box coordinate" in q["value"]:
                 out.append((r["image"], parse_boxes(a["value"])[0]))
     for name in ("DIOR_mini", "SSDD_mini", "HIT-UAV_mini"):
+        empty = 0
         for r in recs[name]:
             assert r["conversations"][0]["value"] == DETECTION_PROMPT
-            groups, bad = parse_detection(r["conversations"][1]["value"])
-            assert not bad and 1 <= len(groups) <= 2
+            answer = r["conversations"][1]["value"]
+            groups, bad = parse_detection(answer)
+            assert not bad and len(groups) <= 2
             boxes = [b for _, _, bs in groups for b in bs]
-            assert 1 <= len(boxes) <= 4
+            assert len(boxes) <= 4
+            # Empty scenes are written in the one documented form.
+            empty += not boxes
+            assert bool(boxes) or answer == NO_OBJECTS_ANSWER
             out.append((r["image"], boxes))
+        assert empty == len(recs[name]) // synthetic.EMPTY_SCENE_EVERY
     return out
 
 
@@ -225,3 +234,48 @@ def test_boxes_follow_pad_convention(release):
                 # a box shifted by the pad offset (>= 4 px here) would land on dark sea.
                 inside = pixels[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
                 assert inside.mean() > 2.5 * pixels.mean(), (r["image"], box)
+
+
+def test_oriented_ships_at_any_angle(release):
+    """HRSID_OBB_mini (as MMRS-1M's HRSID_OBB) answers with each ship's four corners: ships at
+    any angle, the polygon on the bright hull, corners clockwise from the topmost, 1-2 ships
+    (answers fit the demo's text length), empty scenes in the documented form."""
+    root, _ = release
+    angles, tight = [], []
+    for split in ("train", "test"):
+        records = _split_records(root, split)["HRSID_OBB_mini"]
+        empty = 0
+        for r in records:
+            answer = r["conversations"][1]["value"]
+            groups, bad = parse_detection(answer, corners=True)
+            quads = [q for _, _, qs in groups for q in qs]
+            assert not bad and len(quads) <= synthetic.MAX_ORIENTED_SHIPS
+            if not quads:
+                assert answer == NO_OBJECTS_ANSWER
+                empty += 1
+                continue
+            assert [c for c, _, _ in groups] == ["ship"]
+            assert all(len(chunk.split(",")) == 8 for chunk in answer[answer.index("[") + 1:-1]
+                       .split(";"))
+            with Image.open(os.path.join(root, r["image"])) as im:
+                w, h = im.size
+                pixels = np.asarray(im, np.float64)
+            for q in quads:
+                xs, ys = q[0::2], q[1::2]
+                assert ys[0] == min(ys)  # the topmost corner first ...
+                area = sum(xs[k] * ys[(k + 1) % 4] - xs[(k + 1) % 4] * ys[k] for k in range(4))
+                assert area > 0  # ... then clockwise on the screen (y points down)
+                hull = Image.new("L", (w, h))
+                ImageDraw.Draw(hull).polygon(list(zip(*[iter(norm_quad_to_pixel(q, w, h))] * 2)),
+                                             fill=1)
+                inside = np.asarray(hull, bool)
+                assert pixels[inside].mean() > 2.5 * pixels[~inside].mean(), (r["image"], q)
+                side = [(xs[k + 1] - xs[k], ys[k + 1] - ys[k]) for k in (0, 1)]
+                dx, dy = max(side, key=lambda v: np.hypot(*v))
+                angles.append(np.degrees(np.arctan2(dy, dx)) % 180)
+                tight.append(rotated_iou(q, box_corners(enclosing_box(q))))
+        assert empty == len(records) // synthetic.EMPTY_SCENE_EVERY
+    # Any angle: every 30-degree sector of the long axis holds ships, and for many the
+    # horizontal box would be a poor fit (IoU < 0.5 with their own polygon).
+    assert np.all(np.histogram(angles, bins=6, range=(0, 180))[0] > 0), angles
+    assert np.mean(np.array(tight) < 0.5) > 0.3, tight

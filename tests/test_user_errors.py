@@ -54,6 +54,17 @@ def test_config_mistakes_are_one_line_before_main(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("override,wanted", [
+    ("--config.train.stage=c", "config.train.stage='c' is not one of all, a, b"),
+    ("--config.model.remat_policy=some", "config.model.remat_policy='some' is not one of none"),
+])
+def test_a_value_the_config_refuses_is_one_line_before_any_work(tmp_path, override, wanted):
+    """Checked by the typed config (earthgpt_jax/config.py) or run.py's first lines."""
+    proc, _ = _main("--config=configs/mmrs.py:demo", override, f"--workdir={tmp_path / 'w'}")
+    assert wanted in _one_error_line(proc, 2)
+    assert not (tmp_path / "w").exists()
+
+
 def test_eval_without_a_checkpoint_fails_before_any_data(tmp_path):
     proc, _ = _main("--config=configs/mmrs.py:demo", f"--workdir={tmp_path}", "--mode=eval")
     line = _one_error_line(proc, 2)
@@ -85,17 +96,18 @@ def compile_spy(monkeypatch):
 ])
 def test_compile_without_a_usable_topology_is_refused_first(topology, wanted, compile_spy,
                                                             tmp_path):
-    config = mmrs.get_config("demo")
-    config.compile.topology = topology
+    config = mmrs.get_run_config("demo")
+    config = config.replace(compile={"topology": topology})
     with pytest.raises(cli.UsageError, match=re.escape(wanted)):
         run_lib.run(config, str(tmp_path), "compile")
     assert compile_spy == []
 
 
 def test_compile_needs_libtpu_and_says_it_compiles(compile_spy, tmp_path, monkeypatch, capsys):
-    config = mmrs.get_config("demo")
-    config.model.size = "tiny"
-    config.compile.topology = "v5e:2x2"
+    config = mmrs.get_run_config("demo")
+    config = config.replace(
+        model={"size": "tiny"},
+        compile={"topology": "v5e:2x2"})
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
@@ -113,8 +125,8 @@ def test_compile_needs_libtpu_and_says_it_compiles(compile_spy, tmp_path, monkey
 
 
 def test_unknown_suite_in_the_config_is_refused_first(tmp_path):
-    config = mmrs.get_config("demo")
-    config.eval.suites = "clrs,clrz"
+    config = mmrs.get_run_config("demo")
+    config = config.replace(eval={"suites": "clrs,clrz"})
     with pytest.raises(cli.UsageError, match=r"unknown evaluation suite\(s\) clrz in "
                                              r"--config.eval.suites; known: clrs"):
         run_lib.run(config, str(tmp_path / "w"), "train")
@@ -130,7 +142,10 @@ class _SlowFirstStep:
     def __init__(self):
         self.calls = 0
 
-    def train_step(self, state, batch):
+    def model_flops(self, batch):
+        return 1e9
+
+    def train_step(self, state, batch, step):
         self.calls += 1
         time.sleep(1.0 if self.calls == 1 else 0.02)
         return state, {"loss": np.float32(1.0), "grad_norm": np.float32(1.0),
@@ -146,8 +161,8 @@ class _Manager:
 @pytest.mark.parametrize("log_every", [1, 2])
 def test_first_step_compile_is_announced_and_left_out_of_the_rates(tmp_path, caplog, log_every):
     from earthgpt_jax import train as train_lib
-    config = mmrs.get_config("demo")
-    config.train.num_steps, config.train.log_every_steps = 4, log_every
+    config = mmrs.get_run_config("demo")
+    config = config.replace(train={"num_steps": 4, "log_every_steps": log_every})
     log = train_lib.MetricsLog(str(tmp_path), 4)
     batches = iter([{"image": np.zeros(1)}] * 4)
     with caplog.at_level(logging.INFO):

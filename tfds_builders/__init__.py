@@ -8,6 +8,8 @@ from tfds_builders import crsvqa  # noqa: F401
 from tfds_builders import scene_folders  # noqa: F401
 from tfds_builders import sar_ships  # noqa: F401
 from tfds_builders import hit_uav  # noqa: F401
+from tfds_builders import dota  # noqa: F401
+from tfds_builders import hrsc2016  # noqa: F401
 from tfds_builders.mmrs1m import tfds_compat
 
 tfds_compat.quiet_fd_limit_notice()  # every preparation goes through this package

@@ -34,8 +34,9 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from earthgpt_jax.data.boxes import (DETECTION_PROMPT, GROUNDING_PROMPT, boxes_to_text,
-                                     detection_to_text, pixel_to_norm)
+from earthgpt_jax.data.boxes import (DETECTION_PROMPT, GROUNDING_PROMPT, box_corners,
+                                     boxes_to_text, detection_to_text, enclosing_box,
+                                     pixel_quad_to_norm, pixel_to_norm)
 from earthgpt_jax.data.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
 from tfds_builders.mmrs1m.mmrs1m import Mmrs1m, record_features
 from tfds_builders.mmrs1m.report import BadRecord, BadRecordsError, SplitReport, read_report
@@ -129,8 +130,10 @@ def find_image(root: epath.Path, folder: str, stem: str,
 
 
 def read_json(path: epath.Path, root: epath.Path):
+    """A JSON annotation file; a UTF-8 BOM (Windows editors write one) is accepted, as the
+    mmrs1m builder accepts it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise BadRecord("unreadable_json", f"unreadable JSON {relative(path, root)}: {e}") from e
 
@@ -187,8 +190,13 @@ def xywh_to_xyxy(box: Sequence) -> list:
 # ----------------------------------------------------------------------------- examples
 
 def _example(image: LoadedImage, source: str, task: str, pairs: Sequence[tuple[str, str]],
-             boxes: Sequence[Sequence[float]] = (), labels: Sequence[str] = ()) -> dict:
-    """A record; `boxes`/`labels` all belong to the first answer (turn 1)."""
+             boxes: Sequence[Sequence[float]] = (), labels: Sequence[str] = (),
+             independent: bool = False, corners: Sequence[Sequence[float]] | None = None
+             ) -> dict:
+    """A record; `boxes`/`labels` all belong to the first answer (turn 1). `corners`: each
+    box's four corners when oriented (default: the horizontal boxes' rectangles)."""
+    if corners is None:
+        corners = [box_corners(b) for b in boxes]
     turns = []
     for question, answer in pairs:
         if not isinstance(question, str) or not question.strip():
@@ -206,15 +214,19 @@ def _example(image: LoadedImage, source: str, task: str, pairs: Sequence[tuple[s
         "task": task,
         "conversations": turns,
         "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "box_corners": np.asarray(corners, np.float32).reshape(-1, 8),
         "box_turns": np.ones(len(boxes), np.int32),
         "box_labels": list(labels),
+        "independent": bool(independent),
     }
 
 
 def qa_example(image: LoadedImage, source: str, task: str,
-               pairs: Sequence[tuple[str, str]]) -> dict:
-    """Classification, captioning or VQA: text turns, no boxes."""
-    return _example(image, source, task, pairs)
+               pairs: Sequence[tuple[str, str]], independent: bool = False) -> dict:
+    """Classification, captioning or VQA: text turns, no boxes. `independent`: the questions
+    are unrelated, each asked alone in evaluation, so one record holds all of an image's
+    questions and its bytes are stored once."""
+    return _example(image, source, task, pairs, independent=independent)
 
 
 def classification_prompt(classes: Sequence[str]) -> str:
@@ -233,10 +245,9 @@ def grounding_example(image: LoadedImage, source: str, phrase: str, box_px: Sequ
 def detection_example(image: LoadedImage, source: str,
                       objects: Sequence[tuple[str, Sequence]]) -> dict:
     """(class phrase, pixel box) pairs -> one `<p>N class</p>[...]` group per class, classes in
-    order of first appearance, boxes in annotation order; `boxes` follows the same order."""
-    if not objects:
-        # The release's answer format has no wording for "nothing here".
-        raise BadRecord("no_objects", "image has no objects (no detection answer can be written)")
+    order of first appearance, boxes in annotation order; `boxes` follows the same order. An
+    image without objects is kept, answered `NO_OBJECTS_ANSWER`: its false positives are
+    scored."""
     groups: dict[str, list] = {}
     for k, (name, box_px) in enumerate(objects):
         box = checked_box(box_px, image.width, image.height, f"object {k} ({name})")
@@ -245,6 +256,35 @@ def detection_example(image: LoadedImage, source: str,
     return _example(image, source, "detection", [(DETECTION_PROMPT, detection_to_text(ordered))],
                     [b for _, bxs in ordered for b in bxs],
                     [name for name, bxs in ordered for _ in bxs])
+
+
+def oriented_detection_example(image: LoadedImage, source: str,
+                               objects: Sequence[tuple[str, Sequence]]) -> dict:
+    """(class phrase, pixel corners x1,y1,...,x4,y4) pairs -> a detection record whose answer
+    writes each box as its four corners (boxes.py's oriented form), grouped per class as
+    `detection_example` groups; `box_corners` holds the corners, `boxes` their enclosing
+    horizontal boxes. Corners are clipped to the image (annotations of objects cut by the
+    border reach past it); a box left with no area inside it is a bad record."""
+    groups: dict[str, list] = {}
+    for k, (name, quad) in enumerate(objects):
+        quad = [float(v) for v in quad]
+        if len(quad) != 8 or not all(math.isfinite(v) for v in quad):
+            raise BadRecord("box_malformed", f"object {k} ({name}): not 8 corner values: "
+                                             f"{quad!r}")
+        clipped = [min(max(v, 0.0), float(image.width if i % 2 == 0 else image.height))
+                   for i, v in enumerate(quad)]
+        x0, y0, x1, y1 = enclosing_box(clipped)
+        if x1 <= x0 or y1 <= y0:
+            raise BadRecord("box_outside_image", f"object {k} ({name}): corners {quad} leave "
+                                                 f"no area inside the {image.width}x"
+                                                 f"{image.height} image")
+        groups.setdefault(name, []).append(pixel_quad_to_norm(clipped, image.width,
+                                                              image.height))
+    ordered = list(groups.items())
+    corners = [q for _, qs in ordered for q in qs]
+    return _example(image, source, "detection", [(DETECTION_PROMPT, detection_to_text(ordered))],
+                    [enclosing_box(q) for q in corners],
+                    [name for name, qs in ordered for _ in qs], corners=corners)
 
 
 # ----------------------------------------------------------------------------- annotation readers
@@ -407,8 +447,10 @@ class Candidate:
 class EvalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the evaluation builders: features, the max_bad_fraction knob, the report."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Records in mmrs1m's format (boxes included)."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Records in mmrs1m's format (boxes included).",
+                     "1.1.0": "Empty detection scenes kept; VQA sets one record per image with "
+                              "independent questions."}
     HOMEPAGE = ""
     # Largest fraction of skipped records a split may have before the build fails.
     MAX_BAD_FRACTION = Mmrs1m.MAX_BAD_FRACTION

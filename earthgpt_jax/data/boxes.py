@@ -5,14 +5,31 @@ a square, then dividing by the square's side. Answers hold `[x0,y0,x1,y1]` with 
 several boxes `;`-separated inside one pair of brackets, and detection answers group the boxes of
 one class behind `<p>N class</p>`. This module owns all of that: formatting, tolerant parsing,
 and the inverse of the padding transform.
+
+An image with no objects is answered `NO_OBJECTS_ANSWER` ("There are no objects."): the release's
+format has no group for "none", and an empty scene is where a detector's false positives show,
+so the generator, the evaluation builders and the scorer all write and read this one sentence.
+The parser also reads any answer without a `<p>` group or a box that says "no object(s)" as an
+empty detection (MMRS-1M keeps its own wording byte for byte).
+
+Oriented boxes (DOTA, HRSC2016, MMRS-1M's `HRSID_OBB`) are written as their four corners
+`[x1,y1,x2,y2,x3,y3,x4,y4]` in the same frame, brackets, `;` and `<p>` groups, two decimals,
+corners in the annotation's order. The parser also reads centre, size and angle
+`[cx,cy,w,h,a]` (a in degrees, turning the width axis from +x towards +y: clockwise on the
+screen) and turns it into corners. Every box keeps both forms: its corners (a horizontal box's
+are its rectangle's) and its enclosing horizontal box. A chunk of any other number of values is
+a bad box, its text kept (`Shapes.bad`) for the reports.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from typing import Sequence
 
 Box = tuple[float, float, float, float]
+Quad = tuple[float, float, float, float, float, float, float, float]  # x1,y1,...,x4,y4
 
 GROUNDING_PROMPT = (
     "Please provide the horizontal bounding box coordinate of the region which is described "
@@ -20,6 +37,8 @@ GROUNDING_PROMPT = (
 REGION_CAPTION_PROMPT = (
     "Please provide a short description for this region in this remote sensing image :{box}")
 DETECTION_PROMPT = "Please detect all objects in this image."
+NO_OBJECTS_ANSWER = "There are no objects."
+_SAYS_NO_OBJECTS = re.compile(r"\bno\s+objects?\b", re.IGNORECASE)
 
 _IRREGULAR_PLURALS = {"person": "people", "bus": "buses", "storage tank": "storage tanks"}
 _IRREGULAR_SINGULARS = {v: k for k, v in _IRREGULAR_PLURALS.items()}
@@ -46,6 +65,55 @@ def norm_to_pixel(box: Sequence[float], width: int, height: int) -> Box:
     pad_x, pad_y, side = pad_offsets(width, height)
     x0, y0, x1, y1 = box
     return (x0 * side - pad_x, y0 * side - pad_y, x1 * side - pad_x, y1 * side - pad_y)
+
+
+def rotated_corners(cx: float, cy: float, w: float, h: float, angle_deg: float) -> Quad:
+    """Corners of a w x h rectangle centred at (cx, cy), its width axis turned `angle_deg`
+    from +x towards +y (y points down: clockwise on the screen), in order around it."""
+    c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+    out = []
+    for dx, dy in ((-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2)):
+        out += [cx + c * dx - s * dy, cy + s * dx + c * dy]
+    return tuple(out)
+
+
+def box_corners(box: Sequence[float]) -> Quad:
+    """The corners of a horizontal box, clockwise from the top left."""
+    x0, y0, x1, y1 = box
+    return (x0, y0, x1, y0, x1, y1, x0, y1)
+
+
+def enclosing_box(quad: Sequence[float]) -> Box:
+    """The horizontal box enclosing a quadrilateral."""
+    xs, ys = quad[0::2], quad[1::2]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def is_oriented(quad: Sequence[float]) -> bool:
+    """Corners that are not their enclosing horizontal box's rectangle."""
+    return tuple(quad) != box_corners(enclosing_box(quad))
+
+
+def pixel_quad_to_norm(quad: Sequence[float], width: int, height: int) -> Quad:
+    """Pixel corners -> [0,1] of the padded square (the horizontal boxes' transform)."""
+    pad_x, pad_y, side = pad_offsets(width, height)
+    return tuple((v + (pad_x if k % 2 == 0 else pad_y)) / side for k, v in enumerate(quad))
+
+
+def norm_quad_to_pixel(quad: Sequence[float], width: int, height: int) -> Quad:
+    pad_x, pad_y, side = pad_offsets(width, height)
+    return tuple(v * side - (pad_x if k % 2 == 0 else pad_y) for k, v in enumerate(quad))
+
+
+def drawn_shape(quad: Sequence[float]) -> tuple[float, ...]:
+    """What to draw for a box read as corners: an oriented box's corners, else [x0,y0,x1,y1]."""
+    return tuple(quad) if is_oriented(quad) else enclosing_box(quad)
+
+
+def shape_to_pixel(shape: Sequence[float], width: int, height: int) -> tuple[float, ...]:
+    """A [0,1] box [x0,y0,x1,y1] or an oriented box's corners -> the same in image pixels."""
+    return (norm_to_pixel(shape, width, height) if len(shape) == 4
+            else norm_quad_to_pixel(shape, width, height))
 
 
 def _fmt(value: float) -> str:
@@ -79,9 +147,10 @@ def singular(name: str) -> str:
 
 
 def detection_to_text(groups: Sequence[tuple[str, Sequence[Sequence[float]]]]) -> str:
-    """`There are <p>3 ships</p>[...]`, one `<p>` group per class, classes joined by ` and `."""
+    """`There are <p>3 ships</p>[...]`, one `<p>` group per class, classes joined by ` and `;
+    `NO_OBJECTS_ANSWER` for no groups (an empty scene)."""
     if not groups:
-        raise ValueError("detection_to_text needs at least one (class, boxes) group")
+        return NO_OBJECTS_ANSWER
     parts = []
     for name, boxes in groups:
         count = len(boxes)
@@ -95,71 +164,113 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d*)?|-?\.\d+")
 _BRACKETED = re.compile(r"\[([^\[\]]*)\]?")
 
 
-def _parse_box_list(body: str) -> tuple[list[Box], int]:
-    """Boxes from the inside of one bracket; each chunk that is not 4 numbers in [0,1] counts."""
-    boxes: list[Box] = []
-    malformed = 0
+@dataclasses.dataclass
+class Shapes:
+    """Boxes read from text: enclosing horizontal boxes, the corners of each (a horizontal
+    box's rectangle for 4-value chunks), the malformed count and the bad chunks' text."""
+    boxes: list[Box] = dataclasses.field(default_factory=list)
+    corners: list[Quad] = dataclasses.field(default_factory=list)
+    malformed: int = 0
+    bad: list[str] = dataclasses.field(default_factory=list)
+
+    def extend(self, other: "Shapes") -> None:
+        self.boxes += other.boxes
+        self.corners += other.corners
+        self.malformed += other.malformed
+        self.bad += other.bad
+
+
+def _clip(values: list[float]) -> list[float]:
+    return [min(max(v, 0.0), 1.0) for v in values]
+
+
+def _parse_box_list(body: str) -> Shapes:
+    """Boxes from the inside of one bracket: chunks of 4 (horizontal), 8 (corners) or 5 (centre,
+    size, angle) numbers; every repair or dropped chunk counts as malformed."""
+    out = Shapes()
     for chunk in body.split(";"):
         if not chunk.strip():
             continue
         values = [float(v) for v in _NUMBER.findall(chunk)]
+        if len(values) in (5, 8):
+            quad = rotated_corners(*values) if len(values) == 5 else tuple(values)
+            clipped = tuple(_clip(list(quad)))
+            out.malformed += clipped != quad
+            out.boxes.append(enclosing_box(clipped))
+            out.corners.append(clipped)
+            continue
         if len(values) != 4:
-            malformed += 1
+            out.malformed += 1
+            out.bad.append(chunk.strip())
             if len(values) < 4:
                 continue
             values = values[:4]
-        clipped = [min(max(v, 0.0), 1.0) for v in values]
+        clipped = _clip(values)
         if clipped != values:
-            malformed += 1
+            out.malformed += 1
         x0, y0, x1, y1 = clipped
         # A box written corner-swapped still names a region; keep it but count it.
         if x1 < x0 or y1 < y0:
-            malformed += 1
+            out.malformed += 1
             x0, x1 = sorted((x0, x1))
             y0, y1 = sorted((y0, y1))
-        boxes.append((x0, y0, x1, y1))
-    return boxes, malformed
+        out.boxes.append((x0, y0, x1, y1))
+        out.corners.append(box_corners((x0, y0, x1, y1)))
+    return out
 
 
-def parse_boxes(text: str) -> tuple[list[Box], int]:
-    """All boxes in free text, tolerant of spaces and missing brackets.
-
-    Returns (boxes, malformed) where `malformed` counts every repair or dropped chunk: a chunk
-    with other than four numbers, values outside [0,1] (clipped), swapped corners (sorted).
-    Text without brackets is read as one bracket's body.
+def parse_shapes(text: str) -> Shapes:
+    """All boxes in free text, tolerant of spaces and missing brackets: horizontal, corners
+    or centre/size/angle (module docstring). `malformed` counts every repair or dropped
+    chunk: a chunk of another number of values (its text in `bad`), values outside [0,1]
+    (clipped), swapped corners (sorted). Text without brackets is read as one bracket's body.
     """
     bodies = [m.group(1) for m in _BRACKETED.finditer(text)]
     if not bodies:
         if not _NUMBER.search(text):
-            return [], 1 if text.strip() else 0
+            return Shapes(malformed=1 if text.strip() else 0)
         bodies = [text]
-    boxes: list[Box] = []
-    malformed = 0
+    out = Shapes()
     for body in bodies:
-        found, bad = _parse_box_list(body)
-        boxes.extend(found)
-        malformed += bad
-    return boxes, malformed
+        out.extend(_parse_box_list(body))
+    return out
+
+
+def parse_boxes(text: str) -> tuple[list[Box], int]:
+    """(enclosing horizontal boxes, malformed count) of `parse_shapes`."""
+    shapes = parse_shapes(text)
+    return shapes.boxes, shapes.malformed
 
 
 _DETECTION_GROUP = re.compile(r"<p>\s*(\d+)\s+([^<]*?)\s*</p>\s*(\[[^\[\]]*\]?)?")
 
 
-def parse_detection(text: str) -> tuple[list[tuple[str, int, list[Box]]], int]:
-    """`<p>N class</p>[boxes]` groups -> [(singular class, N, boxes)], malformed count.
+def says_no_objects(text: str) -> bool:
+    """An answer that states an empty scene: no `<p>` group, no bracket, "no object(s)"."""
+    return ("<p>" not in text and "[" not in text
+            and _SAYS_NO_OBJECTS.search(text) is not None)
+
+
+def parse_detection(text: str, corners: bool = False
+                    ) -> tuple[list[tuple[str, int, list]], int]:
+    """`<p>N class</p>[boxes]` groups -> [(singular class, N, boxes)], malformed count; the
+    boxes are enclosing horizontal boxes, or with `corners` every box's four corners (for
+    rotated IoU).
 
     A group whose count disagrees with its number of boxes is kept (the boxes are what is
-    scored) but counted as malformed, as is a group without boxes.
+    scored) but counted as malformed, as is a group without boxes. A "no objects" answer
+    (`says_no_objects`) is an empty detection, not malformed.
     """
     groups = []
     malformed = 0
     for match in _DETECTION_GROUP.finditer(text):
         count, label, bracket = int(match.group(1)), match.group(2), match.group(3)
-        boxes, bad = _parse_box_list(bracket.strip("[]")) if bracket else ([], 1)
-        malformed += bad
+        shapes = _parse_box_list(bracket.strip("[]")) if bracket else Shapes(malformed=1)
+        boxes = shapes.corners if corners else shapes.boxes
+        malformed += shapes.malformed
         if len(boxes) != count:
             malformed += 1
         groups.append((singular(label), count, boxes))
-    if not groups and text.strip():
+    if not groups and text.strip() and not says_no_objects(text):
         malformed += 1
     return groups, malformed

@@ -71,6 +71,7 @@ class NotAnImageError(ImageDecodeError):
 
 class ImageTooLargeError(ImageDecodeError):
     kind = "image_too_large"
+    size: tuple[int, int] | None = None  # (width, height) from the header, when it was read
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -115,16 +116,18 @@ def decode_image(data: bytes, name: str = "<bytes>", *,
     except ImageDecodeError:
         raise
     except Exception as e:  # decoders raise many types for broken files; name the image always
-        raise ImageDecodeError(
-            f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+        raise ImageDecodeError(f"cannot decode image {name}: its {fmt.upper()} data is "
+                               f"truncated or corrupt ({type(e).__name__}: {e})") from e
 
 
 def _check_pixels(width: int, height: int, name: str, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise ImageTooLargeError(
+        error = ImageTooLargeError(
             f"cannot decode image {name}: {width} x {height} = {width * height} pixels exceeds "
             f"the limit of {max_pixels} (a decompression-bomb guard; raise max_pixels if the "
             "image is genuine)")
+        error.size = (width, height)
+        raise error
 
 
 # --------------------------------------------------------------------------------------------

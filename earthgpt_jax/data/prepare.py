@@ -26,12 +26,8 @@ def check_release(root: str) -> None:
     json_dir = os.path.join(root, "data", "json")
     if not os.path.isdir(json_dir):
         raise ReleaseNotFoundError(
-            f"MMRS-1M release not found: looked for {json_dir}.\n"
-            f"The release directory (config.data.manual_dir={root}) must contain data/json/ "
-            f"(the per-task JSON files) and the image folders data/caption, data/classification, "
-            f"data/detection, data/RSVG, data/VQA (extract the data.tar.gz.* parts there).\n"
-            f"To try EarthGPT without it: make demo  (or python main.py "
-            f"--config=configs/mmrs.py:demo --workdir=/tmp/earthgpt_demo)")
+            f"MMRS-1M release not found: no {json_dir} (config.data.manual_dir={root}); extract "
+            f"the release's data.tar.gz.* parts there, or try EarthGPT without it: make demo")
 
 
 def prepare_release(config, workdir: str) -> str:

@@ -16,13 +16,21 @@ generated miniature release for the demo). Kinds:
                     across processes, members read in order with `tarfile`'s streaming mode.
                     The iterator state is (epoch, shard position, samples read in the shard): a
                     resumed run reopens the shard, skips that many samples and goes on exactly.
+- `llava:JSON[:IMAGE_ROOT][:WEIGHT]`  instruction data in the LLaVA/ShareGPT form (a JSON list
+                    or JSONL of {id, image, conversations}: GeoChat-Instruct, VHM, FIT-RS,
+                    LLaVA), images under IMAGE_ROOT (default: the JSON's folder); random access
+                    (the file is read once, images at map time). `llava.py` has the rules. A
+                    last part that is a number is the weight, anything else is the root, so
+                    `llava:a.json:2` weighs 2 and `llava:a.json:imgs` reads images from `imgs`
+                    (a root named like a number is written `./2`); JSON paths hold no `:`.
 
 Captions become one-turn conversations (`CaptionRecords`): a prompt from
 `config.data.caption_prompts` picked by a hash of the sample key and the seed, answered by the
 caption. Bad samples (image missing or undecodable, caption missing or empty) are skipped and
 counted (`BadSampleLog`): the counts per reason and a few keys are logged and written to
 `WORKDIR/data_report_<kind>.json`, and more than `config.data.max_bad_fraction` of what was read
-stops the run (after `min_samples`).
+stops the run (after `min_samples`). llava records are checked the same way
+(`llava.LlavaToRecord`), their reasons those of the `mmrs1m` builder.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import numpy as np
 
 from earthgpt_jax.data.images import ImageDecodeError, decode_image
 
-KINDS = ("mmrs1m", "coco", "webdataset")
+KINDS = ("mmrs1m", "coco", "webdataset", "llava")
 CAPTION_KINDS = ("coco", "webdataset")
 COCO_ANNOTATIONS = os.path.join("annotations", "captions_train2017.json")
 COCO_IMAGES = "train2017"
@@ -64,6 +72,7 @@ class SourceSpec:
     weight: float
     entry: str     # the entry as written, for messages
     written_path: str = ""  # the path as written (before `~` expansion)
+    image_root: str = ""    # llava: the images' folder, `~` expanded, absolute ("" = the JSON's)
 
     @property
     def name(self) -> str:
@@ -88,13 +97,18 @@ def parse_sources(spec: str, *, check_paths: bool = True,
         if kind not in KINDS:
             raise ValueError(f"config.data.sources entry {entry!r}: unknown kind {kind!r}; "
                              f"known kinds: {', '.join(KINDS)} (write KIND:PATH[:WEIGHT])")
-        # A last `:` part without a `/` is the weight (so gs://... style paths stay whole).
-        head, sep, tail = rest.rpartition(":")
-        path, weight_text = (head, tail) if sep and "/" not in tail else (rest, None)
+        root = ""
+        if kind == "llava":
+            path, root, weight_text = _split_llava(rest)
+        else:
+            # A last `:` part without a `/` is the weight (so gs://... style paths stay whole).
+            head, sep, tail = rest.rpartition(":")
+            path, weight_text = (head, tail) if sep and "/" not in tail else (rest, None)
         path = path.strip()
         if not path:
             raise ValueError(f"config.data.sources entry {entry!r}: no path (write "
-                             f"{kind}:PATH[:WEIGHT])")
+                             f"{kind}:{'JSON[:IMAGE_ROOT]' if kind == 'llava' else 'PATH'}"
+                             f"[:WEIGHT])")
         weight = 1.0
         if weight_text is not None:
             try:
@@ -106,10 +120,10 @@ def parse_sources(spec: str, *, check_paths: bool = True,
                 raise ValueError(f"config.data.sources entry {entry!r}: weight must be a "
                                  f"positive number, got {weight_text!r}")
         written, path = path, os.path.abspath(os.path.expanduser(path))
-        if check_paths and kind not in allow_missing and not os.path.isdir(path):
-            raise ValueError(f"config.data.sources entry {entry!r}: directory {path} does not "
-                             f"exist")
-        source = SourceSpec(kind, path, weight, entry, written)
+        root = os.path.abspath(os.path.expanduser(root)) if root else ""
+        if check_paths and kind not in allow_missing:
+            _check_exists(entry, kind, path, root)
+        source = SourceSpec(kind, path, weight, entry, written, root)
         if any((s.kind, s.path) == (kind, path) or s.name == source.name for s in out):
             raise ValueError(f"config.data.sources entry {entry!r}: {source.name} is listed "
                              f"twice; give one entry a larger weight instead")
@@ -118,6 +132,41 @@ def parse_sources(spec: str, *, check_paths: bool = True,
         raise ValueError(f"config.data.sources {spec!r}: at most one mmrs1m entry (it is built "
                          f"into config.data.tfds_dir)")
     return out
+
+
+def _split_llava(rest: str) -> tuple[str, str, str | None]:
+    """`JSON[:IMAGE_ROOT][:WEIGHT]` -> (JSON, IMAGE_ROOT or "", WEIGHT text or None): a last
+    part that reads as a number is the weight (module docstring)."""
+    parts = rest.split(":")
+    weight_text = None
+    if len(parts) > 1:
+        try:
+            float(parts[-1])
+            weight_text = parts.pop()
+        except ValueError:
+            pass
+    if len(parts) > 2:
+        raise ValueError(f"config.data.sources entry 'llava:{rest}': write "
+                         f"llava:JSON[:IMAGE_ROOT][:WEIGHT] (a weight is a number; paths hold "
+                         f"no ':')")
+    if len(parts) == 2 and not parts[1].strip():
+        raise ValueError(f"config.data.sources entry 'llava:{rest}': empty image root (write "
+                         f"llava:JSON[:IMAGE_ROOT][:WEIGHT])")
+    return parts[0], (parts[1].strip() if len(parts) == 2 else ""), weight_text
+
+
+def _check_exists(entry: str, kind: str, path: str, root: str) -> None:
+    if kind != "llava":
+        if not os.path.isdir(path):
+            raise ValueError(f"config.data.sources entry {entry!r}: directory {path} does "
+                             f"not exist")
+        return
+    if not os.path.isfile(path):
+        raise ValueError(f"config.data.sources entry {entry!r}: the JSON file {path} does not "
+                         f"exist")
+    if root and not os.path.isdir(root):
+        raise ValueError(f"config.data.sources entry {entry!r}: the image root {root} is not a "
+                         f"directory (a last part that is a number is the weight)")
 
 
 def reads_release(spec: str) -> bool:
@@ -133,9 +182,7 @@ def with_release_dir(config):
                if s.kind == "mmrs1m"]
     if not release or release[0].path == config.data.manual_dir:
         return config
-    config = config.copy_and_resolve_references()
-    config.data.manual_dir = release[0].path
-    return config
+    return config.replace(data={"manual_dir": release[0].path})
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +203,8 @@ def note_worker(worker_index: int, worker_count: int) -> None:
 
 
 class BadSampleLog:
-    """Counts the samples read and the bad ones per reason (with a few keys) for one source;
+    """Counts the samples read and the bad ones per reason (with a few keys and their messages,
+    which quote the offending text) for one source;
     writes `report_dir/data_report_<kind>[.processP][.workerW].json` when something is bad, and
     raises `BadSamplesError` past `max_bad_fraction` (after `min_samples` read)."""
 
@@ -171,6 +219,7 @@ class BadSampleLog:
         self.read = 0
         self.bad: collections.Counter = collections.Counter()
         self.examples: dict[str, list[str]] = {}
+        self.details: dict[str, list[str]] = {}  # "key: message", beside `examples`
         self._lock = threading.Lock()
         self._last_write = 0.0
 
@@ -185,9 +234,15 @@ class BadSampleLog:
 
     def __deepcopy__(self, memo):
         new = object.__new__(type(self))
-        new.__setstate__(self.__getstate__() | {"bad": self.bad.copy(),
-                                                "examples": dict(self.examples)})
+        new.__setstate__(self.__getstate__() | {
+            "bad": self.bad.copy(), "examples": {k: list(v) for k, v in self.examples.items()},
+            "details": {k: list(v) for k, v in self.details.items()}})
         return new
+
+    def for_process(self, process_index: int) -> "BadSampleLog":
+        """A fresh log of the same source for one process's part of the data."""
+        return BadSampleLog(self.kind, self.report_dir, self.max_bad_fraction, self.min_samples,
+                            process_index)
 
     @property
     def path(self) -> str | None:
@@ -204,7 +259,8 @@ class BadSampleLog:
                 "bad_fraction": bad / max(self.read, 1),
                 "max_bad_fraction": self.max_bad_fraction,
                 "bad_by_reason": dict(sorted(self.bad.items())),
-                "bad_examples": {k: list(v) for k, v in sorted(self.examples.items())}}
+                "bad_examples": {k: list(v) for k, v in sorted(self.examples.items())},
+                "bad_details": {k: list(v) for k, v in sorted(self.details.items())}}
 
     def good_sample(self) -> None:
         with self._lock:
@@ -218,6 +274,7 @@ class BadSampleLog:
             examples = self.examples.setdefault(reason, [])
             if len(examples) < self.EXAMPLES_PER_REASON:
                 examples.append(key)
+                self.details.setdefault(reason, []).append(f"{key}: {message}")
                 logging.warning("%s: skipping sample %r (%s): %s", self.kind, key, reason,
                                 message)
             now = time.monotonic()
@@ -230,8 +287,8 @@ class BadSampleLog:
         if self.read < self.min_samples or bad <= self.max_bad_fraction * self.read:
             return
         self._write(time.monotonic(), announce=True)
-        reasons = ", ".join(f"{r}: {n} (e.g. {', '.join(repr(k) for k in self.examples[r])})"
-                            for r, n in self.bad.most_common())
+        reasons = ", ".join(f"{r}: {n} (e.g. {', '.join(repr(k) for k in self.examples[r])}; "
+                            f"first: {self.details[r][0]})" for r, n in self.bad.most_common())
         raise BadSamplesError(
             f"{self.kind}: {bad} of {self.read} samples read are bad ({bad / self.read:.1%} > "
             f"config.data.max_bad_fraction={self.max_bad_fraction}): {reasons}. "
@@ -288,9 +345,7 @@ class CaptionRecords(grain.transforms.Map):
                              "least one prompt")
 
     def for_process(self, process_index: int) -> "CaptionRecords":
-        log = BadSampleLog(self.log.kind, self.log.report_dir, self.log.max_bad_fraction,
-                           self.log.min_samples, process_index)
-        return dataclasses.replace(self, log=log)
+        return dataclasses.replace(self, log=self.log.for_process(process_index))
 
     def map(self, raw: dict) -> dict | None:
         key = raw["key"]
@@ -535,12 +590,12 @@ class _ShardIterator(grain.DatasetIterator):
 @dataclasses.dataclass
 class TrainSource:
     """One opened entry of `config.data.sources`. Exactly one of `records` (random access:
-    `len()` and `[i]`) and `stream` (a `WebDatasetShards`) is set; `to_record` (caption kinds)
-    turns their raw samples into records, None for bad ones."""
+    `len()` and `[i]`) and `stream` (a `WebDatasetShards`) is set; `to_record` (caption kinds,
+    llava) turns their raw samples into records, None for bad ones."""
     spec: SourceSpec
     records: Any = None
     stream: WebDatasetShards | None = None
-    to_record: CaptionRecords | None = None
+    to_record: Any = None  # CaptionRecords | llava.LlavaToRecord
 
     @property
     def name(self) -> str:
@@ -565,6 +620,16 @@ def open_caption_source(spec: SourceSpec, *, prompts: Sequence[str], seed: int,
     raise ValueError(f"{spec.entry}: not a caption source kind ({', '.join(CAPTION_KINDS)})")
 
 
+def open_llava_source(spec: SourceSpec, *, report_dir: str | None, max_bad_fraction: float,
+                      min_samples: int = MIN_SAMPLES_FOR_BAD_FRACTION) -> TrainSource:
+    """A llava entry, opened (its JSON is read; images are read at map time)."""
+    from earthgpt_jax.data import llava  # the mmrs1m record rules it reuses load only here
+
+    log = BadSampleLog(spec.kind, report_dir, max_bad_fraction, min_samples)
+    records, to_record = llava.open_records(spec.path, spec.image_root, log)
+    return TrainSource(spec, records=records, to_record=to_record)
+
+
 def open_sources(config, workdir: str, mmrs1m_source=None) -> list[TrainSource]:
     """`config.data.sources` opened for training. `mmrs1m_source` is the built `mmrs1m` train
     split (`prepare.data_source`), needed when an mmrs1m entry is listed."""
@@ -576,6 +641,9 @@ def open_sources(config, workdir: str, mmrs1m_source=None) -> list[TrainSource]:
             if mmrs1m_source is None:
                 raise ValueError(f"{spec.entry}: the mmrs1m train split is not built")
             out.append(TrainSource(spec, records=mmrs1m_source))
+        elif spec.kind == "llava":
+            out.append(open_llava_source(spec, report_dir=workdir,
+                                         max_bad_fraction=config.data.max_bad_fraction))
         else:
             out.append(open_caption_source(
                 spec, prompts=tuple(config.data.caption_prompts), seed=config.data.seed,

@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 from earthgpt_jax.data.boxes import (DETECTION_PROMPT, GROUNDING_PROMPT, REGION_CAPTION_PROMPT,
-                                     boxes_to_text, detection_to_text, pixel_to_norm, plural)
+                                     boxes_to_text, detection_to_text, enclosing_box,
+                                     pixel_quad_to_norm, pixel_to_norm, plural, rotated_corners)
 
 SCENE_CLASSES = ("forest", "sea", "desert", "farmland", "residential", "snowfield")
 LAND_SCENES = tuple(c for c in SCENE_CLASSES if c != "sea")
@@ -53,6 +54,9 @@ PRESENCE_PROMPT = "Is there a {name} in this image?"
 COUNT_PROMPT = "How many {names} are there in this image?"
 
 _COUNT_WORDS = ("no", "one", "two", "three", "four")
+
+# One detection image in this many is an empty scene (no objects), answered NO_OBJECTS_ANSWER.
+EMPTY_SCENE_EVERY = 10
 
 # Minimum pixel side of an object; below this a shape is no longer recognisable.
 _MIN_OBJECT_PX = 3
@@ -88,13 +92,22 @@ SOURCES = (
            "data/json/detection/SSDD_mini/ssdd_mini_trainval.json", 45),
     Source("detection", "HIT-UAV_mini", "infrared", "data/detection/HIT-UAV_mini",
            "data/json/detection/HIT-UAV_mini/hit_uav_mini_trainval.json", 45),
+    # Oriented boxes, as MMRS-1M's HRSID_OBB: ships at any angle, answered as four corners.
+    Source("detection", "HRSID_OBB_mini", "sar", "data/detection/HRSID_OBB_mini",
+           "data/json/detection/HRSID_OBB_mini/hrsid_obb_mini_trainval.json", 45),
 )
 # Object classes each detection source annotates, in the order answers list them.
 DETECTION_CLASSES = {
     "DIOR_mini": ("airplane", "ship", "vehicle"),
     "SSDD_mini": ("ship",),
     "HIT-UAV_mini": ("person", "vehicle"),
+    "HRSID_OBB_mini": ("ship",),
 }
+# Detection sources whose answers give oriented boxes (four corners, `boxes.py`). At most
+# `MAX_ORIENTED_SHIPS` per image: a box is 8 numbers (~40 tokens with split digits), and
+# the demo's answers must fit its 128 text tokens and 120 decoded ones.
+ORIENTED_SOURCES = ("HRSID_OBB_mini",)
+MAX_ORIENTED_SHIPS = 2
 
 
 def split_json_path(train_json_path: str, split: str) -> str:
@@ -115,6 +128,7 @@ class Obj:
     cls: str                       # singular class name
     box: tuple[int, int, int, int]  # pixel x0, y0, x1, y1 (x1, y1 exclusive)
     colour: str = ""               # vehicles only
+    corners: tuple[float, ...] | None = None  # an oriented object's pixel corners; box encloses
 
 
 def _image_size(rng: np.random.Generator) -> tuple[int, int]:
@@ -186,6 +200,50 @@ def _place(rng, objs: list[Obj], cls: str, w: int, h: int,
     raise RuntimeError("could not place an object; image too small for the requested objects")
 
 
+def _place_oriented_ship(rng, objs: list[Obj], w: int, h: int) -> Obj:
+    """A long thin ship (HRSID's are 3-5 times longer than wide) at any angle, large enough
+    (18-30% of the long side) that its outline survives the demo's 64-pixel view; its
+    enclosing box keeps clear of the others. Corners clockwise from the topmost one, so the
+    answer is a function of the image."""
+    for _ in range(200):
+        length = rng.uniform(0.18, 0.30) * max(w, h)
+        width = max(float(_MIN_OBJECT_PX), length / rng.uniform(3.0, 5.0))
+        angle = rng.uniform(0.0, 180.0)
+        quad = rotated_corners(0.0, 0.0, length, width, angle)
+        x0, y0, x1, y1 = enclosing_box(quad)
+        if x1 - x0 > w - 2 or y1 - y0 > h - 2:
+            continue
+        cx, cy = rng.uniform(1 - x0, w - 1 - x1), rng.uniform(1 - y0, h - 1 - y1)
+        quad = [v + (cx if k % 2 == 0 else cy) for k, v in enumerate(quad)]
+        top = min(range(4), key=lambda k: (quad[2 * k + 1], quad[2 * k]))
+        quad = tuple(quad[2 * top:] + quad[:2 * top])
+        ex0, ey0, ex1, ey1 = enclosing_box(quad)
+        box = (int(np.floor(ex0)), int(np.floor(ey0)), int(np.ceil(ex1)), int(np.ceil(ey1)))
+        if all(box[0] > o.box[2] or box[2] < o.box[0] or box[1] > o.box[3] or box[3] < o.box[1]
+               for o in objs):
+            obj = Obj("ship", box, corners=quad)
+            objs.append(obj)
+            return obj
+    raise RuntimeError("could not place an oriented ship; image too small")
+
+
+def _mask(obj: Obj, w: int, h: int) -> np.ndarray:
+    """Pixels of an object: its box, or for an oriented one the pixels whose centre lies
+    inside its corners (a convex quadrilateral, clockwise on the screen)."""
+    mask = np.zeros((h, w), bool)
+    if obj.corners is None:
+        x0, y0, x1, y1 = obj.box
+        mask[y0:y1, x0:x1] = True
+        return mask
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    q = obj.corners
+    mask[...] = True
+    for k in range(4):
+        ax, ay, bx, by = q[2 * k], q[2 * k + 1], q[(2 * k + 2) % 8], q[(2 * k + 3) % 8]
+        mask &= (bx - ax) * (yy - ay) - (by - ay) * (xx - ax) >= 0
+    return mask
+
+
 def _draw_optical(img: np.ndarray, obj: Obj) -> None:
     x0, y0, x1, y1 = obj.box
     patch = img[y0:y1, x0:x1]
@@ -207,8 +265,7 @@ def _sar_image(rng, w: int, h: int, objs: list[Obj]) -> np.ndarray:
     """Dark sea, bright ships, all under multiplicative gamma speckle (4-look)."""
     intensity = np.full((h, w), rng.uniform(25, 45))
     for o in objs:
-        x0, y0, x1, y1 = o.box
-        intensity[y0:y1, x0:x1] = rng.uniform(190, 230)
+        intensity[_mask(o, w, h)] = rng.uniform(190, 230)
     looks = 4.0
     speckle = rng.gamma(looks, 1.0 / looks, size=(h, w))
     return np.clip(intensity * speckle, 0, 255).astype(np.uint8)
@@ -248,8 +305,11 @@ def _turns(*pairs: tuple[str, str]) -> list[dict]:
 
 
 def _norm_sorted(objs: list[Obj], w: int, h: int) -> list[tuple[float, ...]]:
-    # Reading order (top to bottom, left to right) so answers are a function of the image.
-    return [pixel_to_norm(o.box, w, h) for o in sorted(objs, key=lambda o: (o.box[1], o.box[0]))]
+    # Reading order (top to bottom, left to right) so answers are a function of the image;
+    # an oriented object as its four corners.
+    return [pixel_to_norm(o.box, w, h) if o.corners is None else
+            pixel_quad_to_norm(o.corners, w, h)
+            for o in sorted(objs, key=lambda o: (o.box[1], o.box[0]))]
 
 
 def _captions(scene: str, objs: list[Obj]) -> list[str]:
@@ -401,10 +461,15 @@ def _gen_rsvg(rng, src, split, i, out, json_rel):
 
 
 def _gen_detection(rng, src, split, i, out, json_rel):
-    """1-4 objects of 1-2 classes; answer groups boxes per class in the source's class order."""
+    """1-4 objects of 1-2 classes (1-2 oriented ships in `ORIENTED_SOURCES`); answer groups
+    boxes per class in the source's class order.
+    Every `EMPTY_SCENE_EVERY`-th image is an empty scene answered `NO_OBJECTS_ANSWER`, as real
+    sets hold them (HIT-UAV: 1-1.4% of each split; SAR sea without ships)."""
     w, h = _image_size(rng)
     objs: list[Obj] = []
     n = int(rng.integers(1, 5))
+    if i % EMPTY_SCENE_EVERY == EMPTY_SCENE_EVERY - 1:
+        n = 0
     if src.name == "DIOR_mini":
         scene = "sea" if rng.random() < 0.35 else LAND_SCENES[int(rng.integers(len(LAND_SCENES)))]
         if scene == "sea":
@@ -412,7 +477,7 @@ def _gen_detection(rng, src, split, i, out, json_rel):
         else:
             classes = [["vehicle"], ["airplane"], ["vehicle", "airplane"]][int(rng.integers(3))]
         colour = str(rng.choice(sorted(VEHICLE_COLOURS)))
-        for k in range(max(n, len(classes))):
+        for k in range(max(n, len(classes)) if n else 0):
             cls = classes[k % len(classes)]
             _place(rng, objs, cls, w, h, colour=colour if cls == "vehicle" else "")
         img = _optical_background(rng, scene, w, h)
@@ -422,9 +487,13 @@ def _gen_detection(rng, src, split, i, out, json_rel):
         for _ in range(n):
             _place(rng, objs, "ship", w, h)
         img = _sar_image(rng, w, h, objs)
+    elif src.name in ORIENTED_SOURCES:
+        for _ in range(1 + (n - 1) % MAX_ORIENTED_SHIPS if n else 0):  # 1 or 2, evenly
+            _place_oriented_ship(rng, objs, w, h)
+        img = _sar_image(rng, w, h, objs)
     else:
         classes = [["person"], ["vehicle"], ["person", "vehicle"]][int(rng.integers(3))]
-        for k in range(max(n, len(classes))):
+        for k in range(max(n, len(classes)) if n else 0):
             _place(rng, objs, classes[k % len(classes)], w, h)
         img = _infrared_image(rng, w, h, objs)
     groups = [(c, _norm_sorted([o for o in objs if o.cls == c], w, h))

@@ -186,6 +186,18 @@ def box_iou(a: BoxLike, b: BoxLike) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
+def rotated_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two quadrilaterals given by their corners (x1,y1,...,x4,y4), by polygon
+    intersection (shapely), as DOTA's devkit computes it. A self-crossing corner order (a
+    careless annotation) is read as the valid polygon it outlines (`make_valid`)."""
+    import shapely
+
+    pa, pb = (shapely.make_valid(shapely.Polygon(list(zip(q[0::2], q[1::2])))) for q in (a, b))
+    inter = pa.intersection(pb).area
+    union = pa.area + pb.area - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 def grounding_scores(pred_boxes: Sequence[BoxLike | None], gt_boxes: Sequence[BoxLike],
                      iou_threshold: float = 0.5) -> dict:
     """Acc@0.5 (IoU >= threshold), mIoU, and cIoU = sum of intersections / sum of unions.
@@ -261,7 +273,8 @@ def detection_scores(pred_groups: Sequence[Iterable], gt_groups: Sequence[Iterab
     """Precision/recall at IoU 0.5 with greedy per-class matching, plus count accuracy.
 
     The model emits no confidences, so there is no ranking and no AP; precision and recall are
-    pooled over all images. `count_accuracy` is the fraction of images whose predicted count
+    pooled over all images, empty scenes (no true groups) included, where every predicted box
+    is a false positive. `count_accuracy` is the fraction of images whose predicted count
     equals the true count for every class that either side names; `class_count_accuracy` the
     same per (image, true class) pair.
     """
@@ -353,6 +366,16 @@ def _coco101_ap(recall: Sequence[float], precision: Sequence[float]) -> float:
     return total / 101
 
 
+def _voc07_ap(recall: Sequence[float], precision: Sequence[float]) -> float:
+    """VOC 2007 11-point AP, the DOTA devkit's (`use_07_metric=True`): the mean over recall
+    t = 0, 0.1, ..., 1 of the best precision at recall >= t (0 where none)."""
+    total = 0.0
+    for k in range(11):
+        reached = [p for r, p in zip(recall, precision) if r >= k / 10 - 1e-12]
+        total += max(reached) if reached else 0.0
+    return total / 11
+
+
 def ranked_detections(pred_groups_per_image: Sequence[Iterable]) -> dict[str, list]:
     """Per class: [(score, image_index, rank, box)] under `AP_RANKING_RULE`, best first."""
     dets: dict[str, list] = defaultdict(list)
@@ -367,7 +390,7 @@ def ranked_detections(pred_groups_per_image: Sequence[Iterable]) -> dict[str, li
 
 
 def detection_ap(pred_groups_per_image: Sequence[Iterable], gt_groups_per_image: Sequence[Iterable],
-                 iou_threshold: float = 0.5, interpolation: str = "voc") -> dict:
+                 iou_threshold: float = 0.5, interpolation: str = "voc", iou=box_iou) -> dict:
     """Per-class AP at one IoU threshold and their mean (mAP), for answers without scores.
 
     Groups per image are (class, boxes) or (class, count, boxes), as `detection_scores` takes.
@@ -375,12 +398,14 @@ def detection_ap(pred_groups_per_image: Sequence[Iterable], gt_groups_per_image:
     a detection is a true positive when its highest-IoU ground truth of the same class in the
     same image has IoU >= `iou_threshold` and is not yet taken, otherwise a false positive.
     IoU is continuous (no +1 pixel). `interpolation="voc"` is the all-point area under the
-    precision envelope (VOC 2010+); `"coco101"` samples it at 101 recall points as pycocotools.
-    mAP averages the classes that have ground truth; classes only predicted are reported with
-    `AP: None` and their false positives, and do not enter the mean.
+    precision envelope (VOC 2010+); `"coco101"` samples it at 101 recall points as pycocotools;
+    `"voc07"` is VOC 2007's 11 points. mAP averages the classes that have ground truth; classes
+    only predicted are reported with `AP: None` and their false positives, and do not enter the
+    mean. `rotated_detection_ap` is the oriented-box form (DOTA's protocol).
     """
-    if interpolation not in ("voc", "coco101"):
-        raise ValueError(f"interpolation must be 'voc' or 'coco101', got {interpolation!r}")
+    if interpolation not in _AREAS:
+        raise ValueError(f"interpolation must be one of {', '.join(_AREAS)}, got "
+                         f"{interpolation!r}")
     _check_lengths(pred_groups_per_image, gt_groups_per_image)
     gts: dict[str, dict[int, list]] = defaultdict(dict)
     for i, groups in enumerate(gt_groups_per_image):
@@ -388,7 +413,7 @@ def detection_ap(pred_groups_per_image: Sequence[Iterable], gt_groups_per_image:
             if bxs:
                 gts[cls][i] = list(bxs)
     dets = ranked_detections(pred_groups_per_image)
-    area = _all_point_ap if interpolation == "voc" else _coco101_ap
+    area = _AREAS[interpolation]
     per_class = {}
     for cls in sorted(set(gts) | set(dets)):
         n_gt = sum(len(v) for v in gts.get(cls, {}).values())
@@ -401,7 +426,7 @@ def detection_ap(pred_groups_per_image: Sequence[Iterable], gt_groups_per_image:
         recall, precision = [], []
         for _, i, _, box in cls_dets:
             image_gts = gts[cls].get(i, [])
-            ious = [box_iou(box, g) for g in image_gts]
+            ious = [iou(box, g) for g in image_gts]
             best = max(range(len(ious)), key=ious.__getitem__) if ious else None
             if best is not None and ious[best] >= iou_threshold and not taken[i][best]:
                 taken[i][best] = True
@@ -415,3 +440,19 @@ def detection_ap(pred_groups_per_image: Sequence[Iterable], gt_groups_per_image:
     return {f"mAP@{iou_threshold:g}": _mean(scored), "per_class_AP": per_class,
             "n": len(gt_groups_per_image), "interpolation": interpolation,
             "ranking": AP_RANKING_RULE}
+
+
+_AREAS = {"voc": _all_point_ap, "coco101": _coco101_ap, "voc07": _voc07_ap}
+
+
+def rotated_detection_ap(pred_groups_per_image: Sequence[Iterable],
+                         gt_groups_per_image: Sequence[Iterable],
+                         iou_threshold: float = 0.5) -> dict:
+    """Rotated mAP as DOTA's devkit (task 1) computes it: boxes are corners (x1,y1,...,x4,y4;
+    `boxes.parse_detection(text, corners=True)`), polygon IoU, a detection a true positive at
+    IoU >= 0.5 with a ground truth not yet taken, VOC 2007 11-point AP per class. Ranking as
+    `AP_RANKING_RULE`. The devkit leaves `difficult` objects out of both sides; records carry
+    no such flag, so they are scored as ordinary objects here."""
+    return detection_ap(pred_groups_per_image, gt_groups_per_image, iou_threshold,
+                        interpolation="voc07", iou=rotated_iou)
+

@@ -43,6 +43,8 @@ HEADLINE_METRICS = {
     "region_captioning": ("exact_match", "BLEU-4", "CIDEr"),
     "detection": ("mAP@0.5", "precision@0.5", "recall@0.5", "count_accuracy"),
 }
+# Reported only where the references hold oriented boxes.
+OPTIONAL_METRICS = {"detection": ("rotated mAP@0.5",)}
 ALL = "all"
 TRUE_COLOUR = (0, 255, 0)
 PRED_COLOUR = (255, 0, 0)
@@ -87,6 +89,24 @@ def _gt_box(example: dict):
 def _gt_groups(example: dict):
     groups, _ = parsers.parse_detection_answer(_reference(example))
     return groups
+
+
+def _corner_groups(text: str):
+    """Detection groups with every box as its four corners (for rotated IoU)."""
+    groups, _ = box_text.parse_detection(str(text or ""), corners=True)
+    return [(parsers.normalise_class(c), n, bxs) for c, n, bxs in groups]
+
+
+def _any_oriented(*group_lists) -> bool:
+    """Whether any box of these `_corner_groups` results is oriented."""
+    return any(box_text.is_oriented(q) for gs in group_lists for _, _, qs in gs for q in qs)
+
+
+def picture_group(example: dict) -> tuple[str, bool]:
+    """Pictures are counted per (task, oriented references?): scenes with oriented boxes get
+    their own `num_pictures` beside the horizontal ones, wherever they fall in the split."""
+    task = example.get("task")
+    return task, task == "detection" and _any_oriented(_corner_groups(_reference(example)))
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -259,9 +279,24 @@ def _score_group(task: str, examples: Sequence[dict], stats: dict,
             ap = metrics.detection_ap(groups, gts)
             out[side]["mAP@0.5"] = ap["mAP@0.5"]
             out[side]["per_class_AP"] = {c: v["AP"] for c, v in ap["per_class_AP"].items()}
+        # Oriented references (DOTA, HRSC2016): rotated mAP as DOTA's devkit computes it,
+        # horizontal predictions taken as their rectangles.
+        corner_gts = [_corner_groups(_reference(e)) for e in examples]
+        if _any_oriented(*corner_gts):
+            corner_preds = [_corner_groups(p) for p in preds]
+            corner_base = [[(c, n, [box_text.box_corners(b) for b in bxs]) for c, n, bxs in g]
+                           for g in base_groups]
+            for side, groups in (("model", corner_preds), ("baseline", corner_base)):
+                out[side]["rotated mAP@0.5"] = metrics.rotated_detection_ap(
+                    groups, corner_gts)["mAP@0.5"]
         out["n_malformed"] = malformed
+        # Empty scenes (answered boxes.NO_OBJECTS_ANSWER) are scored like any image: every box
+        # predicted there is a false positive in precision and AP; shown here on their own.
+        empty = [sum(len(b) for _, _, b in p) for g, p in zip(gts, pred_groups) if not g]
         out["details"].update(mean_box=stats.get("mean_box"),
-                              majority_count=stats.get("majority_count"))
+                              majority_count=stats.get("majority_count"),
+                              n_empty_scenes=len(empty),
+                              false_positives_on_empty_scenes=sum(empty))
     else:
         raise ValueError(f"unknown task {task!r}")
     return out
@@ -331,7 +366,8 @@ def _rows(groups: dict) -> list[dict]:
     rows = []
     for task, per_sensor in groups.items():
         for sensor, g in per_sensor.items():
-            for metric in HEADLINE_METRICS[task]:
+            optional = [m for m in OPTIONAL_METRICS.get(task, ()) if m in g["model"]]
+            for metric in HEADLINE_METRICS[task] + tuple(optional):
                 rows.append({"task": task, "sensor": sensor, "metric": metric,
                              "model": g["model"].get(metric), "baseline": g["baseline"].get(metric),
                              "n": g["n"]})
@@ -407,12 +443,15 @@ MIN_PICTURE_SIDE = 384  # small remote-sensing chips are enlarged so boxes and l
 LEGEND_HEIGHT = 26
 
 
-def draw_boxes_png(image, true_boxes_px, pred_boxes_px, labels, path, pred_labels=None) -> str:
+def draw_boxes_png(image, true_boxes_px, pred_boxes_px, labels, path, pred_labels=None,
+                   note: str = "") -> str:
     """Save the image with true boxes in green and predicted boxes in red, under a legend strip.
 
     Images smaller than `MIN_PICTURE_SIDE` are enlarged by a whole factor (nearest neighbour,
     so pixels stay pixels). `labels` (optional) name the true boxes, `pred_labels` the
-    predicted ones. Boxes are in pixels of `image`.
+    predicted ones. Boxes are in pixels of `image`: [x0,y0,x1,y1], or an oriented box's
+    four corners [x1,y1,...,x4,y4], drawn as their polygon. `note` is written in the legend strip
+    (an empty scene says so, since no green box shows it).
     """
     from PIL import Image, ImageDraw, ImageFont
     img = _to_rgb(image)
@@ -426,6 +465,15 @@ def draw_boxes_png(image, true_boxes_px, pred_boxes_px, labels, path, pred_label
 
     def _draw(bxs, names, colour):
         for k, b in enumerate(bxs or ()):
+            if len(b) == 8:  # an oriented box: its four corners
+                points = [(float(x) * scale, float(y) * scale + LEGEND_HEIGHT)
+                          for x, y in zip(b[0::2], b[1::2])]
+                draw.polygon(points, outline=colour, width=width)
+                x0, y0 = min(p[0] for p in points), min(p[1] for p in points)
+                if names is not None and k < len(names) and names[k]:
+                    draw.text((x0 + 2, max(float(LEGEND_HEIGHT), y0 - 11)), str(names[k]),
+                              fill=colour, font=font)
+                continue
             x0, x1 = sorted((float(b[0]) * scale, float(b[2]) * scale))
             y0, y1 = sorted((float(b[1]) * scale + LEGEND_HEIGHT,
                              float(b[3]) * scale + LEGEND_HEIGHT))
@@ -440,6 +488,8 @@ def draw_boxes_png(image, true_boxes_px, pred_boxes_px, labels, path, pred_label
     draw.text((16, 6), "truth", fill=(255, 255, 255), font=font)
     draw.rectangle([60, 8, 68, 16], fill=PRED_COLOUR)
     draw.text((72, 6), "predicted", fill=(255, 255, 255), font=font)
+    if note:
+        draw.text((136, 6), note, fill=(255, 255, 255), font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path, format="PNG")
     return path
@@ -457,7 +507,8 @@ def _size_of(example: dict) -> tuple[int, int]:
 def write_box_pictures(examples_with_images: Sequence[dict], out_dir: str,
                        max_per_task: int = 4) -> list[str]:
     """Draw truth vs prediction for up to `max_per_task` grounding and detection examples that
-    carry an `image` (the original image); boxes go from the padded [0,1] frame to pixels.
+    carry an `image` (the original image), counted per `picture_group` (oriented detection
+    scenes apart); boxes go from the padded [0,1] frame to pixels.
     The pictures an earlier evaluation left in out_dir are removed first: those left are this
     run's."""
     if os.path.isdir(out_dir):
@@ -469,7 +520,7 @@ def write_box_pictures(examples_with_images: Sequence[dict], out_dir: str,
         task = e.get("task")
         if task not in ("grounding", "detection") or e.get("image") is None:
             continue
-        if per_task[task] >= max_per_task:
+        if per_task[picture_group(e)] >= max_per_task:
             continue
         width, height = _size_of(e)
         to_px = lambda b: box_text.norm_to_pixel(b, width, height)  # noqa: E731
@@ -480,17 +531,22 @@ def write_box_pictures(examples_with_images: Sequence[dict], out_dir: str,
             pred, _ = parsers.parse_grounding_answer(pred_text)
             pred_boxes, pred_labels = ([to_px(pred)], None) if pred is not None else ([], None)
         else:
+            # Corners, so oriented boxes are drawn as they are; horizontal ones as rectangles.
+            to_shape = lambda q: box_text.shape_to_pixel(  # noqa: E731
+                box_text.drawn_shape(q), width, height)
             true_boxes, labels = [], []
-            for cls, _, bxs in _gt_groups(e):
-                true_boxes += [to_px(b) for b in bxs]
+            for cls, _, bxs in _corner_groups(_reference(e)):
+                true_boxes += [to_shape(b) for b in bxs]
                 labels += [cls] * len(bxs)
             pred_boxes, pred_labels = [], []
-            for cls, _, bxs in parsers.parse_detection_answer(pred_text)[0]:
-                pred_boxes += [to_px(b) for b in bxs]
+            for cls, _, bxs in _corner_groups(pred_text):
+                pred_boxes += [to_shape(b) for b in bxs]
                 pred_labels += [cls] * len(bxs)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(e.get("id", i)))
         path = os.path.join(out_dir, f"{task}_{_sensor(e)}_{name}.png")
+        note = ("empty scene: every red box is a false positive"
+                if task == "detection" and not true_boxes else "")
         written.append(draw_boxes_png(e["image"], true_boxes, pred_boxes, labels, path,
-                                      pred_labels=pred_labels))
-        per_task[task] += 1
+                                      pred_labels=pred_labels, note=note))
+        per_task[picture_group(e)] += 1
     return written

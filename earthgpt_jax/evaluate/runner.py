@@ -11,14 +11,12 @@ import os
 
 import jax
 import numpy as np
-import flax.linen as nn
 from tqdm import tqdm
 
-from earthgpt_jax.data.images import decode_image, square_and_resize
+from earthgpt_jax.data.images import decode_image
 from earthgpt_jax.data.pipeline import conversation_turns, record_metadata
-from earthgpt_jax.data.tokenizer import Tokenizer, encode_dialogue_prompt
 from earthgpt_jax.evaluate import report
-from earthgpt_jax.generate import generate, left_pad
+from earthgpt_jax.inference import InferenceSession
 
 # Prompts are padded to a multiple of this, so a split compiles a handful of shapes, not one per
 # prompt length.
@@ -31,7 +29,9 @@ def eval_examples(record: dict, index: int) -> list[dict]:
 
     Caption records hold several reference captions of one image as turns, so they make one
     example whose references are all of them. Other records make one example per turn; turn k
-    is asked after turns 0..k-1 with their true answers, as in the training layout.
+    is asked after turns 0..k-1 with their true answers, as in the training layout, unless the
+    record is marked `independent` (VQA sets: one image, many unrelated questions), where
+    each question is asked alone.
     """
     turns = conversation_turns(record)
     meta = record_metadata(record)
@@ -40,8 +40,9 @@ def eval_examples(record: dict, index: int) -> list[dict]:
     if meta["task"] == "captioning":
         return [base | {"id": f"{index}:0", "history": [], "question": pairs[0][0],
                         "references": [a for _, a in pairs]}]
-    return [base | {"id": f"{index}:{k}", "history": pairs[:k], "question": q,
-                    "references": [a]} for k, (q, a) in enumerate(pairs)]
+    independent = bool(record.get("independent", False))  # absent in older prepared sets
+    return [base | {"id": f"{index}:{k}", "history": [] if independent else pairs[:k],
+                    "question": q, "references": [a]} for k, (q, a) in enumerate(pairs)]
 
 
 def baseline_examples(train_source, limit: int = BASELINE_SAMPLE) -> list[dict]:
@@ -58,43 +59,34 @@ def pending_examples(source, max_examples: int = 0) -> list[dict]:
     return [e for i in range(n) for e in eval_examples(source[i], i)]
 
 
-def predict(config, model, params, tokenizer: Tokenizer, source, pending: list[dict], mesh,
-            rules, progress) -> list[dict]:
+def predict(config, session: InferenceSession, source, pending: list[dict], progress
+            ) -> list[dict]:
     """Answers to `pending` (filled in as `prediction`; greedy unless config.eval asks for beam
     search or sampling); the few grounding/detection examples that get a picture keep their
     original image as `image`."""
     ec = config.eval
-    size = model.cfg.image_size
     examples, pictured = [], collections.Counter()
     # Images are decoded per batch: a split's images need not fit in memory.
     for start in range(0, len(pending), ec.batch_size):
         batch = pending[start:start + ec.batch_size]
         originals = [decode_image(source[e["record"]]["image"], e["image_path"]) for e in batch]
-        prompts = [encode_dialogue_prompt(tokenizer, e["history"], e["question"]) for e in batch]
+        # A short last batch repeats its last question: one compiled batch size per split.
         fill = ec.batch_size - len(batch)
-        prompts += [prompts[-1]] * fill
-        length = -(-max(map(len, prompts)) // PROMPT_BUCKET) * PROMPT_BUCKET
-        tokens, valid = left_pad(prompts, tokenizer.pad_id)
-        tokens = np.pad(tokens, ((0, 0), (length - tokens.shape[1], 0)),
-                        constant_values=tokenizer.pad_id)
-        valid = np.pad(valid, ((0, 0), (length - valid.shape[1], 0)))
-        images = np.stack([square_and_resize(img, size) for img in originals]
-                          + [square_and_resize(originals[-1], size)] * fill)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            # Greedy unless config.eval asks for beam search or sampling (seeded per batch).
-            generated = generate(model, params, images, tokens, valid,
-                                 max_new_tokens=ec.max_new_tokens, eos_id=tokenizer.eos_id,
-                                 pad_id=tokenizer.pad_id, beam_width=ec.get("beam_width", 1),
-                                 temperature=ec.get("temperature", 0.0),
-                                 top_p=ec.get("top_p", 1.0),
-                                 rng=jax.random.key(ec.get("seed", 0) * 1_000_003 + start))
+        dialogues = [(e["history"], e["question"]) for e in batch]
+        tokens, valid = session.prompts(dialogues + dialogues[-1:] * fill, PROMPT_BUCKET)
+        images = np.stack([session.pixels(img) for img in originals + originals[-1:] * fill])
+        # Greedy unless config.eval asks for beam search or sampling (seeded per batch).
+        generated = session.generate(images, tokens, valid, max_new_tokens=ec.max_new_tokens,
+                                     beam_width=ec.beam_width, temperature=ec.temperature,
+                                     top_p=ec.top_p,
+                                     rng=jax.random.key(ec.seed * 1_000_003 + start))
         generated = np.asarray(jax.device_get(generated))
         for row, (example, image) in enumerate(zip(batch, originals)):
-            example["prediction"] = tokenizer.decode(generated[row])
+            example["prediction"] = session.tokenizer.decode(generated[row])
             # Only the few examples that get a picture keep their image in memory.
-            pictured[example["task"]] += 1
+            pictured[report.picture_group(example)] += 1
             keep = example["task"] in ("grounding", "detection") and \
-                pictured[example["task"]] <= ec.num_pictures
+                pictured[report.picture_group(example)] <= ec.num_pictures
             example["image"] = image if keep else None
             examples.append(example)
         progress.update(len(batch))
@@ -106,9 +98,9 @@ def _progress(total: int, desc: str = "eval"):
     return tqdm(total=total, desc=desc, unit="question", disable=jax.process_index() != 0)
 
 
-def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, mesh, rules,
-             train_source=None, *, out_dir: str | None = None, pending: list[dict] | None = None,
-             progress=None, baselines: dict | None = None, print_table: bool = True) -> dict:
+def run_eval(config, workdir: str, session: InferenceSession, source, train_source=None, *,
+             out_dir: str | None = None, pending: list[dict] | None = None, progress=None,
+             baselines: dict | None = None, print_table: bool = True) -> dict:
     """Decode, score and write results.json/md, predictions.jsonl and box pictures into
     `out_dir` (default <workdir>/eval). `run_suites` passes its own subfolder, the questions
     it already gathered, the progress bar shared by all suites and baselines computed once."""
@@ -119,7 +111,7 @@ def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, 
         pending = pending_examples(source, ec.max_examples)
     own_progress = progress is None
     progress = _progress(len(pending)) if own_progress else progress
-    examples = predict(config, model, params, tokenizer, source, pending, mesh, rules, progress)
+    examples = predict(config, session, source, pending, progress)
     if own_progress:
         progress.close()
     if baselines is None and train_source:
@@ -138,10 +130,11 @@ def run_eval(config, workdir: str, model, params, tokenizer: Tokenizer, source, 
     return results
 
 
-def run_suites(config, workdir: str, model, params, tokenizer: Tokenizer, opened, skipped, mesh,
-               rules, train_source=None, step: int | None = None) -> dict:
+def run_suites(config, workdir: str, session: InferenceSession, opened, skipped,
+               train_source=None) -> dict:
     """`run_eval` over each opened suite [(Suite, source)] into <workdir>/eval/<suite>/, under
-    one progress bar, then the paper-layout results.md and results.json in <workdir>/eval/."""
+    one progress bar, then the paper-layout results.md and results.json (of the session's
+    step) in <workdir>/eval/."""
     from earthgpt_jax.evaluate import suites
 
     out_root = os.path.join(workdir, "eval")
@@ -152,12 +145,12 @@ def run_suites(config, workdir: str, model, params, tokenizer: Tokenizer, opened
     for suite, source in opened:
         progress.set_description(f"eval {suite.name}")
         per_suite[suite.name] = run_eval(
-            config, workdir, model, params, tokenizer, source, mesh, rules,
-            out_dir=os.path.join(out_root, suite.name), pending=pending[suite.name],
-            progress=progress, baselines=baselines, print_table=False)
+            config, workdir, session, source, out_dir=os.path.join(out_root, suite.name),
+            pending=pending[suite.name], progress=progress, baselines=baselines,
+            print_table=False)
     progress.close()
     summary = suites.write_suite_report(
-        per_suite, skipped, out_root, step=step,
+        per_suite, skipped, out_root, step=session.step,
         baseline_source=baselines["source"] if baselines else "each suite's own references")
     logging.info("Paper tables of %d suites (%d skipped) written to %s", len(per_suite),
                  len(skipped), os.path.join(out_root, "results.md"))

@@ -17,10 +17,17 @@ Predictions file schema (one JSON object per line; blank lines are ignored):
 |                | caption, vqa     | classification uses the first, VQA accepts any              |
 | `question_type`| vqa              | optional: VQA accuracy is also reported per type            |
 | `box`          | grounding        | true box `[x0, y0, x1, y1]`                                 |
-| `boxes`        | detection        | true boxes `[[x0, y0, x1, y1], ...]` (grounding: first one) |
+| `boxes`        | detection        | true boxes `[[x0, y0, x1, y1], ...]` (grounding: first one);|
+|                |                  | `[]` for an image without objects (an empty scene)          |
 | `labels`       | detection        | class name of each box in `boxes` (same length)             |
+| `corners`      | detection        | oriented true boxes `[[x1, y1, ..., x4, y4], ...]` instead  |
+|                |                  | of `boxes` (`labels` then names them)                       |
 | `width`,`height`| grounding, detection | original image size in pixels, needed for pixel boxes |
 | `normalized`   | grounding, detection | `true`: boxes are already in the padded [0,1] frame   |
+
+An empty scene is scored like any image: its reference is `boxes: []` or the answer
+`boxes.NO_OBJECTS_ANSWER` ("There are no objects."), the form the model is trained to give; any
+box predicted there is a false positive and lowers precision and mAP.
 
 Boxes are in pixels of the original image, or normalised: fractions of the image after
 centre-padding it to a square, the frame the model writes (MMRS-1M's convention). A box is taken
@@ -36,9 +43,11 @@ Output keys per task: classification `accuracy`; caption `BLEU-1..4`, `ROUGE-L`,
 `METEOR`, `SPICE` with --java_metrics; a metric that could not run is null, its reason under
 `not_computed`); vqa `accuracy`,
 `per_type`, `n_malformed`; grounding `Acc@0.5`, `mIoU`, `cIoU`, `n_malformed`; detection
-`mAP@0.5` and `per_class_AP` (VOC all-point AP; a text answer has no confidences, so the k-th of
-n boxes a class gets in an answer is scored 1 - k/n, see `metrics.AP_RANKING_RULE`), plus
-`precision@0.5`, `recall@0.5`, `count_accuracy`; always `n` (lines scored), `skipped`, `task`.
+`mAP@0.5` and `per_class_AP` (VOC all-point AP; a text answer has no confidences, so the k-th
+of n boxes a class gets in an answer is scored 1 - k/n, see `metrics.AP_RANKING_RULE`), plus
+`precision@0.5`, `recall@0.5`, `count_accuracy`, and where references hold oriented boxes
+`rotated_mAP@0.5` and `rotated_per_class_AP` (polygon IoU, 11-point AP: DOTA's devkit);
+always `n` (lines scored), `skipped`, `task`.
 """
 
 from __future__ import annotations
@@ -87,7 +96,8 @@ def _normalised(row: dict, bxs: list[list[float]]) -> list[list[float]]:
         raise _Skip("pixel boxes need `width` and `height` (or set `normalized: true`)")
     if not (_is_number(width) and _is_number(height)) or width <= 0 or height <= 0:
         raise LineError(f"`width`/`height` must be positive numbers, got {width!r}, {height!r}")
-    return [list(box_text.pixel_to_norm(b, int(width), int(height))) for b in bxs]
+    to_norm = box_text.pixel_quad_to_norm if bxs and len(bxs[0]) == 8 else box_text.pixel_to_norm
+    return [list(to_norm(b, int(width), int(height))) for b in bxs]
 
 
 def _text(row: dict, key: str) -> str:
@@ -125,6 +135,27 @@ def _gt_box(row: dict) -> list[float]:
             raise LineError("`answer` holds no box")
         return list(found[0])
     raise _Skip("no `box`, `boxes` or `answer`")
+
+
+def _gt_corner_groups(row: dict) -> list[tuple[str, list]]:
+    """The reference's boxes as corners (oriented boxes: `corners` with `labels`, or the
+    `answer` text; horizontal `boxes` as their rectangles), for the rotated mAP."""
+    if "corners" in row:
+        raw, labels = row["corners"], row.get("labels")
+        if not isinstance(raw, list) or not all(
+                isinstance(q, list) and len(q) == 8 and all(map(_is_number, q)) for q in raw):
+            raise LineError("`corners` must be a list of [x1, y1, x2, y2, x3, y3, x4, y4]")
+        if not isinstance(labels, list) or len(labels) != len(raw):
+            raise LineError("`labels` must name each box in `corners`")
+        quads = _normalised(row, [[float(v) for v in q] for q in raw]) if raw else []
+        groups: dict[str, list] = {}
+        for label, q in zip(labels, quads):
+            groups.setdefault(parsers.normalise_class(label), []).append(q)
+        return list(groups.items())
+    if "boxes" in row:
+        return [(c, [box_text.box_corners(b) for b in bxs]) for c, bxs in _gt_groups(row)]
+    groups, _ = box_text.parse_detection(_text(row, "answer"), corners=True)
+    return [(parsers.normalise_class(c), bxs) for c, _, bxs in groups]
 
 
 def _gt_groups(row: dict) -> list[tuple[str, list]]:
@@ -180,7 +211,7 @@ def score_rows(task: str, rows, iou_threshold: float = 0.5, name: str = "<predic
     task = _ALIASES.get(task, task)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    preds, refs, qtypes, skipped = [], [], [], []
+    preds, refs, qtypes, skipped, corner_refs = [], [], [], [], []
     for k, item in enumerate(rows):
         lineno, row = item if isinstance(item, tuple) else (k + 1, item)
         try:
@@ -190,7 +221,10 @@ def score_rows(task: str, rows, iou_threshold: float = 0.5, name: str = "<predic
             if task == "grounding":
                 ref = _gt_box(row)
             elif task == "detection":
-                ref = _gt_groups(row)
+                ref = _gt_groups(row) if "corners" not in row else [
+                    (c, [box_text.enclosing_box(q) for q in qs])
+                    for c, qs in _gt_corner_groups(row)]
+                corner_refs.append(_gt_corner_groups(row))
             else:
                 ref = _references(row)
             qtype = row.get("question_type", "all")
@@ -222,6 +256,12 @@ def score_rows(task: str, rows, iou_threshold: float = 0.5, name: str = "<predic
                        for p in preds]
         out = metrics.detection_scores(pred_groups, refs, iou_threshold)
         out.update(metrics.detection_ap(pred_groups, refs, iou_threshold))
+        if any(box_text.is_oriented(q) for g in corner_refs for _, qs in g for q in qs):
+            corner_preds = [[(parsers.normalise_class(c), b) for c, _, b in
+                             box_text.parse_detection(p, corners=True)[0]] for p in preds]
+            rotated = metrics.rotated_detection_ap(corner_preds, corner_refs, iou_threshold)
+            out["rotated_mAP@0.5"] = rotated["mAP@0.5"]
+            out["rotated_per_class_AP"] = rotated["per_class_AP"]
     out.update(task=task, skipped=len(skipped), skipped_lines=skipped[:MAX_SKIPPED_REPORTED])
     return out
 

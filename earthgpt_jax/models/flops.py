@@ -10,15 +10,14 @@ Only matrix products and convolutions; norms, activations, softmax, RoPE, the ad
 elementwise scale/bias, the embedding gather and the optimizer are left out (each is O(params) or
 O(tokens * width), a few percent at most). A multiply-add is 2 FLOPs. N below is a weight count.
 
-* Decoder (LLaMA), per sequence position (S = 1 + V + T: BOS, V visual tokens, T text tokens,
-  padding included because the step computes on it):
-  - forward: 2 * N_layers (q, k, v, o, gate, up, down of every layer)
-    + attention 2 * 2 * S * (heads * head_dim) per layer (QK^T and AV against all S keys: the
-    causal mask is applied to a full score matrix, not exploited, by the einsum attention
-    and the reference, so it is counted in full, not halved)
+* Decoder (LLaMA), per sample of S = 1 + V + T positions (BOS, V visual tokens, T text tokens;
+  real tokens only: padding is not model work, `model_flops`):
+  - forward: 2 * N_layers per position (q, k, v, o, gate, up, down of every layer)
+    + attention 2 * 2 * (heads * head_dim) per (query, key) pair per layer, with the causal
+    half of the pairs, S(S+1)/2 (a sample's keys, none of another packed sample's)
     + LM head 2 * d * vocab, only at the T text positions, whose logits the loss uses (ours
-    runs the head there alone; the PyTorch reference of benchmarks/ also computes it at the
-    1 + V prefix positions and throws those away: `prefix_logits_flops`, not model FLOPs).
+    runs the head there alone on padded rows; the PyTorch reference of benchmarks/ also
+    computes it at the 1 + V prefix positions and throws those away: `prefix_logits_flops`).
   - backward, activation gradients: one matmul per weight matmul (dX = dY W^T, as many FLOPs as
     its forward: 2N) and two per attention matmul (dS = dO V^T and dQ, dK, dV: 2x the
     attention forward). Every stage needs them through the whole decoder, because the
@@ -28,17 +27,26 @@ O(tokens * width), a few percent at most). A multiply-add is 2 FLOPs. N below is
     the LM head). So a trained weight costs 6N per token, a frozen one 4N (stage b ~ 4N).
 * Projector, per visual token: forward 2 * C_fused * d; weight gradient 2 * C_fused * d (it is
   trainable in every stage); no input gradient (the fused features are stop_gradient'ed).
-* Vision towers, per image, forward only when frozen (`freeze_vision`, the default):
+* Vision towers, per real image (a packed row's blank slots are not counted), forward only
+  when frozen (`freeze_vision`, the default):
   - ViT: patch embedding 2 * p^2 * 3 * d per patch; per block and token 2 * (4 d^2 + 2 d m)
     + attention 2 * 2 * n * d (n = 1 + patches, bidirectional); every block runs.
   - ConvNeXt: stem 2 * 16 * 3 * d0 per stride-4 pixel; per stage at r x r: downsampling conv
     2 * 4 * d_prev * d per output pixel, per block 2 * 49 * d (depthwise 7x7) + 2 * 8 d^2.
   Trainable towers (freeze_vision=False) cost 3x their forward: activation + weight gradients.
 
-Checked in tests/test_benchmarks_train.py: `train_step_flops` equals, to the FLOP, the dot/conv
-FLOPs of our jitted train step's jaxpr (`jaxpr_matmul_flops`), stages a and b, and its forward
-part those of the jitted forward (tests/test_packing.py: the packed forward too);
-`parameter_counts` equals `parameter_summary` of the model's params.
+Hardware FLOPs (`executed_step_flops`, hardware utilisation's numerator) are what the step
+runs: padding, blank image slots, the LM head where the program runs it, the masked half of
+the score matrix where the kernel computes it (einsum, xla), flash kernels' score recompute,
+and the remat policy's recompute (`remat_recomputed`). MFU = model FLOPs / s / peak; hardware
+utilisation = hardware FLOPs / s / peak; the two are reported side by side.
+
+Checked in tests/test_flops.py: `executed_step_flops` equals, to the FLOP, the dot/conv FLOPs of
+the jitted train step's jaxpr (`jaxpr_matmul_flops`) for every remat policy, stages a and b,
+padded and packed rows; `model_flops` equals it minus padding, blank slots and the masked half
+of the scores; every committed result file's model FLOPs equal the formula's for the
+configuration it stores. `parameter_counts` equals `parameter_summary` of the model's params
+(tests/test_benchmarks_train.py).
 
 Peaks: `device_peak_flops` reads one datasheet table (by `jax.Device.device_kind`; aot.py looks
 TPU generations up in it too); `measure_matmul_peak` times the best large matmul XLA runs on
@@ -162,52 +170,205 @@ def convnext_forward_flops(cnx, image_size: int) -> float:
     return total
 
 
-def train_step_flops(model_cfg, batch: int, text_len: int, stage: str, *,
-                     packed_length: int | None = None, images_per_row: int = 1
-                     ) -> dict[str, float]:
-    """Model FLOPs of one train step of `batch` examples with `text_len` text tokens each,
-    broken down by part; 'total' is their sum. See the module docstring for the formula.
-
-    Packed rows (`packed_length` positions, `images_per_row` image slots each; `text_len` is
-    then unused): S = packed_length, every slot's image runs through the towers and the
-    projector, and the LM head runs at S - 1 positions (which of them are answers is data).
-    """
+def _step_flops(model_cfg, stage: str, *, positions, attention_pairs, head_positions, images,
+                attention_backward: float = 2.0) -> dict[str, float]:
+    """The breakdown of one step from its counts: decoder `positions`, (query, key)
+    `attention_pairs` per layer, LM-head `head_positions`, `images` through the towers."""
     if stage not in STAGE_TRAINED_MATMULS:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_TRAINED_MATMULS)}")
     llm = model_cfg.llm
-    d, vocab = llm.hidden_size, llm.vocab_size
-    visual = model_cfg.num_visual_tokens
-    if packed_length is None:
-        seq, head_positions, images = 1 + visual + text_len, text_len, 1
-    else:
-        seq, head_positions, images = packed_length, packed_length - 1, images_per_row
-    positions = batch * seq
     linears = decoder_linears(llm)
     trained = STAGE_TRAINED_MATMULS[stage]
     layers_fwd = 2.0 * llm.num_layers * sum(linears.values()) * positions
-    attn_fwd = 2.0 * 2 * seq * llm.num_heads * llm.head_dim * llm.num_layers * positions
-    head_fwd = 2.0 * d * vocab * batch * head_positions
+    attn_fwd = 2.0 * 2 * llm.num_heads * llm.head_dim * llm.num_layers * attention_pairs
+    head_fwd = 2.0 * llm.hidden_size * llm.vocab_size * head_positions
     weight_grads = 2.0 * llm.num_layers * sum(linears[n] for n in trained if n in linears)
     weight_grads *= positions
     if "lm_head" in trained:
         weight_grads += head_fwd
-    projector = 2.0 * model_cfg.fused_channels * d * batch * images * visual
+    projector = 2.0 * model_cfg.fused_channels * llm.hidden_size * images * \
+        model_cfg.num_visual_tokens
     tower_mult = 1.0 if model_cfg.freeze_vision else 3.0
-    batch_images = batch * images
     out = {
         "decoder_forward": layers_fwd,
         "attention_forward": attn_fwd,
         "lm_head_forward": head_fwd,
-        "decoder_backward_activations": layers_fwd + 2.0 * attn_fwd + head_fwd,
+        "decoder_backward_activations": layers_fwd + attention_backward * attn_fwd + head_fwd,
         "decoder_weight_gradients": weight_grads,
         "projector_forward_and_weight_gradient": 2.0 * projector,
-        "vit": tower_mult * batch_images * vit_forward_flops(model_cfg.vit,
-                                                             model_cfg.image_size),
-        "convnext": tower_mult * batch_images * convnext_forward_flops(model_cfg.convnext,
-                                                                       model_cfg.image_size),
+        "vit": tower_mult * images * vit_forward_flops(model_cfg.vit, model_cfg.image_size),
+        "convnext": tower_mult * images * convnext_forward_flops(model_cfg.convnext,
+                                                                 model_cfg.image_size),
     }
     out["total"] = sum(out.values())
     return out
+
+
+def model_flops(model_cfg, stage: str, text_lengths) -> dict[str, float]:
+    """Model FLOPs (MFU's numerator) of one train step over samples with these numbers of text
+    tokens (padding excluded): each sample is [BOS] + V visual + t text positions, attends
+    causally within itself (S(S+1)/2 query-key pairs), runs the LM head at its t text
+    positions and one image through the towers. How the samples sit in rows (padded or
+    packed) does not matter: padding, blank image slots and the masked half of a score matrix
+    are work a kernel may do, not work the model needs (`executed_step_flops` counts them)."""
+    text = np.asarray(text_lengths, np.float64).reshape(-1)
+    seq = 1.0 + model_cfg.num_visual_tokens + text
+    return _step_flops(model_cfg, stage, positions=float(seq.sum()),
+                       attention_pairs=float((seq * (seq + 1) / 2).sum()),
+                       head_positions=float(text.sum()), images=len(text))
+
+
+def samples_per_packed_row(model_cfg, text_len: int, packed_length: int,
+                           images_per_row: int) -> int:
+    """How many samples of `text_len` text tokens a row holds (at most one per image slot)."""
+    return min(images_per_row, packed_length // (1 + model_cfg.num_visual_tokens + text_len))
+
+
+def train_step_flops(model_cfg, batch: int, text_len: int, stage: str, *,
+                     packed_length: int | None = None, images_per_row: int = 1,
+                     samples_per_row: int | None = None) -> dict[str, float]:
+    """Model FLOPs (`model_flops`) of one train step of `batch` samples with `text_len` text
+    tokens each, all of them real (no padding); 'total' is the sum of the parts.
+
+    Packed rows (`packed_length` given): `batch` rows, each holding `samples_per_row` such
+    samples (default: as many as fit, at most `images_per_row`); the rest of the row and the
+    blank image slots are padding, which model FLOPs leave out. A training run's real
+    batches have mixed lengths: count them with `batch_model_flops`.
+    """
+    if packed_length is not None:
+        if samples_per_row is None:
+            samples_per_row = samples_per_packed_row(model_cfg, text_len, packed_length,
+                                                     images_per_row)
+        batch *= samples_per_row
+    return model_flops(model_cfg, stage, [text_len] * batch)
+
+
+def batch_model_flops(model_cfg, stage: str, batch: dict) -> dict[str, float]:
+    """`model_flops` of a host batch as the pipeline delivers it: padded rows (`valid` [B, T]:
+    each row's text tokens) or packed rows (`segment_ids` [B, L], 0 = padding: each segment is
+    one sample of [BOS] + V visual + text positions). numpy only, cheap enough per step."""
+    if "segment_ids" in batch:
+        seg = np.asarray(batch["segment_ids"])
+        lengths = [np.bincount(row[row > 0]) for row in seg]
+        seq = np.concatenate([l[l > 0] for l in lengths]) if lengths else np.zeros(0)
+        text = seq - 1 - model_cfg.num_visual_tokens
+    else:
+        text = np.asarray(batch["valid"]).astype(bool).sum(axis=1)
+    return model_flops(model_cfg, stage, text)
+
+
+# Attention kernels that skip the score blocks the causal mask hides entirely (flash kernels);
+# the einsum and XLA paths compute the whole score matrix and mask it. Flash kernels recompute
+# the scores in their backward pass: 5 matmuls to the forward's 2.
+CAUSAL_SKIPPING_IMPLS = ("cudnn", "splash")
+FLASH_IMPLS = ("cudnn", "splash")
+
+
+def remat_recomputed(model_cfg, stage: str) -> tuple[set, float]:
+    """What a decoder layer recomputes in the backward pass under `model_cfg.remat_policy`:
+    (names of the linears whose matmul runs again, fraction of the attention forward run
+    again). Derived from what the backward needs (the linears' products where an elementwise
+    op or an adapter reads them, the attention's inputs and probabilities) minus what the
+    policy keeps (llama.REMAT_POLICIES); tests/test_flops.py checks it against the jaxpr."""
+    policy = model_cfg.remat_policy
+    if policy == "none":
+        return set(), 0.0
+    from earthgpt_jax.models.llama import REMAT_SAVED_NAMES
+    saved = REMAT_SAVED_NAMES[policy]
+    trained = STAGE_TRAINED_MATMULS[stage]
+    # The product of down_proj only feeds the residual sum: needed only by an adapter's scale.
+    needed = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}
+    if model_cfg.llm.adapters:
+        needed.add("down_proj")
+    linears = {n for n in needed if LINEAR_CHECKPOINT_NAMES[n] not in saved}
+    if model_cfg.llm.attention_impl in FLASH_IMPLS:
+        return linears, 1.0  # the kernel's residuals (softmax statistics) have no name
+    # einsum: the probabilities are never kept (scores again); the kernel's output (values
+    # again) only where o_proj recomputes from it or trains its weight.
+    out_needed = "o_proj" in linears or "o_proj" in trained
+    return linears, 0.5 + (0.5 if out_needed and "attention_out" not in saved else 0.0)
+
+
+LINEAR_CHECKPOINT_NAMES = {"q_proj": "query_proj", "k_proj": "key_proj", "v_proj": "value_proj",
+                           "o_proj": "out_proj", "gate_proj": "mlp_gate", "up_proj": "mlp_up",
+                           "down_proj": "mlp_out"}
+
+
+def executed_step_flops(model_cfg, stage: str, *, rows: int, row_positions: int,
+                        head_positions: int, image_slots: int = 1,
+                        packed: bool = False) -> dict[str, float]:
+    """Hardware FLOPs of one train step: the matmuls the step runs, what the model needs or
+    not (hardware utilisation's numerator; `model_flops` is MFU's). `rows` rows of
+    `row_positions` positions, padding included; the LM head at `head_positions` per row;
+    every one of `image_slots` per row through the towers, blank or not. Attention: the full
+    score matrix (einsum, xla, cudnn given a `packed` row's mask as a bias), or its causal
+    half (flash kernels that skip masked blocks), backward 2x the forward (2.5x for flash kernels, which
+    recompute the scores); plus `remat_recompute`, the forward work the remat policy does
+    again in the backward pass (`remat_recomputed`)."""
+    llm = model_cfg.llm
+    impl = llm.attention_impl
+    causal = impl in CAUSAL_SKIPPING_IMPLS and not (impl == "cudnn" and packed)
+    pairs = row_positions * (row_positions + 1) / 2 if causal else row_positions ** 2
+    out = _step_flops(model_cfg, stage, positions=rows * row_positions,
+                      attention_pairs=rows * pairs, head_positions=rows * head_positions,
+                      images=rows * image_slots,
+                      attention_backward=2.5 if impl in FLASH_IMPLS else 2.0)
+    linears, attention_part = remat_recomputed(model_cfg, stage)
+    weights = decoder_linears(llm)
+    out["remat_recompute"] = (2.0 * llm.num_layers * sum(weights[n] for n in linears)
+                              * rows * row_positions
+                              + attention_part * out["attention_forward"])
+    out["total"] += out["remat_recompute"]
+    return out
+
+
+def executed_train_step_flops(model_cfg, batch: int, text_len: int, stage: str, *,
+                              packed_length: int | None = None,
+                              images_per_row: int = 1) -> dict[str, float]:
+    """`executed_step_flops` of `train_step_flops`'s layouts: `batch` rows of 1 + V + text_len
+    positions (LM head at the text_len), or of `packed_length` positions (LM head at all but
+    the last, `images_per_row` slots)."""
+    if packed_length is None:
+        return executed_step_flops(model_cfg, stage, rows=batch,
+                                   row_positions=1 + model_cfg.num_visual_tokens + text_len,
+                                   head_positions=text_len)
+    return executed_step_flops(model_cfg, stage, rows=batch, row_positions=packed_length,
+                               head_positions=packed_length - 1, image_slots=images_per_row,
+                               packed=True)
+
+
+def spec_config(spec: dict):
+    """The model config a result file's `flops_spec` names (`flops_for_spec`)."""
+    from earthgpt_jax.models.presets import get_preset
+
+    return get_preset(spec["size"], llm={"adapters": spec["stage"] == "b",
+                                         "attention_impl": spec.get("attention_impl", "einsum")},
+                      remat_policy=spec.get("remat_policy", "none"))
+
+
+def flops_for_spec(spec: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """(model FLOPs, hardware FLOPs) of one train step a result file describes.
+
+    spec: size (presets.get_preset), stage, and either text_length_counts ({text tokens:
+    samples}: model FLOPs of that stream, no hardware figure) or rows, text_len (text tokens
+    per sample, all real),
+    pack_length (0: one sample per row of 1 + V + text_len positions), images_per_row and
+    samples_per_row (packed rows), attention_impl, remat_policy. Benchmarks write it beside
+    their figures; tests/test_flops.py recomputes every committed result file with it.
+    """
+    cfg = spec_config(spec)
+    if "text_length_counts" in spec:  # a stream of samples ({text tokens: count}), no layout
+        lengths = np.repeat([int(k) for k in spec["text_length_counts"]],
+                            list(spec["text_length_counts"].values()))
+        return model_flops(cfg, spec["stage"], lengths), None
+    stage, rows, text_len = spec["stage"], spec["rows"], spec["text_len"]
+    pack = spec.get("pack_length") or None
+    images = spec.get("images_per_row", 1)
+    model = train_step_flops(cfg, rows, text_len, stage, packed_length=pack,
+                             images_per_row=images, samples_per_row=spec.get("samples_per_row"))
+    hardware = executed_train_step_flops(cfg, rows, text_len, stage, packed_length=pack,
+                                         images_per_row=images)
+    return model, hardware
 
 
 def prefix_logits_flops(model_cfg, batch: int, stage: str) -> float:

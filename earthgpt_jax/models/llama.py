@@ -10,23 +10,44 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from earthgpt_jax.models.layers import Linear, RMSNorm, attention, rotary_embedding
 from earthgpt_jax.models.presets import LlamaConfig
 
-REMAT_POLICIES = {
-    "full": None,  # recompute everything in the backward pass
-    "dots_saveable": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+# Activations a remat policy can keep by name (`checkpoint_name`): the products of q/k/v (before
+# any adapter: layers.Linear), the attention kernel's output, and the products of o_proj and
+# of the MLP's three linears.
+CHECKPOINT_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "out_proj",
+                    "mlp_gate", "mlp_up", "mlp_out")
+_QKV = ("query_proj", "key_proj", "value_proj")
+_LINEARS = _QKV + ("out_proj", "mlp_gate", "mlp_up", "mlp_out")
+
+# MaxText-style policies: what a remat'd layer keeps for the backward pass (the rest, but the
+# layer's input, is recomputed there); "none" (no remat) keeps everything. models/flops.py
+# counts what each recomputes (hardware FLOPs).
+REMAT_SAVED_NAMES = {
+    "full": (),                                          # recompute the whole layer
+    # every dot without batch dims (the linears' products), not the attention's einsums
+    "dots_saveable": _LINEARS,
+    "save_qkv_proj": _QKV,                               # recompute o_proj, attention, MLP
+    "save_attn_out": _QKV + ("attention_out",),          # + keep the attention's output
+    "save_dot_except_mlp": _QKV + ("attention_out", "out_proj"),  # recompute the MLP only
+    "minimal": CHECKPOINT_NAMES,                         # recompute elementwise ops (+ scores)
 }
+REMAT_POLICIES = {name: jax.checkpoint_policies.save_only_these_names(*saved)
+                  for name, saved in REMAT_SAVED_NAMES.items() if saved}
+REMAT_POLICIES["full"] = None  # nn.remat's default: nothing saveable
+REMAT_POLICIES["dots_saveable"] = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
 
 
 class DecoderLayer(nn.Module):
     cfg: LlamaConfig
     dtype: jnp.dtype = jnp.float32
 
-    def _linear(self, features, axes, name, use_bias):
+    def _linear(self, features, axes, name, use_bias, checkpoint):
         return Linear(features, axes, use_bias=use_bias, adapter=self.cfg.adapters,
-                      dtype=self.dtype, name=name)
+                      dtype=self.dtype, checkpoint_name=checkpoint, name=name)
 
     @nn.compact
     def __call__(self, x, cache, positions, key_valid, cache_index, segment_ids=None):
@@ -34,11 +55,12 @@ class DecoderLayer(nn.Module):
         batch, tq, _ = x.shape
         hd = cfg.head_dim
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        q = self._linear(cfg.num_heads * hd, ("embed", "heads"), "q_proj", cfg.attention_bias)(h)
+        q = self._linear(cfg.num_heads * hd, ("embed", "heads"), "q_proj", cfg.attention_bias,
+                         "query_proj")(h)
         k = self._linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), "k_proj",
-                         cfg.attention_bias)(h)
+                         cfg.attention_bias, "key_proj")(h)
         v = self._linear(cfg.num_kv_heads * hd, ("embed", "kv_heads"), "v_proj",
-                         cfg.attention_bias)(h)
+                         cfg.attention_bias, "value_proj")(h)
         q = rotary_embedding(q.reshape(batch, tq, cfg.num_heads, hd), positions, cfg.rope_theta)
         k = rotary_embedding(k.reshape(batch, tq, cfg.num_kv_heads, hd), positions,
                              cfg.rope_theta)
@@ -48,13 +70,16 @@ class DecoderLayer(nn.Module):
         # Returns only the new slots' k/v; LlamaDecoder writes them into the cache.
         new_kv = None if cache is None else (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
         attn = nn.with_logical_constraint(attn, ("batch", "length", "heads", None))
-        x = x + self._linear(cfg.hidden_size, ("heads", "embed"), "o_proj",
-                             cfg.attention_bias)(attn.reshape(batch, tq, -1))
+        attn = checkpoint_name(attn, "attention_out")
+        x = x + self._linear(cfg.hidden_size, ("heads", "embed"), "o_proj", cfg.attention_bias,
+                             "out_proj")(attn.reshape(batch, tq, -1))
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        gate = self._linear(cfg.intermediate_size, ("embed", "mlp"), "gate_proj", cfg.mlp_bias)(h)
-        up = self._linear(cfg.intermediate_size, ("embed", "mlp"), "up_proj", cfg.mlp_bias)(h)
-        x = x + self._linear(cfg.hidden_size, ("mlp", "embed"), "down_proj",
-                             cfg.mlp_bias)(nn.silu(gate) * up)
+        gate = self._linear(cfg.intermediate_size, ("embed", "mlp"), "gate_proj", cfg.mlp_bias,
+                            "mlp_gate")(h)
+        up = self._linear(cfg.intermediate_size, ("embed", "mlp"), "up_proj", cfg.mlp_bias,
+                          "mlp_up")(h)
+        x = x + self._linear(cfg.hidden_size, ("mlp", "embed"), "down_proj", cfg.mlp_bias,
+                             "mlp_out")(nn.silu(gate) * up)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         # Kept only when the caller asks for it (mutable=['intermediates']): layer-by-layer checks.
         self.sow("intermediates", "hidden_state", x)

@@ -10,7 +10,16 @@ from __future__ import annotations
 import dataclasses
 
 
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "splash", "auto")
+
+# "auto": the flash kernel of the platform the program runs on (TPU: Pallas splash; NVIDIA:
+# cuDNN), the einsum elsewhere (CPU, where it is the fastest and the reference).
+PLATFORM_ATTENTION = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
+
+
+def resolve_attention_impl(impl: str, platform: str) -> str:
+    """The kernel `impl` means on `platform` (a jax Device.platform)."""
+    return PLATFORM_ATTENTION.get(platform, "einsum") if impl == "auto" else impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +41,11 @@ class LlamaConfig:
     # unrolled (params `layers_0/...`, `layers_1/...`).
     scan_layers: bool = True
     # Attention of cache-less passes (training, teacher-forced eval): "einsum" (ours, any mask),
-    # or jax.nn.dot_product_attention with implementation "xla" or "cudnn" (flash attention on
-    # NVIDIA GPUs; needs bf16/fp16). Those two need each row's valid keys to be a prefix
-    # (right padding, as in training batches). Decoding with a KV cache always uses "einsum".
+    # jax.nn.dot_product_attention with implementation "xla" or "cudnn" (flash attention on
+    # NVIDIA GPUs; needs bf16/fp16), "splash" (TPU Pallas flash kernel), or "auto"
+    # (resolve_attention_impl: the platform's flash kernel, einsum on CPU). xla/cudnn need
+    # unpacked rows' valid keys to be a prefix (right padding, as in training batches).
+    # Decoding with a KV cache always uses "einsum".
     attention_impl: str = "einsum"
 
     def __post_init__(self):
@@ -80,7 +91,7 @@ class EarthGPTConfig:
     bos_id: int = 1
     dtype: str = "float32"  # compute dtype; parameters keep their stored dtype
     freeze_vision: bool = True
-    remat_policy: str = "none"  # none | full | dots_saveable
+    remat_policy: str = "none"  # none or a key of llama.REMAT_POLICIES
 
     @property
     def num_visual_tokens(self) -> int:
@@ -100,8 +111,11 @@ def _convnext_l() -> ConvNeXtConfig:
     return ConvNeXtConfig(dims=(192, 384, 768, 1536), depths=(3, 3, 27, 3))
 
 
-def get_preset(size: str, *, vocab_size: int | None = None, **overrides) -> EarthGPTConfig:
-    """Named model shapes. `vocab_size` overrides the LLM's (the demo trains its own tokenizer)."""
+def get_preset(size: str, *, vocab_size: int | None = None, llm: dict | None = None,
+               **overrides) -> EarthGPTConfig:
+    """Named model shapes. `vocab_size` overrides the LLM's (the demo trains its own tokenizer),
+    `llm` replaces LlamaConfig fields (e.g. {"adapters": True}), `overrides` EarthGPTConfig's."""
+    llm_overrides = llm or {}
     if size == "tiny":  # unit tests: the real architecture at the smallest useful size
         llm = LlamaConfig(vocab_size=vocab_size or 512, hidden_size=64, intermediate_size=128,
                           num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512)
@@ -129,8 +143,6 @@ def get_preset(size: str, *, vocab_size: int | None = None, **overrides) -> Eart
                                                   grid_size=16, dtype="bfloat16", remat_policy="full")
     else:
         raise ValueError(f"unknown model size {size!r}; known sizes: tiny, demo, 7b, 13b")
-    llm_overrides = {k[4:]: v for k, v in overrides.items() if k.startswith("llm_")}
-    top_overrides = {k: v for k, v in overrides.items() if not k.startswith("llm_")}
     if llm_overrides:
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **llm_overrides))
-    return dataclasses.replace(cfg, **top_overrides)
+    return dataclasses.replace(cfg, **overrides)

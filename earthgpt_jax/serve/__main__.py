@@ -14,62 +14,36 @@ import os
 import socket
 import sys
 
-from earthgpt_jax import chat
+from earthgpt_jax.inference import PROMPT_BUCKET, InferenceError, InferenceSession
 from earthgpt_jax.serve.app import create_app
 from earthgpt_jax.serve.service import ChatService, Limits, find_examples
-from earthgpt_jax.serve.engine import PROMPT_BUCKET, Engine
-
-
-def load_model(ckpt_dir: str, tokenizer_path: str = ""):
-    """(model, params, tokenizer, step) of a training workdir; chat.ChatError when it is not."""
-    from earthgpt_jax.data.tokenizer import Tokenizer
-    from earthgpt_jax.models.earthgpt import EarthGPT
-    workdir = os.path.abspath(os.path.expanduser(ckpt_dir))
-    if not os.path.isdir(workdir):
-        raise chat.ChatError(f"checkpoint directory not found: {workdir}")
-    config_path = os.path.join(workdir, "model_config.json")
-    if not os.path.exists(config_path):
-        raise chat.ChatError(f"no model_config.json in {workdir} (is it a training workdir?)")
-    tok_path = tokenizer_path or os.path.join(workdir, "tokenizer.model")
-    if not os.path.exists(tok_path):
-        raise chat.ChatError(f"tokenizer not found: {tok_path} (pass --tokenizer)")
-    model = EarthGPT(chat.load_model_config(config_path))
-    inner = os.path.join(workdir, "checkpoints")
-    ckpt = inner if os.path.isdir(inner) else workdir
-    try:
-        params, step = chat.restore_latest_params(ckpt, model)
-    except chat.ChatError:
-        raise
-    except Exception as e:  # orbax: a checkpoint of another model, a broken step folder
-        raise chat.ChatError(f"cannot restore the checkpoint in {ckpt}: "
-                             f"{str(e).splitlines()[0][:300]}") from None
-    return model, params, Tokenizer(tok_path), step
+from earthgpt_jax.serve.engine import Engine
 
 
 def build_service(ckpt_dir: str, *, tokenizer_path: str = "", examples_dir: str = "",
                   limits: Limits | None = None, max_batch: int = 8, max_groups: int = 4,
                   warmup_tokens: int = 0) -> ChatService:
-    """Load the checkpoint, start the engine (optionally compiling the common shapes first)."""
-    from earthgpt_jax.data.images import square_and_resize
+    """Load the checkpoint, start the engine (optionally compiling the common shapes first);
+    InferenceError (one line) when the workdir cannot be served."""
     import numpy as np
-    model, params, tok, step = load_model(ckpt_dir, tokenizer_path)
-    engine = Engine(model, params, tok, max_batch=max_batch, max_groups=max_groups).start()
+    session = InferenceSession.from_workdir(ckpt_dir, tokenizer_path)
+    engine = Engine(session, max_batch=max_batch, max_groups=max_groups).start()
     if warmup_tokens:
         # Compile the shapes of a first question: one user, the fixed task shortcuts' prompts
         # (they may fall into different prompt buckets; "find" holds the user's phrase), the
         # page's default answer length.
         from earthgpt_jax.data.tokenizer import encode_dialogue_prompt
         from earthgpt_jax.serve.service import TASK_PROMPTS
-        size = model.cfg.image_size
-        pixels = square_and_resize(np.zeros((size, size, 3), np.uint8), size)
+        size = session.model.cfg.image_size
+        pixels = session.pixels(np.zeros((size, size, 3), np.uint8))
         buckets = {}
         for task in ("describe", "classify", "detect"):
-            ids = encode_dialogue_prompt(tok, [], TASK_PROMPTS[task])
+            ids = encode_dialogue_prompt(session.tokenizer, [], TASK_PROMPTS[task])
             buckets.setdefault(-(-len(ids) // PROMPT_BUCKET), ids)
         for ids in buckets.values():
             engine.warmup(pixels, ids, warmup_tokens)
-    description = f"{os.path.basename(os.path.abspath(ckpt_dir))}, step {step}"
-    return ChatService(engine, tok, model.cfg, limits or Limits(),
+    description = f"{os.path.basename(os.path.abspath(ckpt_dir))}, step {session.step}"
+    return ChatService(engine, limits or Limits(),
                        find_examples(os.path.abspath(ckpt_dir), examples_dir), description)
 
 
@@ -145,7 +119,7 @@ def main(argv=None) -> int:
                                 examples_dir=args.examples_dir, limits=limits,
                                 max_batch=args.max_batch, max_groups=args.max_groups,
                                 warmup_tokens=min(args.warmup_tokens, args.max_new_tokens))
-    except chat.ChatError as e:
+    except InferenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import uvicorn

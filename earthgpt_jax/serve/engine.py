@@ -36,12 +36,10 @@ from typing import Callable
 
 import numpy as np
 
-from earthgpt_jax.chat import STOP_STRINGS
-from earthgpt_jax.generate import apply_stop_strings, unrolled_for_decoding
+from earthgpt_jax.generate import sampling_logits, unrolled_for_decoding
+from earthgpt_jax.inference import PROMPT_BUCKET, InferenceSession, answer_text
 
-PROMPT_BUCKET = 32
 NEW_TOKENS_BUCKET = 64
-_HOLD = max(len(s) for s in STOP_STRINGS) - 1  # never show the start of a stop string
 
 
 class QueueFull(Exception):
@@ -95,27 +93,25 @@ def _batch_bucket(n: int) -> int:
 
 def pick_token(logits: np.ndarray, temperature: float, top_p: float,
                rng: np.random.Generator) -> int:
-    """Greedy (temperature 0) or nucleus sampling from one row of float logits [V]."""
+    """Greedy (temperature 0) or top-p sampling (generate's filter) from one row of logits
+    [V]; drawn on the host from the row's own generator, so a request's seed alone fixes its
+    tokens whatever it is batched with."""
     if temperature <= 0:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    order = np.argsort(-scaled, kind="stable")
-    probs = np.exp(scaled[order] - scaled[order[0]])
-    probs /= probs.sum()
-    keep = (np.cumsum(probs) - probs) < top_p
-    keep[0] = True  # the most probable token always stays: top_p -> 0 is greedy
-    kept = probs[keep] / probs[keep].sum()
-    return int(order[rng.choice(len(kept), p=kept)])
+    filtered = np.asarray(sampling_logits(logits[None], temperature, top_p)[0], np.float64)
+    probs = np.exp(filtered - filtered.max())
+    return int(rng.choice(len(probs), p=probs / probs.sum()))
 
 
 class Engine:
-    """Owns the model on one worker thread; `submit` is safe to call from any thread."""
+    """Owns the session's model on one worker thread; `submit` is safe from any thread."""
 
-    def __init__(self, model, params, tokenizer, *, max_batch: int = 8, max_groups: int = 4,
+    def __init__(self, session: InferenceSession, *, max_batch: int = 8, max_groups: int = 4,
                  max_pending: int = 64, batch_window_s: float = 0.01):
+        self.session = session
         # Decoding reads every weight once per token; unrolled layers read them in place.
-        self.model, self.params = unrolled_for_decoding(model, params)
-        self.tok = tokenizer
+        self.model, self.params = unrolled_for_decoding(session.model, session.params)
+        self.tok = session.tokenizer
         self.max_batch, self.max_groups = max_batch, max_groups
         # An idle worker waits this long after the first request so that requests sent together
         # share one prefill; small next to a prefill, so a lone user does not notice it.
@@ -161,6 +157,10 @@ class Engine:
     # ------------------------------------------------------------------ worker
 
     def _run(self) -> None:
+        with self.session.context():
+            self._loop()
+
+    def _loop(self) -> None:
         while not self._stopping.is_set():
             if not self._groups:
                 try:
@@ -212,14 +212,10 @@ class Engine:
         from earthgpt_jax.generate import left_pad, prefill
         requests = [r.request for r in rows]
         batch = _batch_bucket(len(rows))
-        prompt_len = _bucket(max(len(r.prompt_ids) for r in requests), PROMPT_BUCKET)
         new_tokens = _bucket(max(r.max_new_tokens for r in requests), NEW_TOKENS_BUCKET)
         # Filler rows repeat the first request (a fully padded row would attend to nothing).
         filled = requests + [requests[0]] * (batch - len(requests))
-        tokens, valid = left_pad([r.prompt_ids for r in filled], self.tok.pad_id)
-        pad = prompt_len - tokens.shape[1]
-        tokens = np.pad(tokens, ((0, 0), (pad, 0)), constant_values=self.tok.pad_id)
-        valid = np.pad(valid, ((0, 0), (pad, 0)))
+        tokens, valid = left_pad([r.prompt_ids for r in filled], self.tok.pad_id, PROMPT_BUCKET)
         images = np.stack([r.pixels for r in filled])
         logits, cache, key_valid, position = prefill(self.model, self.params, images, tokens,
                                                      valid, max_new_tokens=new_tokens)
@@ -246,17 +242,13 @@ class Engine:
                 continue
             row.generated.append(token)
             self.stats["tokens"] += 1
-            full = self.tok.sp.decode(row.generated)
-            text = apply_stop_strings(full, STOP_STRINGS)
-            if len(text) < len(full):
-                row.text = text
+            row.text, stopped, safe = answer_text(self.tok, row.generated)
+            if stopped:
                 self._finish(row, "stop")
                 continue
-            row.text = text
-            upto = max(row.shown, len(text) - _HOLD)
-            if upto > row.shown:
-                req.emit({"type": "token", "text": text[row.shown:upto]})
-                row.shown = upto
+            if safe > row.shown:
+                req.emit({"type": "token", "text": row.text[row.shown:safe]})
+                row.shown = safe
             if len(row.generated) >= req.max_new_tokens or group.t + 1 >= group.new_tokens:
                 self._finish(row, "length")
                 continue

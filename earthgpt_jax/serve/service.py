@@ -12,14 +12,14 @@ import dataclasses
 import io
 import os
 import secrets
-import tempfile
 import threading
 
 import numpy as np
 
-from earthgpt_jax import chat
+from earthgpt_jax import inference
 from earthgpt_jax.data import boxes as box_text
-from earthgpt_jax.data.images import square_and_resize
+from earthgpt_jax.data.images import (ImageDecodeError, ImageTooLargeError, decode_image,
+                                      sniff_format)
 from earthgpt_jax.data.synthetic import CAPTION_PROMPTS, CLASSIFICATION_PROMPT
 from earthgpt_jax.data.tokenizer import encode_dialogue_prompt
 from earthgpt_jax.serve.engine import Engine, QueueFull, Request as DecodeRequest
@@ -31,9 +31,6 @@ TASK_PROMPTS = {
     "detect": box_text.DETECTION_PROMPT,
     "find": box_text.GROUNDING_PROMPT,  # {phrase} is filled in by the page
 }
-
-_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"II*\x00", ".tif"),
-               (b"MM\x00*", ".tif"), (b"II+\x00", ".tif"), (b"MM\x00+", ".tif"))
 
 
 @dataclasses.dataclass
@@ -56,9 +53,9 @@ class ApiError(Exception):
 class Conversation:
     id: str
     name: str
-    image: np.ndarray   # uint8 [H, W, 3], as uploaded (1-band images replicated)
+    image: np.ndarray   # uint8 [H, W, 3], as training decodes the upload
     pixels: np.ndarray  # the model's view: padded square, resized
-    bands: int
+    bands: int          # 1: grey (SAR, infrared; replicated), 3: colour
     history: list = dataclasses.field(default_factory=list)
     busy: bool = False
     png: bytes | None = None
@@ -71,54 +68,41 @@ class Conversation:
 
 
 def decode_upload(data: bytes, name: str, limits: Limits) -> tuple[np.ndarray, int]:
-    """Uploaded bytes -> (uint8 [H, W, 3], band count); ApiError naming the upload otherwise."""
+    """Uploaded bytes -> (uint8 [H, W, 3] decoded as training decodes it, the bands the model
+    reads: 1 grey or 3); ApiError naming the upload otherwise."""
     if not data:
         raise ApiError(400, f"{name}: the upload is empty; send the image file's bytes")
-    suffix = next((ext for magic, ext in _SIGNATURES if data.startswith(magic)), None)
-    if suffix is None:
+    if sniff_format(data) not in ("png", "jpeg", "tiff"):
         raise ApiError(415, f"{name}: not a PNG, JPEG or TIFF image")
-    bands = None
-    try:  # read the header only, so a huge image is refused before it is decoded
-        from PIL import Image
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            bands = len([b for b in img.getbands() if b != "A"]) if img.mode != "P" else 3
-        if width * height > limits.max_image_pixels:
-            raise ApiError(413, f"{name}: {width}x{height} pixels is over the limit of "
-                                f"{limits.max_image_pixels} pixels")
-    except ApiError:
-        raise
-    except Exception:  # noqa: BLE001 - PIL cannot read every TIFF; chat.load_image tries more
-        pass
-    # chat.load_image is the one decoder of the terminal chat too (bands, bit depths, TIFF
-    # layouts); it reads a path and picks TIFF handling by the suffix.
-    with tempfile.NamedTemporaryFile(suffix=suffix) as f:
-        f.write(data)
-        f.flush()
-        try:
-            image = chat.load_image(f.name)
-        except chat.ChatError as e:
-            raise ApiError(400, str(e).replace(f.name, name)) from None
-    if image.shape[0] * image.shape[1] > limits.max_image_pixels:
-        raise ApiError(413, f"{name}: {image.shape[1]}x{image.shape[0]} pixels is over the "
-                            f"limit of {limits.max_image_pixels} pixels")
-    if bands is None:
-        bands = 1 if np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(
-            image[..., 1], image[..., 2]) else 3
-    return image, bands
+    try:  # the size in the header is checked before any pixel is decoded
+        image = decode_image(data, name, max_pixels=limits.max_image_pixels)
+    except ImageTooLargeError as e:
+        size = "{}x{} pixels".format(*e.size) if e.size else "the image"
+        raise ApiError(413, f"{name}: {size} is over the limit of {limits.max_image_pixels} "
+                            "pixels") from None
+    except ImageDecodeError as e:
+        raise ApiError(400, str(e).splitlines()[0]) from None
+    grey = np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(
+        image[..., 1], image[..., 2])
+    return image, 1 if grey else 3
 
 
 def answer_boxes(answer: str, width: int, height: int) -> list[dict]:
     """Boxes of a grounding or detection answer: label, [0,1] box of the padded square, and the
-    box in the original image's pixels (clipped to the image)."""
-    found, labels = chat.answer_boxes(answer)
+    box in the original image's pixels (clipped to the image). An oriented box's `box` and
+    `pixels` enclose it, and its corners come both ways too (`corners`, `corner_pixels`,
+    clipped), which the page draws as a polygon."""
+    found, labels = inference.answer_boxes(answer)
     out = []
-    for box, label in zip(found, labels):
-        x0, y0, x1, y1 = box_text.norm_to_pixel(box, width, height)
-        pixels = [min(max(x0, 0), width), min(max(y0, 0), height),
-                  min(max(x1, 0), width), min(max(y1, 0), height)]
-        out.append({"label": label, "box": [round(v, 4) for v in box],
-                    "pixels": [round(v, 1) for v in pixels]})
+    for shape, label in zip(found, labels):
+        pixels = [min(max(v, 0), width if k % 2 == 0 else height)
+                  for k, v in enumerate(box_text.shape_to_pixel(shape, width, height))]
+        entry = {"label": label, "box": [round(v, 4) for v in box_text.enclosing_box(shape)],
+                 "pixels": [round(v, 1) for v in box_text.enclosing_box(pixels)]}
+        if len(shape) == 8:
+            entry.update(corners=[round(v, 4) for v in shape],
+                         corner_pixels=[round(v, 1) for v in pixels])
+        out.append(entry)
     return out
 
 
@@ -145,9 +129,10 @@ def find_examples(ckpt_dir: str, examples_dir: str = "", limit: int = 9) -> dict
 class ChatService:
     """Conversations and prompts; hands decoding to the engine. Thread-safe."""
 
-    def __init__(self, engine: Engine, tokenizer, model_cfg, limits: Limits,
-                 examples: dict[str, str] | None = None, description: str = ""):
-        self.engine, self.tok, self.cfg, self.limits = engine, tokenizer, model_cfg, limits
+    def __init__(self, engine: Engine, limits: Limits, examples: dict[str, str] | None = None,
+                 description: str = ""):
+        self.engine, self.session, self.limits = engine, engine.session, limits
+        self.tok, self.cfg = self.session.tokenizer, self.session.model.cfg
         self.examples = examples or {}
         self.description = description
         self._conversations: collections.OrderedDict = collections.OrderedDict()
@@ -157,7 +142,7 @@ class ChatService:
 
     def create(self, data: bytes, name: str) -> Conversation:
         image, bands = decode_upload(data, name, self.limits)
-        pixels = square_and_resize(image, self.cfg.image_size)
+        pixels = self.session.pixels(image)
         conv = Conversation(secrets.token_urlsafe(12), name, image, pixels, bands)
         with self._lock:
             self._conversations[conv.id] = conv

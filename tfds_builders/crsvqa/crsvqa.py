@@ -14,9 +14,10 @@ them the image ids are sorted and the last 30% form `test`, the rest `train` (th
 validates on the last 30%, but over its unsorted question rows; cutting by image keeps an image
 out of both splits).
 
-One record per question pair (human = question, gpt = answer as written); the runner asks each
-alone. Bad input, skipped and counted: an odd number of lines, a file that is not UTF-8, a
-missing or undecodable image, an id in a split file without a text file.
+One record per image holding all of its question pairs (human = question, gpt = answer as
+written), marked `independent`: the questions are unrelated, so the runner asks each alone and
+the image is stored once. Bad input, skipped and counted: an odd number of lines, a file that
+is not UTF-8, a missing or undecodable image, an id in a split file without a text file.
 """
 
 from __future__ import annotations
@@ -74,9 +75,8 @@ def _candidates(root: epath.Path, split: str, listed: list[str], known: set[str]
         except ec.BadRecord as e:
             yield ec.Skip(text_file, None, e.kind, str(e))
             continue
-        for k, pair in enumerate(pairs):
-            yield ec.Candidate(f"{image_id}:{k}", text_file, k,
-                               lambda pair=pair, image_id=image_id: _example(root, image_id, pair))
+        yield ec.Candidate(image_id, text_file, None,
+                           lambda pairs=pairs, image_id=image_id: _example(root, image_id, pairs))
 
 
 def _qa_pairs(path: epath.Path) -> list[tuple[str, str]]:
@@ -86,12 +86,14 @@ def _qa_pairs(path: epath.Path) -> list[tuple[str, str]]:
         raise ec.BadRecord("not_utf8", f"not UTF-8 text: {e}") from e
     lines = [line.strip().replace("？", "?") for line in text.splitlines()]
     lines = [line for line in lines if line]
+    if not lines:
+        raise ec.BadRecord("no_questions", "empty text file: no question")
     if len(lines) % 2:
         raise ec.BadRecord("unpaired_lines",
                            f"{len(lines)} lines: questions and answers do not pair up")
     return [(lines[i], lines[i + 1]) for i in range(0, len(lines), 2)]
 
 
-def _example(root: epath.Path, image_id: str, pair: tuple[str, str]) -> dict:
+def _example(root: epath.Path, image_id: str, pairs: list[tuple[str, str]]) -> dict:
     image = ec.load_image(root, ec.find_image(root, "image", image_id))
-    return ec.qa_example(image, SOURCE, "vqa", [pair])
+    return ec.qa_example(image, SOURCE, "vqa", pairs, independent=True)

@@ -12,11 +12,12 @@ DontCare. The README calls the standard box `[xc, yc, w, h]`, but the files' own
 One record per image: the release's detection prompt; one `<p>N class</p>[...]` group per class
 (class phrases: person, car, bicycle, other vehicle; plural forms from boxes.py), classes in
 order of first appearance. DontCare boxes are ignore regions, not objects: they are left out of
-the answer by design and their number is logged.
+the answer by design and their number is logged. An image without objects (1.0-1.4% of each real
+split) is kept, answered `boxes.NO_OBJECTS_ANSWER`, so false positives on it are scored.
 
 Bad input, skipped and counted in `bad_records_<split>.json`: an unreadable JSON file, a missing
 or undecodable image, an image path that leaves the folder, a box outside the image or with
-x1<=x0, an unknown category, an image left with no objects.
+x1<=x0, an unknown category.
 """
 
 from __future__ import annotations

@@ -17,8 +17,13 @@ EXIF orientation), `sensor` (optical/sar/infrared, from the source folder: `sour
 `source`, `task`, `conversations` (the release's strings, untouched), and the boxes the text
 states, for re-templating and evaluation: `boxes` float32 [N, 4] ([x0, y0, x1, y1] in [0, 1] of
 the centre-padded square), `box_turns` int32 [N] (the turn each box is written in) and
-`box_labels` [N] (detection class, or the referring phrase for grounding/region captioning).
-N is 0 for classification, captioning and VQA.
+`box_labels` [N] (detection class, or the referring phrase for grounding/region captioning),
+`box_corners` float32 [N, 8] (each box's corners: an oriented box's own, whose enclosing box is
+its `boxes` row; a horizontal box's rectangle).
+N is 0 for classification, captioning and VQA. `independent` (bool): the record's questions are
+independent, each to be asked alone (never after another's answer); true for VQA, whose
+sources (RSVQA, CRSVQA, ...) ask unrelated questions about one image, false otherwise (turn k
+follows turns 0..k-1).
 
 Splits:
 - `test`: annotation files whose name ends in `_test.json` (the synthetic release writes them;
@@ -155,20 +160,29 @@ def record_features() -> tfds.features.FeaturesDict:
         # Boxes in [0,1] of the centre-padded square, in answer-text order, not rounded (the
         # text has two decimals); [0, 4] for tasks without boxes.
         "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+        # Each box's four corners (x1,y1,...,x4,y4), same frame and order: an oriented box's
+        # own (DOTA, HRSC2016, HRSID_OBB), a horizontal box's rectangle; `boxes` encloses them.
+        "box_corners": tfds.features.Tensor(shape=(None, 8), dtype=np.float32),
         # The turn each box is written in, and its label (detection class or referring phrase).
         "box_turns": tfds.features.Tensor(shape=(None,), dtype=np.int32),
         "box_labels": tfds.features.Sequence(text),
+        # True: every question is asked alone in evaluation (one image, many unrelated
+        # questions: RSVQA-HR holds ~100 per image); false: turn k follows turns 0..k-1.
+        "independent": np.bool_,
     })
 
 
 class Mmrs1m(tfds.core.GeneratorBasedBuilder):
     """MMRS-1M instruction records (all six tasks, optical/SAR/infrared) with image bytes."""
 
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("2.1.0")
     RELEASE_NOTES = {
         "1.0.0": "Conversation records with original image bytes; train/test.",
         "2.0.0": "Task-family configs; boxes parsed from the text; hashed validation split; "
                  "evaluation-overlap exclusion; per-reason, per-file bad-record report.",
+        "2.1.0": "`independent` feature (VQA questions are asked alone); empty detection "
+                 "scenes noted when their wording does not say 'no objects'; oriented boxes "
+                 "(8 corners, or centre/size/angle) read, with `box_corners`.",
     }
     BUILDER_CONFIGS = BUILDER_CONFIGS
     DEFAULT_BUILDER_CONFIG_NAME = "all"

@@ -8,7 +8,10 @@ far ahead. One worker means no pool at all: the jobs run in this process, by the
 
 Workers are spawned (no fork of a process that may hold threads or open files), so the job
 function must be a picklable top-level function, and a script that prepares data must guard its
-entry point with `if __name__ == "__main__":`. A worker exits when the main process dies (even
+entry point with `if __name__ == "__main__":` (each spawned worker runs the script's top level
+again: unguarded, every worker would start a build of its own and die). A pool started from a
+script file without that guard (`unguarded_entry_script`) runs in one process instead, with a
+warning saying how to get the workers back. A worker exits when the main process dies (even
 by `kill -9`), so a crashed preparation leaves no orphans behind.
 """
 
@@ -20,8 +23,12 @@ import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
+import sys
 import threading
 from typing import Callable, Iterable, Iterator, Sequence
+
+from absl import logging
 
 # Items per worker call: large enough to amortise the round trip, small enough that a chunk
 # of ~1 MB images is cheap to hold and a kill loses little.
@@ -34,6 +41,25 @@ def default_num_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+_MAIN_GUARD = re.compile(r"""__name__\s*==\s*['"]__main__['"]|['"]__main__['"]\s*==\s*__name__""")
+
+
+def unguarded_entry_script() -> str | None:
+    """The script this process runs when it has no `if __name__ == "__main__":` guard (spawned
+    workers would run its top level again), else None. Interactive sessions and `python -c`
+    have no script file; spawn does not re-run them."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            source = f.read()
+    except OSError:
+        return None
+    return None if _MAIN_GUARD.search(source) else path
 
 
 def _exit_with_parent() -> None:
@@ -65,6 +91,15 @@ class ChunkPool:
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
 
     def __enter__(self) -> "ChunkPool":
+        script = unguarded_entry_script() if self.num_workers > 1 else None
+        if script:
+            logging.warning(
+                "%s has no `if __name__ == \"__main__\":` guard, so worker processes cannot "
+                "start (each would run the script again); preparing in one process instead of "
+                "%d. Put the script's preparation call under that guard to use the workers.",
+                script, self.num_workers)
+            self.num_workers = 1
+            self.chunks_in_flight = 1
         if self.num_workers > 1:
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 self.num_workers, mp_context=multiprocessing.get_context("spawn"),
@@ -106,7 +141,8 @@ class ChunkPool:
                     f"a worker process died while checking one of {[str(j) for j in todo]} "
                     "(a crash inside a decoder?): fix or remove that file, or list it in "
                     "exclude_images, and rerun; the work done so far is kept in the resume "
-                    "cache") from e
+                    "cache. (A script whose preparation call is not under `if __name__ == "
+                    "\"__main__\":` kills its workers the same way.)") from e
         else:
             done = iter(self.fn(todo) if todo else ())
         return [(item, job, None if job is None else next(done))

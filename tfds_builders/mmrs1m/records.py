@@ -19,8 +19,12 @@ Rules (kind in brackets):
 - RSVG prompt that is neither grounding nor region captioning [unknown_rsvg_prompt]: skipped.
 - Boxes, read from the text with `earthgpt_jax.data.boxes` (answers for grounding and
   detection, the question for region captioning):
-  - a box that is not four comma-separated numbers [box_malformed], a grounding or region
-    caption turn without a box [box_missing], a box with x1 < x0 or y1 < y0
+  - boxes are 4 numbers (horizontal), 8 (an oriented box's corners) or 5 (centre, size,
+    angle), the forms `boxes.py` reads; an oriented box keeps its corners (`box_corners`) and
+    its enclosing horizontal box (`boxes`). The text of MMRS-1M's oriented sources (HRSID_OBB,
+    DOTA) is unknown until the release is read, so the first build's report shows it:
+  - a box that is not 4, 5 or 8 comma-separated numbers [box_malformed] (its text quoted), a
+    grounding or region caption turn without a box [box_missing], a box with x1 < x0 or y1 < y0
     [box_corners_swapped], a box lying wholly outside [0, 1] [box_outside_image]: skipped,
     since the text that would be trained on states a wrong box, and the text is not rewritten.
   - a box overlapping [0, 1] but reaching past it [repair: box_clipped]: kept and clipped in
@@ -30,7 +34,10 @@ Rules (kind in brackets):
   - a detection group `<p>N class</p>[...]` whose N differs from its number of boxes
     [detection_count_mismatch], or boxes outside any `<p>` group [detection_unparsable]:
     skipped, since the text would teach a wrong count. An answer with no `<p>` group and no
-    bracket is a valid "no objects" answer with zero boxes.
+    bracket is a valid "no objects" answer with zero boxes: the empty scene is kept (its false
+    positives are scored). One whose wording the scorer would not read as "no objects"
+    (`boxes.says_no_objects`; ours is `boxes.NO_OBJECTS_ANSWER`) is kept and noted with its
+    text [repair: no_objects_wording], so the first build shows how the release says it.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ import re
 import numpy as np
 from etils import epath
 
-from earthgpt_jax.data.boxes import parse_boxes, parse_detection
+from earthgpt_jax.data.boxes import (enclosing_box, parse_detection, parse_shapes,
+                                     rotated_corners, says_no_objects)
 from tfds_builders.mmrs1m.report import BadRecord
 
 GROUNDING_MARK = "bounding box coordinate"
@@ -129,21 +137,24 @@ class RecordBoxes:
 
     def __init__(self):
         self.boxes: list[tuple[float, float, float, float]] = []
+        self.corners: list[tuple[float, ...]] = []
         self.turns: list[int] = []
         self.labels: list[str] = []
         self.repairs: Repairs = []
 
     def arrays(self) -> dict:
         return {"boxes": np.asarray(self.boxes, np.float32).reshape(-1, 4),
+                "box_corners": np.asarray(self.corners, np.float32).reshape(-1, 8),
                 "box_turns": np.asarray(self.turns, np.int32),
                 "box_labels": list(self.labels)}
 
-    def _add(self, raw: list[tuple[float, ...]], parsed: list[tuple[float, ...]], turn: int,
-             labels: list[str]) -> None:
-        """`raw` from the strict scan decides the rules; `parsed` (boxes.py) gives the values."""
-        if len(raw) != len(parsed):
+    def _add(self, raw: list[tuple[float, ...]], parsed: list[tuple[float, ...]],
+             corners: list[tuple[float, ...]], turn: int, labels: list[str]) -> None:
+        """`raw` from the strict scan decides the rules; `parsed` (boxes.py) gives the values
+        (enclosing horizontal boxes) and `corners` each box's four corners."""
+        if not len(raw) == len(parsed) == len(corners):
             raise BadRecord("box_malformed", f"turn {turn}: boxes could not all be read")
-        for box, value, label in zip(raw, parsed, labels):
+        for box, value, corner, label in zip(raw, parsed, corners, labels):
             x0, y0, x1, y1 = box
             if x1 < x0 or y1 < y0:
                 raise BadRecord("box_corners_swapped",
@@ -155,22 +166,27 @@ class RecordBoxes:
                 self.repairs.append(("box_clipped",
                                      f"turn {turn}: box {list(box)} clipped to [0, 1]"))
             self.boxes.append(tuple(float(v) for v in value))
+            self.corners.append(tuple(float(v) for v in corner))
             self.turns.append(turn)
             self.labels.append(label)
 
 
 def _strict_boxes(text: str, turn: int) -> list[tuple[float, ...]]:
-    """Every `[...]` in `text`: `;`-separated chunks of exactly four numbers, nothing repaired."""
+    """Every `[...]` in `text`: `;`-separated chunks of exactly 4, 5 or 8 numbers, nothing
+    repaired; an oriented box (5 or 8) as its enclosing horizontal box, for the rules."""
     found = []
     for body in _BRACKET.findall(text):
         for chunk in body.split(";"):
             if not chunk.strip():
                 continue
             fields = chunk.split(",")
-            if len(fields) != 4 or not all(_NUMBER.fullmatch(f) for f in fields):
-                raise BadRecord("box_malformed",
-                                f"turn {turn}: box {chunk.strip()!r} is not four numbers")
-            found.append(tuple(float(f) for f in fields))
+            if len(fields) not in (4, 5, 8) or not all(_NUMBER.fullmatch(f) for f in fields):
+                raise BadRecord("box_malformed", f"turn {turn}: box {chunk.strip()!r} is not "
+                                                 "4, 5 (centre, size, angle) or 8 (corners) "
+                                                 "numbers")
+            values = [float(f) for f in fields]
+            found.append(tuple(values) if len(values) == 4 else enclosing_box(
+                values if len(values) == 8 else rotated_corners(*values)))
     return found
 
 
@@ -178,7 +194,8 @@ def _single_region_boxes(out: RecordBoxes, text: str, turn: int, label: str) -> 
     raw = _strict_boxes(text, turn)
     if not raw:
         raise BadRecord("box_missing", f"turn {turn} has no [x0,y0,x1,y1] box: {text[:80]!r}")
-    out._add(raw, parse_boxes(text)[0], turn, [label] * len(raw))
+    shapes = parse_shapes(text)
+    out._add(raw, shapes.boxes, shapes.corners, turn, [label] * len(raw))
 
 
 def _detection_boxes(out: RecordBoxes, text: str, turn: int) -> None:
@@ -188,6 +205,9 @@ def _detection_boxes(out: RecordBoxes, text: str, turn: int) -> None:
         if raw or "<p>" in text:
             raise BadRecord("detection_unparsable",
                             f"turn {turn}: no '<p>N class</p>[...]' group in {text[:80]!r}")
+        if not says_no_objects(text):
+            out.repairs.append(("no_objects_wording", f"turn {turn}: empty detection answer "
+                                                      f"without 'no objects': {text[:80]!r}"))
         return  # a "no objects" answer
     parsed, labels = [], []
     for label, count, boxes in groups:
@@ -196,11 +216,12 @@ def _detection_boxes(out: RecordBoxes, text: str, turn: int) -> None:
                             f"turn {turn}: '<p>{count} {label}' but {len(boxes)} boxes")
         parsed += boxes
         labels += [label] * len(boxes)
+    corners = [c for _, _, cs in parse_detection(text, corners=True)[0] for c in cs]
     if len(parsed) != len(raw):
         raise BadRecord("detection_unparsable",
                         f"turn {turn}: {len(raw)} boxes in the text, {len(parsed)} inside "
                         "'<p>' groups")
-    out._add(raw, parsed, turn, labels)
+    out._add(raw, parsed, corners, turn, labels)
 
 
 def record_boxes(task: str, conversations: list[dict]) -> RecordBoxes:

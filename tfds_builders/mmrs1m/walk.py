@@ -210,4 +210,5 @@ class RecordRules:
             "task": task,
             "conversations": [{"from": t["from"], "value": t["value"]} for t in conversations],
             **boxes.arrays(),
+            "independent": task == "vqa",
         }

@@ -15,12 +15,13 @@ modified-HRSID copy in shared/formats/hrsid/ (same structure); the original file
 (train2017/test2017) are from mmrotate's HRSID notes.
 
 One record per image: the release's detection prompt; answer `There are <p>N ships</p>[...]`
-with every box in annotation order; `boxes` the same boxes.
+with every box in annotation order; `boxes` the same boxes. An image without ships (an SSDD XML
+without `object`, an HRSID image without annotations) is kept, answered
+`boxes.NO_OBJECTS_ANSWER`, so false positives on open sea are scored.
 
 Bad input, skipped and counted in `bad_records_<split>.json`: an unreadable XML or JSON file, a
 missing or undecodable image, an image path that leaves the folder, a box outside the image or
-with x1<=x0, a class other than ship, an unknown COCO category id, an image without ships (the
-answer format has no wording for none).
+with x1<=x0, a class other than ship, an unknown COCO category id.
 """
 
 from __future__ import annotations

@@ -60,7 +60,16 @@ function drawCanvas() {
     const [x0, y0, x1, y1] = b.pixels.map((v) => Math.round(v * scale));
     const colour = colourFor(b.label, i);
     ctx.strokeStyle = colour;
-    ctx.strokeRect(x0, y0, Math.max(x1 - x0, 1), Math.max(y1 - y0, 1));
+    if (b.corner_pixels) {  // an oriented box: its four corners; `pixels` encloses them
+      const c = b.corner_pixels.map((v) => v * scale);
+      ctx.beginPath();
+      ctx.moveTo(c[0], c[1]);
+      for (let k = 2; k < 8; k += 2) ctx.lineTo(c[k], c[k + 1]);
+      ctx.closePath();
+      ctx.stroke();
+    } else {
+      ctx.strokeRect(x0, y0, Math.max(x1 - x0, 1), Math.max(y1 - y0, 1));
+    }
     const text = b.label || `box ${i + 1}`;
     const tw = ctx.measureText(text).width + 6;
     const ty = y0 >= 17 ? y0 - 17 : Math.min(y1 + 1, canvas.height - 17);
@@ -78,7 +87,7 @@ function drawCanvas() {
     const swatch = document.createElement("span");
     swatch.className = "swatch";
     swatch.style.background = colourFor(b.label, i);
-    const px = b.pixels.map((v) => Math.round(v)).join(", ");
+    const px = (b.corner_pixels || b.pixels).map((v) => Math.round(v)).join(", ");
     li.append(swatch, `${b.label || "region"}: [${px}] px`);
     li.dataset.label = b.label || "";
     return li;
@@ -299,5 +308,5 @@ for (const radio of document.querySelectorAll("input[name=mode]")) {
   });
 }
 // For tests and the console: the page's state and how it colours boxes.
-window.earthgptChat = { state, colourFor, displayScale };
+window.earthgptChat = { state, colourFor, displayScale, drawCanvas };
 init().catch((err) => setStatus(`cannot reach the server: ${err.message}`, true));

@@ -1,0 +1,318 @@
+"""The run configuration, typed: one dataclass per part (model, data, tokenizer, train, init,
+checkpoint, mesh, distributed, compile, eval), each field with its type, its default and why.
+
+The defaults are the paper's run (EarthGPT-13B, stage B, on MMRS-1M). `configs/mmrs.py` turns
+these into the `ml_collections.ConfigDict` that `--config.<key>=<value>` overrides, with its
+presets (the demo, 7b/13b, stage a/b) as a few replaced fields; `from_config_dict` turns the
+overridden ConfigDict back into these types once, at the entry point, and each part of the code
+then gets only the part it reads. Imports nothing heavy (no JAX, no ml_collections), so
+`main.py` validates a config before anything slow starts and bare GPU images can build one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from earthgpt_jax.models.presets import ATTENTION_IMPLS
+
+# Training stages (earthgpt_jax/optim.STAGE_TRAINABLE says what each trains): `all` for the
+# demo from scratch, `a` (cross-modal mutual comprehension), `b` (unified instruction tuning).
+STAGES = ("all", "a", "b")
+MODEL_SIZES = ("tiny", "demo", "7b", "13b")
+DTYPES = ("float32", "bfloat16")
+
+# Logical parameter/activation axes -> mesh axes. FSDP shards the embedding dimension inside a
+# slice; tensor parallelism splits heads and MLP; the vision towers are replicated.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("fused", None),
+)
+
+# The caption prompts of stage A (and of caption sources in any stage): a prompt picked per
+# sample (hash of its key and the seed) answered by the caption. The paper's prompts are
+# unknown; these are ours, in the style of LLaVA's brief-description prompts.
+CAPTION_PROMPTS = (
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Write a short caption for the image.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the image.",
+    "Describe this image briefly.",
+)
+
+PAPER_SUITES = "clrs,nasc_tg2,nwpu_captions,crsvqa,rsvqa_hr,dior_rsvg,ssdd,hrsid,hit_uav"
+
+
+def _one_of(section: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"config.{section}.{name}={value!r} is not one of "
+                         f"{', '.join(map(str, allowed))}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    size: str = "13b"  # a preset of earthgpt_jax/models/presets.py: tiny, demo, 7b, 13b
+    # What the decoder layers keep for the backward pass: none (no remat), full, or a named
+    # policy of earthgpt_jax/models/llama.REMAT_POLICIES (checked there, by run.py at start).
+    remat_policy: str = "full"
+    dtype: str = "bfloat16"  # compute dtype
+    # Attention of training and teacher-forced passes (models/layers.attention): einsum (any
+    # mask, fp32 scores), xla, cudnn (flash attention on NVIDIA GPUs, bf16), splash (Pallas
+    # flash attention on TPU, packed rows by segment ids), or auto: splash on TPU, cudnn on
+    # GPU, einsum elsewhere. Decoding with a KV cache always uses einsum.
+    attention_impl: str = "einsum"
+
+    def __post_init__(self):
+        _one_of("model", "size", self.size, MODEL_SIZES)
+        _one_of("model", "attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _one_of("model", "dtype", self.dtype, DTYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # Where the MMRS-1M release (the directory holding `data/`) lives. For the demo, empty means
+    # <workdir>/mini_mmrs1m, generated on first use.
+    manual_dir: str = "~/tensorflow_datasets/downloads/manual/mmrs1m"
+    synthetic: bool = False  # the generated miniature release (the demo)
+    # Training sources mixed by weight (earthgpt_jax/data/sources.py): comma-separated
+    # KIND:PATH[:WEIGHT], kinds mmrs1m (a release dir), coco (COCO Captions as downloaded),
+    # webdataset (img2dataset shards, streamed), llava (LLaVA/ShareGPT-style instruction JSON:
+    # llava:JSON[:IMAGE_ROOT][:WEIGHT], earthgpt_jax/data/llava.py). Empty: MMRS-1M from
+    # manual_dir.
+    sources: str = ""
+    caption_prompts: tuple[str, ...] = CAPTION_PROMPTS
+    # Size of the generated miniature release (images per split).
+    synthetic_train_images: int = 2400
+    synthetic_test_images: int = 400
+    tfds_dir: str = ""  # empty: <workdir>/tfds
+    seed: int = 0
+    max_text_len: int = 1024
+    num_threads: int = 2
+    # Worker processes running the input pipeline (decode, resize, tokenise, pack), each with
+    # num_threads threads; 0 = threads in the training process only. The 448 px pipeline makes
+    # ~60-470 samples/s per 2 cores (benchmarks/), against ~34 one H100 consumes at 7B stage B.
+    num_workers: int = 4
+    max_bad_fraction: float = 0.01
+    # Held-out validation slice, chosen by a hash of the image path.
+    validation_fraction: float = 0.01
+    # File listing evaluation-test images to keep out of training (overlap removal); "" = none.
+    exclude_images: str = ""
+    # Sequence packing (earthgpt_jax/data/packing.py): whole samples, each with its image, share
+    # rows of pack_length positions (BOS + visual + text tokens); attention stays inside each
+    # sample. A row holds at most images_per_pack samples (image slots the towers encode), and
+    # train.batch_size then counts rows. pack_bins: rows filled at once (first fit).
+    # images_per_pack 0: as many as a row can ever hold, pack_length // (BOS + visual tokens +
+    # 1 text token): 7 for 2048 positions and 256 visual tokens (more could never be filled).
+    packing: bool = True
+    pack_length: int = 2048
+    images_per_pack: int = 0
+    pack_bins: int = 64
+
+    def __post_init__(self):
+        if self.num_workers < 0:
+            raise ValueError(f"config.data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    # A LLaMA-2 tokenizer.model for real runs; the demo trains its own (vocab_size pieces) on
+    # the training text.
+    path: str = ""
+    vocab_size: int = 640
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "b"
+    num_steps: int = 20000
+    batch_size: int = 256
+    learning_rate: float = 2e-5
+    warmup_steps: int = 500
+    end_lr_fraction: float = 0.05
+    # Length of warmup + cosine; 0 means num_steps. Fix it to extend a run without changing
+    # the schedule of the steps already taken.
+    lr_decay_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.05
+    grad_clip_norm: float = 1.0
+    # Microbatches per step (summed gradients): the same update with 1/N of the activations.
+    grad_accum_steps: int = 1
+    # Stop after this many non-finite steps in a row (each one is skipped and counted).
+    max_nonfinite_steps_in_row: int = 10
+    # 'tokens': mean over all answer tokens of the batch; 'examples': mean of per-conversation
+    # means, so short answers (classes, yes/no) weigh as much as long detection answers.
+    loss_normalization: str = "tokens"
+    seed: int = 0
+    log_every_steps: int = 10
+    # Datasheet bf16 FLOP/s of one device for the logged MFU; 0 = known from the device kind
+    # (TPU v4/v5e/v5p/v6e, H100/H200/A100/B200), no MFU where unknown (CPU).
+    peak_flops_per_device: float = 0.0
+
+    def __post_init__(self):
+        _one_of("train", "stage", self.stage, STAGES)
+        _one_of("train", "loss_normalization", self.loss_normalization, ("tokens", "examples"))
+        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"config.train.batch_size={self.batch_size} must divide by "
+                             f"grad_accum_steps={self.grad_accum_steps} (>= 1)")
+
+    @property
+    def decay_steps(self) -> int:
+        """Warmup + cosine length of the learning-rate schedule."""
+        return max(self.lr_decay_steps or self.num_steps, self.warmup_steps + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    # Converted weights to start from (python -m earthgpt_jax.convert ...): a LLaMA-2 checkpoint
+    # from hf-to-orbax, DINOv2 from dinov2-to-orbax, CLIP ConvNeXt from convnext-to-orbax.
+    llm: str = ""
+    vit: str = ""
+    convnext: str = ""
+    # A training workdir to start from (stage B: stage A's): every part of its latest params
+    # (decoder, towers, projector, adapters where present) with a fresh optimizer at step 0;
+    # parameters it lacks (stage B's adapters after stage A) start as the identity. llm/vit/
+    # convnext, when also set, replace their part. A checkpoint in this run's own workdir wins
+    # over both (a restarted run resumes).
+    from_workdir: str = ""
+
+    def named(self) -> dict[str, str]:
+        """{field: path} of the sources that are set."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    # Axis sizes inside a slice (ICI) and across slices (DCN); -1 fills the remaining devices.
+    ici: dict = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    dcn: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
+    rules: tuple = DEFAULT_RULES
+
+    def __post_init__(self):
+        # JAX wants hashable rules: tuples all the way down.
+        object.__setattr__(self, "rules", tuple(
+            (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+            for name, axes in self.rules))
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    # auto: jax.distributed.initialize() finds the cluster itself (TPU pods; launch_tpu.sh sets
+    # it). Otherwise a coordinator address joins a CPU/GPU multi-process run.
+    auto: bool = False
+    coordinator_address: str = ""
+    num_processes: int = 1
+    process_id: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    # --mode=compile: AOT-compile the train step for a TPU topology on this host (needs libtpu).
+    topology: str = ""  # e.g. v4-32, v5e-64, v5p-128, or a chip grid v5e:4x4
+    num_slices: int = 1
+    report_json: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    at_end: bool = True
+    split: str = "test"
+    batch_size: int = 64
+    max_new_tokens: int = 256
+    max_examples: int = 0  # 0: the whole split
+    # Decoding: greedy (the paper's tables), beam search with beam_width > 1, or top-p sampling
+    # with temperature > 0 (seeded by eval.seed and the batch, so a rerun gives the same text).
+    beam_width: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    num_pictures: int = 4
+    # The paper's evaluation suites (earthgpt_jax/evaluate/suites.py), comma-separated; empty:
+    # the mmrs1m `eval.split` instead. --mode=eval writes the paper's tables beside ours.
+    suites: str = PAPER_SUITES
+    # Where the suites' TFDS sets are prepared; empty: data.tfds_dir (or <workdir>/tfds).
+    suites_data_dir: str = ""
+    # Optional folder holding each suite's raw download as <suite name>/: a set not prepared yet
+    # is prepared from it during the run.
+    suites_manual_dir: str = ""
+    # Largest fraction of skipped records per split when preparing a suite (the builders' 1%).
+    suites_max_bad_fraction: float = 0.01
+    # False: a suite that is neither prepared nor preparable stops the run with the command
+    # that prepares it. True: it is skipped and listed in results.md.
+    skip_missing_suites: bool = False
+    # METEOR and SPICE need Java (pycocoevalcap's jars); skipped with a note when it is absent.
+    java_metrics: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    train: TrainConfig = TrainConfig()
+    init: InitConfig = InitConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    compile: CompileConfig = CompileConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def replace(self, **sections: dict) -> "RunConfig":
+        """A copy with fields of some sections replaced: replace(train={'num_steps': 3})."""
+        return dataclasses.replace(self, **{
+            name: dataclasses.replace(getattr(self, name), **fields)
+            for name, fields in sections.items()})
+
+
+def to_dict(run: RunConfig) -> dict:
+    """Plain nested dict (the form configs/mmrs.py hands ml_collections)."""
+    return dataclasses.asdict(run)
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDict -> dict, lists -> tuples: the types the dataclasses hold."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def from_config_dict(config) -> RunConfig:
+    """The typed RunConfig of an (overridden) ConfigDict or nested dict. A key no section has,
+    or a value a section refuses, is a ValueError naming `config.<section>.<key>`."""
+    config = _plain(config)
+    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(config) - set(sections))
+    if unknown:
+        raise ValueError(f"config.{unknown[0]}: no such section; the sections are "
+                         f"{', '.join(sections)}")
+    parts = {}
+    for field in dataclasses.fields(RunConfig):
+        cls = type(field.default)
+        given = config.get(field.name, {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in given:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+                hint = f"; did you mean {field.name}.{close[0]}?" if close else ""
+                raise ValueError(f"config.{field.name}.{key}: no such field{hint}")
+        parts[field.name] = cls(**given)
+    return RunConfig(**parts)
