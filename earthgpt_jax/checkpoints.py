@@ -47,7 +47,7 @@ from etils import epath
 from flax import traverse_util
 import orbax.checkpoint as ocp
 
-from earthgpt_jax.models.presets import LlamaConfig
+from earthgpt_jax.models.presets import ConvNeXtConfig, EarthGPTConfig, LlamaConfig, ViTConfig
 
 MODEL_CONFIG = "model_config.json"
 HF_CONFIG = "hf_config.json"
@@ -159,7 +159,8 @@ def save_llama_config(out_dir: str, cfg: LlamaConfig, hf_config: dict | None = N
 
 def _llama_config_from_dict(d: dict) -> LlamaConfig:
     names = {f.name for f in dataclasses.fields(LlamaConfig)}
-    return LlamaConfig(**{k: v for k, v in d.items() if k in names})
+    return LlamaConfig(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in d.items() if k in names})
 
 
 @dataclasses.dataclass
@@ -283,6 +284,25 @@ def open_llm_checkpoint(ckpt_dir: str, step: int | None = None) -> LlmCheckpoint
     return LlmCheckpoint(pytree_dir=run.pytree_dir, prefix=run.prefix + ("llm",),
                          cfg=_llama_config_from_dict(llm),
                          extra={"bos_id": config.get("bos_id"), "eos_id": None}, step=run.step)
+
+
+def save_model_config(cfg: EarthGPTConfig, workdir: str) -> None:
+    """A training run's W/model_config.json (its EarthGPTConfig), written beside the
+    checkpoints so that evaluation, chat and serving load them with no flags."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, MODEL_CONFIG), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def load_model_config(path: str) -> EarthGPTConfig:
+    """The EarthGPTConfig a `save_model_config` file holds (JSON lists back to tuples)."""
+    with open(path) as f:
+        raw = json.load(f)
+    # JSON lists back to the tuples the (hashable) configs hold.
+    part = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    top = {k: v for k, v in raw.items() if k not in ("llm", "vit", "convnext")}
+    return EarthGPTConfig(llm=LlamaConfig(**part(raw["llm"])), vit=ViTConfig(**part(raw["vit"])),
+                          convnext=ConvNeXtConfig(**part(raw["convnext"])), **top)
 
 
 def open_workdir_params(workdir: str, step: int | None = None) -> SubtreeCheckpoint:
@@ -419,9 +439,9 @@ def restore_sharded(pytree_dir: str, prefix: Sequence[str],
 
 
 def _is_adapter(path: tuple) -> bool:
-    """Stage B's bias/scale adapters: absent from LLaMA-2 and from stage-A runs, they start as
-    the identity wherever a checkpoint lacks them."""
-    return path[-1] in ("adapter_scale", "adapter_bias")
+    """Stage B's bias/scale adapters and LoRA's factors: absent from LLaMA-2 and from stage-A
+    runs, they start as the identity (LoRA: B = 0) wherever a checkpoint lacks them."""
+    return path[-1] in ("adapter_scale", "adapter_bias", "lora_a", "lora_b")
 
 
 def abbreviate_paths(paths) -> str:

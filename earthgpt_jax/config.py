@@ -15,11 +15,12 @@ import dataclasses
 import difflib
 from typing import Any
 
-from earthgpt_jax.models.presets import ATTENTION_IMPLS
+from earthgpt_jax.models.presets import ATTENTION_IMPLS, LORA_MODULES, lora_modules_matching
 
 # Training stages (earthgpt_jax/optim.STAGE_TRAINABLE says what each trains): `all` for the
-# demo from scratch, `a` (cross-modal mutual comprehension), `b` (unified instruction tuning).
-STAGES = ("all", "a", "b")
+# demo from scratch, `a` (cross-modal mutual comprehension), `b` (unified instruction tuning),
+# `lora` (LoRA on the decoder linears, config.model.lora; everything else frozen).
+STAGES = ("all", "a", "b", "lora")
 MODEL_SIZES = ("tiny", "demo", "7b", "13b")
 DTYPES = ("float32", "bfloat16")
 
@@ -59,6 +60,35 @@ def _one_of(section: str, name: str, value, allowed) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA of stage `lora` (train.stage=lora; other stages have none and ignore this)."""
+    rank: int = 16  # must be > 0 with stage lora
+    alpha: float = 32.0  # the product is scaled by alpha / rank, as PEFT's lora_alpha
+    # Only 0: the train step carries no random key, so there is nothing to draw a dropout mask
+    # from (a nonzero value is refused rather than silently ignored).
+    dropout: float = 0.0
+    # Comma-separated regexes, each full-matched against the decoder linears' names (q_proj,
+    # k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); default: attention + MLP.
+    targets: str = ",".join(LORA_MODULES)
+
+    def __post_init__(self):
+        if self.rank < 0 or self.alpha <= 0:
+            raise ValueError(f"config.model.lora.rank={self.rank} must be >= 0 and "
+                             f"config.model.lora.alpha={self.alpha} > 0")
+        if self.dropout != 0:
+            raise ValueError(f"config.model.lora.dropout={self.dropout}: only 0 is supported "
+                             f"(the train step has no random key for dropout masks)")
+        try:
+            lora_modules_matching(self.targets)
+        except ValueError as e:
+            raise ValueError(f"config.model.lora.targets={self.targets!r}: {e}") from None
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return lora_modules_matching(self.targets)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     size: str = "13b"  # a preset of earthgpt_jax/models/presets.py: tiny, demo, 7b, 13b
     # What the decoder layers keep for the backward pass: none (no remat), full, or a named
@@ -70,8 +100,11 @@ class ModelConfig:
     # flash attention on TPU, packed rows by segment ids), or auto: splash on TPU, cudnn on
     # GPU, einsum elsewhere. Decoding with a KV cache always uses einsum.
     attention_impl: str = "einsum"
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
+        if isinstance(self.lora, dict):  # RunConfig.replace(model={"lora": {...}})
+            object.__setattr__(self, "lora", _build(LoraConfig, self.lora, "model.lora"))
         _one_of("model", "size", self.size, MODEL_SIZES)
         _one_of("model", "attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _one_of("model", "dtype", self.dtype, DTYPES)
@@ -272,6 +305,11 @@ class RunConfig:
     compile: CompileConfig = CompileConfig()
     eval: EvalConfig = EvalConfig()
 
+    def __post_init__(self):
+        if self.train.stage == "lora" and self.model.lora.rank <= 0:
+            raise ValueError(f"config.train.stage=lora needs config.model.lora.rank > 0, got "
+                             f"{self.model.lora.rank}")
+
     def replace(self, **sections: dict) -> "RunConfig":
         """A copy with fields of some sections replaced: replace(train={'num_steps': 3})."""
         return dataclasses.replace(self, **{
@@ -304,15 +342,21 @@ def from_config_dict(config) -> RunConfig:
     if unknown:
         raise ValueError(f"config.{unknown[0]}: no such section; the sections are "
                          f"{', '.join(sections)}")
-    parts = {}
-    for field in dataclasses.fields(RunConfig):
-        cls = type(field.default)
-        given = config.get(field.name, {})
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in given:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-                hint = f"; did you mean {field.name}.{close[0]}?" if close else ""
-                raise ValueError(f"config.{field.name}.{key}: no such field{hint}")
-        parts[field.name] = cls(**given)
-    return RunConfig(**parts)
+    return RunConfig(**{field.name: _build(type(field.default), config.get(field.name, {}),
+                                           field.name)
+                        for field in dataclasses.fields(RunConfig)})
+
+
+def _build(cls, given: dict, where: str):
+    """cls(**given), its nested sections (fields whose default is a dataclass, such as
+    model.lora) built from their dicts the same way; an unknown key names the closest field."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in given:
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean {where}.{close[0]}?" if close else ""
+            raise ValueError(f"config.{where}.{key}: no such field{hint}")
+    given = {key: _build(type(fields[key].default), value, f"{where}.{key}")
+             if dataclasses.is_dataclass(fields[key].default) and isinstance(value, dict)
+             else value for key, value in given.items()}
+    return cls(**given)

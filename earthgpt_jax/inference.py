@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 
 import flax.linen as nn
@@ -34,19 +33,6 @@ PROMPT_BUCKET = 32  # prompts are left-padded to a multiple: one compile per buc
 
 class InferenceError(Exception):
     """A user-facing error (no workdir, checkpoint or tokenizer; unreadable image): one line."""
-
-
-def _model_config(path: str):
-    from earthgpt_jax.models.presets import (ConvNeXtConfig, EarthGPTConfig, LlamaConfig,
-                                             ViTConfig)
-    with open(path) as f:
-        raw = json.load(f)
-    vit = dict(raw["vit"], feature_layers=tuple(raw["vit"]["feature_layers"]))
-    conv = dict(raw["convnext"], dims=tuple(raw["convnext"]["dims"]),
-                depths=tuple(raw["convnext"]["depths"]))
-    top = {k: v for k, v in raw.items() if k not in ("llm", "vit", "convnext")}
-    return EarthGPTConfig(llm=LlamaConfig(**raw["llm"]), vit=ViTConfig(**vit),
-                          convnext=ConvNeXtConfig(**conv), **top)
 
 
 def load_image(path: str) -> np.ndarray:
@@ -114,7 +100,7 @@ class InferenceSession:
         tok_path = tokenizer_path or os.path.join(workdir, "tokenizer.model")
         if not os.path.exists(tok_path):
             raise InferenceError(f"tokenizer not found: {tok_path} (pass --tokenizer)")
-        model = EarthGPT(_model_config(config_path))
+        model = EarthGPT(checkpoints.load_model_config(config_path))
         if mesh is None:
             mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
                                      parallel.MESH_AXES)

@@ -26,6 +26,9 @@ STAGE_TRAINABLE = {
           r"^llm/.*norm.*/scale$"),
     # Stage B, unified instruction tuning: only the bias/scale adapters (+ projector).
     "b": (r"^llm/.*/adapter_(scale|bias)$", r"^projector/"),
+    # LoRA (config.model.lora): only the low-rank factors, so the optimizer keeps state for
+    # them alone and the export is the base LLaMA plus a PEFT adapter (convert orbax-to-hf).
+    "lora": (r"^llm/.*/lora_(a|b)$",),
 }
 assert tuple(STAGE_TRAINABLE) == STAGES  # config.train.stage is checked against STAGES
 
@@ -41,8 +44,8 @@ def trainable_labels(params, stage: str):
     unmatched = [p.pattern for p in patterns if not any(p.search(path) for path in flat)]
     if unmatched:
         raise ValueError(f"stage {stage!r}: no parameter of this model matches {unmatched} "
-                         f"(adapters off for stage b? a parameter layout the stage does not "
-                         f"know?); e.g. {sorted(flat)[:3]}")
+                         f"(adapters off for stage b? LoRA rank 0 for stage lora? a parameter "
+                         f"layout the stage does not know?); e.g. {sorted(flat)[:3]}")
     labels = {path: "train" if any(p.search(path) for p in patterns) else "freeze"
               for path in flat}
     return traverse_util.unflatten_dict(labels, sep="/")
@@ -50,7 +53,8 @@ def trainable_labels(params, stage: str):
 
 # Leaf names that are matrices (or stacks of them under nn.scan): the only leaves weight decay
 # touches. Named rather than told by ndim, since a scanned RMSNorm scale is [layers, dim].
-DECAYED_LEAF_NAMES = frozenset({"kernel", "embedding"})
+# LoRA's factors decay too, as in PEFT + HF Trainer (decaying B pulls toward the base model).
+DECAYED_LEAF_NAMES = frozenset({"kernel", "embedding", "lora_a", "lora_b"})
 
 
 def weight_decay_mask(params):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import logging
@@ -22,18 +21,16 @@ MODES = ("train", "eval", "compile")
 def model_config(config: RunConfig, vocab_size: int | None = None,
                  bos_id: int = 1) -> EarthGPTConfig:
     """The model shapes of a run: config.model's preset, its vocabulary (None: the preset's,
-    LLaMA-2's 32000 for 7b/13b), and stage B's bias/scale adapters, which it trains."""
+    LLaMA-2's 32000 for 7b/13b), stage B's bias/scale adapters and stage lora's LoRA
+    (config.model.lora), which those stages train."""
+    lora = config.model.lora if config.train.stage == "lora" else None
     return get_preset(config.model.size, vocab_size=vocab_size, bos_id=bos_id,
                       dtype=config.model.dtype, remat_policy=config.model.remat_policy,
                       llm={"adapters": config.train.stage == "b",
-                           "attention_impl": config.model.attention_impl})
-
-
-def save_model_config(cfg: EarthGPTConfig, workdir: str) -> None:
-    """Written beside the checkpoints so loading them needs no flags."""
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "model_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+                           "attention_impl": config.model.attention_impl,
+                           "lora_rank": lora.rank if lora else 0,
+                           "lora_alpha": lora.alpha if lora else 32.0,
+                           "lora_targets": lora.modules if lora else ()})
 
 
 def _needs_release(config: RunConfig, workdir: str, mode: str, evaluates_suites: bool) -> bool:
@@ -98,7 +95,7 @@ def run(config: RunConfig, workdir: str, mode: str) -> dict | None:
     tokenizer = prepare.prepare_tokenizer(config, workdir,
                                           None if trains_on_captions else train_source)
     cfg = model_config(config, tokenizer.vocab_size, tokenizer.bos_id)
-    save_model_config(cfg, workdir)
+    checkpoints.save_model_config(cfg, workdir)
     mesh = parallel.build_mesh(config.mesh)
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size,
                  jax.devices()[0].platform)

@@ -13,7 +13,8 @@ from tests.test_train import tiny_config, one_device_trainer
 from earthgpt_jax import chat, inference, train as train_lib
 from earthgpt_jax.data import prepare
 from earthgpt_jax.data.pipeline import TrainPreprocess
-from earthgpt_jax.run import model_config, save_model_config
+from earthgpt_jax.checkpoints import save_model_config
+from earthgpt_jax.run import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

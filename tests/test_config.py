@@ -56,3 +56,18 @@ def test_an_unknown_key_names_the_closest_field():
         run_config.from_config_dict({"train": {"num_stepz": 3}})
     with pytest.raises(ValueError, match=r"config.trian: no such section"):
         run_config.from_config_dict({"trian": {}})
+
+
+def test_model_lora_is_a_nested_section_of_the_config_dict():
+    config = mmrs.get_config("size=7b,stage=lora")
+    config.model.lora.rank = 8
+    config.model.lora.targets = "q_proj,v_proj"
+    typed = run_config.from_config_dict(config)
+    assert isinstance(typed.model.lora, run_config.LoraConfig)
+    assert (typed.train.stage, typed.model.lora.rank, typed.model.lora.modules) == (
+        "lora", 8, ("q_proj", "v_proj"))
+    assert typed == mmrs.get_run_config("size=7b,stage=lora").replace(
+        model={"lora": {"rank": 8, "targets": "q_proj,v_proj"}})
+    with pytest.raises(ValueError, match=r"config.model.lora.rnak: no such field; did you mean "
+                                         r"model.lora.rank\?"):
+        run_config.from_config_dict({"model": {"lora": {"rnak": 8}}})

@@ -18,7 +18,8 @@ from configs import mmrs
 from earthgpt_jax import parallel, train as train_lib
 from earthgpt_jax import checkpoints as ckpt_lib
 from earthgpt_jax.config import InitConfig
-from earthgpt_jax.run import model_config, save_model_config
+from earthgpt_jax.checkpoints import save_model_config
+from earthgpt_jax.run import model_config
 
 VOCAB, LENGTH, BATCH = 64, 16, 8
 

@@ -23,7 +23,8 @@ from earthgpt_jax.data import boxes
 from earthgpt_jax.data.pipeline import TrainPreprocess
 from earthgpt_jax.data.synthetic import CAPTION_PROMPTS, CLASSIFICATION_PROMPT
 from earthgpt_jax.data.tokenizer import USER_TEMPLATE, train_tokenizer
-from earthgpt_jax.run import model_config, save_model_config
+from earthgpt_jax.checkpoints import save_model_config
+from earthgpt_jax.run import model_config
 
 # Scene A: two white "ships" on a noisy blue sea; scene B: one red "vehicle", taller than wide.
 SHIPS = [(8, 10, 20, 18), (40, 28, 54, 36)]

@@ -3,13 +3,18 @@
   python -m earthgpt_jax.convert hf-to-orbax --hf_dir=D --out_dir=O [--overwrite]
       [--scan_layers=true]
   python -m earthgpt_jax.convert orbax-to-hf --ckpt_dir=O --out_dir=D [--tokenizer=PATH]
-      [--max_shard_size=5GB] [--overwrite] [--step=N] [--bos_id=1] [--eos_id=2]
+      [--max_shard_size=5GB] [--overwrite] [--step=N] [--bos_id=1] [--eos_id=2] [--peft]
+  python -m earthgpt_jax.convert peft-to-orbax --hf_dir=D --peft_dir=A --out_dir=O
+      [--overwrite] [--scan_layers=true]
   python -m earthgpt_jax.convert logits --ckpt_dir=O --ids=IDS.npy --out=LOGITS.npy [--step=N]
   python -m earthgpt_jax.convert dinov2-to-orbax --hf_dir=D --out_dir=O [--overwrite]
   python -m earthgpt_jax.convert convnext-to-orbax --weights=D_OR_FILE --out_dir=O [--overwrite]
 
 `--ckpt_dir` is a converted checkpoint (hf-to-orbax's --out_dir) or a training workdir (its
-latest checkpoint unless --step).
+latest checkpoint unless --step). LoRA (stage lora) is merged into the exported weights, or
+with --peft the base goes to --out_dir and a PEFT adapter to OUT_DIR/lora. peft-to-orbax
+converts a HF LLaMA plus a PEFT LoRA adapter of it, for --config.init.llm of a stage-lora run
+that continues training the adapter (it prints the LoRA flags that run needs).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-VERBS = ("hf-to-orbax", "orbax-to-hf", "logits", "dinov2-to-orbax", "convnext-to-orbax")
+VERBS = ("hf-to-orbax", "orbax-to-hf", "peft-to-orbax", "logits", "dinov2-to-orbax",
+         "convnext-to-orbax")
 
 flags.DEFINE_string("hf_dir", None, "HF LLaMA directory (hf-to-orbax input).")
 flags.DEFINE_string("out_dir", None, "Output directory.")
@@ -40,6 +46,9 @@ flags.DEFINE_integer("eos_id", None, "EOS id for the exported configs (default: 
 flags.DEFINE_string("weights", None, "ConvNeXt weights: a HF ConvNext directory, a timm or "
                     "open_clip folder as downloaded, or a .safetensors/.bin file "
                     "(convnext-to-orbax).")
+flags.DEFINE_boolean("peft", False, "orbax-to-hf: write LoRA as a PEFT adapter in OUT_DIR/lora "
+                     "instead of merging it into the weights.")
+flags.DEFINE_string("peft_dir", None, "PEFT LoRA adapter directory (peft-to-orbax input).")
 flags.DEFINE_string("ids", None, "int [batch, length] .npy of token ids (logits).")
 flags.DEFINE_string("out", None, "Where the float32 [batch, length, vocab] logits .npy goes.")
 
@@ -58,17 +67,24 @@ def main(argv):
 
     verb = argv[1]
     start = time.time()
-    if verb == "hf-to-orbax":
-        _require("hf_dir", "out_dir")
+    if verb in ("hf-to-orbax", "peft-to-orbax"):
+        _require("hf_dir", "out_dir", *(("peft_dir",) if verb == "peft-to-orbax" else ()))
         cfg = llama.hf_to_orbax(FLAGS.hf_dir, FLAGS.out_dir, scan_layers=FLAGS.scan_layers,
-                                overwrite=FLAGS.overwrite)
+                                overwrite=FLAGS.overwrite,
+                                peft_dir=FLAGS.peft_dir if verb == "peft-to-orbax" else None)
         logging.info("wrote %s (%d layers, scan_layers=%s) in %.1fs", FLAGS.out_dir,
                      cfg.num_layers, cfg.scan_layers, time.time() - start)
+        if cfg.lora_rank:  # the run that continues it needs the adapter's own LoRA shape
+            print(f"continue training with --config.train.stage=lora "
+                  f"--config.init.llm={FLAGS.out_dir} --config.model.lora.rank={cfg.lora_rank} "
+                  f"--config.model.lora.alpha={cfg.lora_alpha:g} "
+                  f"--config.model.lora.targets={','.join(cfg.lora_targets)}")
     elif verb == "orbax-to-hf":
         _require("ckpt_dir", "out_dir")
         llama.orbax_to_hf(FLAGS.ckpt_dir, FLAGS.out_dir, tokenizer=FLAGS.tokenizer,
                           max_shard_size=FLAGS.max_shard_size, overwrite=FLAGS.overwrite,
-                          step=FLAGS.step, bos_id=FLAGS.bos_id, eos_id=FLAGS.eos_id)
+                          step=FLAGS.step, bos_id=FLAGS.bos_id, eos_id=FLAGS.eos_id,
+                          peft=FLAGS.peft)
         logging.info("wrote %s in %.1fs", FLAGS.out_dir, time.time() - start)
     elif verb in ("dinov2-to-orbax", "convnext-to-orbax"):
         from earthgpt_jax.convert import vision_io
@@ -110,8 +126,9 @@ def _entry():
         app.run(_quiet_main)
     except Exception as e:  # a clear one-line error, not a traceback, for conversion errors
         from earthgpt_jax.convert.llama import ConversionError
+        from earthgpt_jax.convert.lora import LoraError
         from earthgpt_jax.convert.vision import VisionConversionError
-        if isinstance(e, (ConversionError, VisionConversionError, FileExistsError,
+        if isinstance(e, (ConversionError, LoraError, VisionConversionError, FileExistsError,
                           FileNotFoundError)):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

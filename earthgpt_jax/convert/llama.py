@@ -5,13 +5,15 @@ RoPE is HF's rotate-half, so q/k need no permutation). With `scan_layers` the pe
 are stacked on a leading [num_layers] axis. Dtypes are kept tensor by tensor (bf16 stays bf16).
 
 Export merges stage-B adapters (y = s * (x W + b + b_a)) into plain HF linears:
-W_hf' = diag(s) W_hf and b' = s * (b + b_a).
+W_hf' = diag(s) W_hf and b' = s * (b + b_a); LoRA factors are merged into W first
+(W + alpha/r A B), or written beside the base as a PEFT adapter (convert/lora.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import json
 import os
 import re
@@ -21,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from earthgpt_jax import checkpoints as ckpt_lib
+from earthgpt_jax.convert import lora as lora_lib
 from earthgpt_jax.models.presets import LlamaConfig
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -294,12 +297,19 @@ def hf_to_params(hf_dir: str, scan_layers: bool = True) -> tuple[dict, LlamaConf
 
 
 def hf_to_orbax(hf_dir: str, out_dir: str, *, scan_layers: bool = True,
-                overwrite: bool = False) -> LlamaConfig:
+                overwrite: bool = False, peft_dir: str | None = None) -> LlamaConfig:
     """Streams a HF checkpoint into `out_dir` ({'llm': params} + model_config.json): one
-    stacked tensor (or, unscanned, one layer) in memory at a time."""
+    stacked tensor (or, unscanned, one layer) in memory at a time. `peft_dir`: a PEFT LoRA
+    adapter of that LLaMA, added as our lora_a/lora_b leaves (LoRA rank/alpha/targets in
+    model_config.json), for `--config.init.llm` of a stage-lora run that continues it."""
     reader, cfg = open_hf(hf_dir, scan_layers)  # validates before touching out_dir
+    groups = iter_param_groups(reader, cfg, ("llm",))
+    if peft_dir:
+        fields, factors = lora_lib.read_adapter(peft_dir, cfg)
+        cfg = dataclasses.replace(cfg, **fields)
+        groups = itertools.chain(groups, lora_lib.iter_lora_groups(factors, cfg, ("llm",)))
     ckpt_lib.prepare_out_dir(out_dir, overwrite)
-    ckpt_lib.write_params_streaming(out_dir, iter_param_groups(reader, cfg, ("llm",)))
+    ckpt_lib.write_params_streaming(out_dir, groups)
     ckpt_lib.save_llama_config(out_dir, cfg, reader.config)
     return cfg
 
@@ -368,19 +378,28 @@ def _merged_linear(module_leaves: dict, out_dtype, want_bias: bool):
 
 
 def iter_hf_tensors(get: Getter, has, cfg: LlamaConfig, *, attention_bias: bool,
-                    mlp_bias: bool) -> Iterator[tuple[str, np.ndarray]]:
+                    mlp_bias: bool, peft: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array) pairs, module by module: for scanned params one stacked module is read
-    at a time and all its layers emitted before the next is read."""
+    at a time and all its layers emitted before the next is read. LoRA factors are merged into
+    the kernels, or with `peft` emitted under PEFT's names (lora.PEFT_PREFIX) instead."""
     scanned = _is_scanned(has)
     yield "model.embed_tokens.weight", get([("embed_tokens", "embedding")])[
         ("embed_tokens", "embedding")]
     modules = ATTN + MLP + NORMS
-    leaf_names = ("kernel", "bias", "adapter_scale", "adapter_bias")
+    leaf_names = ("kernel", "bias", "adapter_scale", "adapter_bias", "lora_a", "lora_b")
 
     def emit(layer, module, leaves):
         if module in NORMS:
             yield _layer_hf_name(layer, module, "scale"), leaves["scale"]
             return
+        if "lora_a" in leaves:
+            a, b = leaves.pop("lora_a"), leaves.pop("lora_b")
+            if peft:
+                factors = lora_lib.peft_factors(a, b, leaves.get("adapter_scale"))
+                for factor, value in zip("AB", factors):
+                    yield lora_lib.peft_name(layer, module, factor), value
+            else:
+                leaves["kernel"] = lora_lib.merged_kernel(leaves["kernel"], a, b, cfg.lora_alpha)
         want_bias = attention_bias if module in ATTN else mlp_bias
         if not want_bias and any(
                 np.any(leaves[k] != 0) for k in ("bias", "adapter_bias") if k in leaves):
@@ -503,29 +522,48 @@ def load_llm_params(ckpt_dir: str, step: int | None = None) -> tuple[dict, Llama
     training workdir (latest step unless given); only the llm leaves are read."""
     ck = ckpt_lib.open_llm_checkpoint(ckpt_dir, step)
     params = ck.read_all()
-    cfg = dataclasses.replace(ck.cfg, scan_layers="layers" in params,
-                              adapters=_has_adapters(params))
-    return params, cfg
-
-
-def _has_adapters(params: dict) -> bool:
     layer = params.get("layers") or params.get("layers_0") or {}
-    return "adapter_scale" in layer.get("q_proj", {})
+    lora = [m for m in ATTN + MLP if "lora_a" in layer.get(m, {})]
+    cfg = dataclasses.replace(ck.cfg, scan_layers="layers" in params,
+                              adapters="adapter_scale" in layer.get("q_proj", {}),
+                              lora_rank=layer[lora[0]]["lora_a"].shape[-1] if lora else 0,
+                              lora_targets=tuple(lora))
+    return params, cfg
 
 
 def orbax_to_hf(ckpt_dir: str, out_dir: str, *, tokenizer: str | None = None,
                 max_shard_size="5GB", overwrite: bool = False, step: int | None = None,
-                bos_id: int | None = None, eos_id: int | None = None) -> dict:
+                bos_id: int | None = None, eos_id: int | None = None,
+                peft: bool = False) -> dict:
     """Exports the decoder of a converted checkpoint or training workdir as a HF LLaMA
-    (sharded safetensors, index, config.json, generation_config.json). Returns config.json."""
+    (sharded safetensors, index, config.json, generation_config.json). Returns config.json.
+    LoRA factors are merged into the weights, or with `peft` left out of them and written as a
+    PEFT adapter in `out_dir`/lora (PeftModel.from_pretrained(base, out_dir/lora))."""
     ck = ckpt_lib.open_llm_checkpoint(ckpt_dir, step)
     has = ck.has
     get = ck.read
     cfg = dataclasses.replace(ck.cfg, scan_layers=_is_scanned(has))
+    if peft and not cfg.lora_rank:  # before anything is written
+        raise lora_lib.LoraError(f"--peft: {ckpt_dir} has no LoRA factors (lora_a/lora_b); "
+                                 f"train with --config.train.stage=lora, or export without "
+                                 f"--peft")
     attention_bias, mlp_bias = export_bias_flags(get, has, cfg)
     _prepare_hf_out(out_dir, overwrite)
-    tensors = iter_hf_tensors(get, has, cfg, attention_bias=attention_bias, mlp_bias=mlp_bias)
-    _, dtype = write_hf_shards(tensors, out_dir, parse_size(max_shard_size))
+    tensors = iter_hf_tensors(get, has, cfg, attention_bias=attention_bias, mlp_bias=mlp_bias,
+                              peft=peft)
+    adapter: dict[str, np.ndarray] = {}  # LoRA tensors are small: kept, written after the base
+
+    def base_only():
+        for name, value in tensors:
+            if name.startswith(lora_lib.PEFT_PREFIX):
+                adapter[name] = value
+            else:
+                yield name, value
+
+    _, dtype = write_hf_shards(base_only(), out_dir, parse_size(max_shard_size))
+    if peft:
+        lora_lib.write_adapter(os.path.join(out_dir, "lora"), adapter, cfg,
+                               os.path.abspath(out_dir), overwrite)
     hf_src = ck.extra.get("hf_config") or {}
     bos = bos_id if bos_id is not None else (ck.extra.get("bos_id") if ck.extra.get("bos_id")
                                              is not None else 1)

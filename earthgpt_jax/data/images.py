@@ -112,7 +112,7 @@ def decode_image(data: bytes, name: str = "<bytes>", *,
             pixels, orientation = _read_tiff(data, name, max_pixels)
         else:
             pixels, orientation = _read_pillow(data, name, max_pixels)
-        return _orient(_to_rgb_uint8(pixels), orientation)
+        return _orient(to_rgb_uint8(pixels), orientation)
     except ImageDecodeError:
         raise
     except Exception as e:  # decoders raise many types for broken files; name the image always
@@ -231,10 +231,17 @@ def _samples_last(arr: np.ndarray, axes: str) -> np.ndarray:
 # Samples -> uint8 RGB, then display orientation.
 
 
-def _to_rgb_uint8(samples: np.ndarray) -> np.ndarray:
+def kept_bands(count: int) -> int:
+    """How many leading bands of `count` training keeps (module docstring): 1 (replicated to
+    grey) below 3, else 3. Windowed readers (earthgpt_jax/scene) read only these."""
+    return 1 if count < 3 else 3
+
+
+def to_rgb_uint8(samples: np.ndarray) -> np.ndarray:
+    """[H, W, C] samples of any depth -> uint8 [H, W, 3]: training's band choice and stretch."""
     # Bands are chosen before the stretch, so dropped bands do not shift it and a single band
     # is stretched once, then replicated.
-    kept = samples[..., :1] if samples.shape[-1] < 3 else samples[..., :3]
+    kept = samples[..., :kept_bands(samples.shape[-1])]
     kept = to_uint8(kept)
     if kept.shape[-1] == 1:
         kept = np.repeat(kept, 3, axis=-1)

@@ -64,6 +64,9 @@ import numpy as np
 STAGE_TRAINED_MATMULS = {
     "a": ("q_proj", "k_proj", "v_proj"),
     "b": (),  # adapters only: elementwise, no matmul weight gradients
+    # LoRA's factors only: their matmuls (rank * (in + out) per token, ~1% of the layers' at
+    # rank 16) are left out of these counts, like the adapters' elementwise work.
+    "lora": (),
     "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
             "lm_head"),
 }
@@ -86,7 +89,8 @@ def parameter_summary(params, labels=None) -> dict[str, int]:
     """{'llm', 'vit', 'convnext', 'projector', 'adapters', 'total'[, 'trainable']} counts of a
     params tree (`labels`: optim's trainable labels, 'train' where a stage trains a leaf).
 
-    `llm` counts the decoder without its adapters, which are reported on their own.
+    `llm` counts the decoder without its adapters (stage B's bias/scale or LoRA's factors),
+    which are reported on their own.
     """
     from flax import traverse_util
 
@@ -94,7 +98,7 @@ def parameter_summary(params, labels=None) -> dict[str, int]:
     counts = dict.fromkeys(PARTS + ("adapters",), 0)
     for path, value in flat.items():
         part = path.split("/", 1)[0]
-        key = "adapters" if "/adapter_" in path else part
+        key = "adapters" if "/adapter_" in path or "/lora_" in path else part
         counts[key] = counts.get(key, 0) + int(value.size)
     counts["total"] = sum(int(v.size) for v in flat.values())
     if labels is not None:
@@ -128,6 +132,9 @@ def parameter_counts(model_cfg) -> dict[str, int]:
         per_layer += sum(outs[n] for n in ("gate_proj", "up_proj", "down_proj"))
     counts = {"llm": 2 * llm.vocab_size * d + d + llm.num_layers * per_layer,
               "adapters": 2 * llm.num_layers * sum(outs.values()) if llm.adapters else 0}
+    ins = {n: linears[n] // outs[n] for n in outs}
+    counts["adapters"] += llm.num_layers * llm.lora_rank * sum(
+        ins[n] + outs[n] for n in llm.lora_targets)
     h, m, p = vit.hidden_size, vit.mlp_dim, vit.patch_size
     vit_block = 4 * (h * h + h) + (h * m + m) + (m * h + h) + 2 * 2 * h + 2 * h
     counts["vit"] = (p * p * 3 * h + h + h + (1 + (vit.pretrain_image_size // p) ** 2) * h

@@ -1,5 +1,5 @@
-"""Building blocks shared by the decoder and the vision towers: linears with logical axes and
-the stage-B bias/scale adapter, RMSNorm, rotary embeddings, and `attention`, the decoder's one
+"""Building blocks shared by the decoder and the vision towers: linears with logical axes, the
+stage-B bias/scale adapter and LoRA, RMSNorm, rotary embeddings, and `attention`, the decoder's one
 attention entry point (unpacked, packed and cached; kernel chosen by `impl`)."""
 
 from __future__ import annotations
@@ -25,9 +25,16 @@ class Linear(nn.Module):
     With `adapter=True` the output becomes s * (y + b_a), LLaMA-Adapter V2's bias/scale tuning:
     s starts at 1 and b_a at 0, so an adapted model starts as the base model.
 
+    With `lora_rank > 0`, LoRA (Hu et al. 2021, PEFT's form): y = x W + lora_scale * (x A) B,
+    A [in, rank] PEFT's kaiming-uniform init (U(+-1/sqrt(in))), B [rank, out] zero, so a fresh
+    LoRA model is the base model. The LoRA term joins the product before any bias or adapter
+    (as if W itself were W + scale * A B), so merging it into W is exact. Dropout on the LoRA
+    input is not implemented (the train step has no rng): config.model.lora.dropout must be 0.
+
     `checkpoint_name` names the product x @ W for remat policies (llama.REMAT_POLICIES). The
     product, not the output: the adapter's scale gradient needs y + b_a, so a policy that kept
-    only s * (y + b_a) would still recompute the matmul in the backward pass.
+    only s * (y + b_a) would still recompute the matmul in the backward pass. The LoRA
+    products are left unnamed: recomputing them costs rank * (in + out) per token, ~1% of x W.
     """
     features: int
     kernel_axes: tuple[str | None, str | None]
@@ -37,6 +44,8 @@ class Linear(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: callable = nn.initializers.lecun_normal()
     checkpoint_name: str | None = None
+    lora_rank: int = 0
+    lora_scale: float = 0.0
 
     @nn.compact
     def __call__(self, x):
@@ -46,10 +55,14 @@ class Linear(nn.Module):
         # times a learned scale of 1 + 1e-3 rounds back to y itself (bf16 keeps 8 significant
         # bits), so small stage-B scales would change nothing. MXUs/tensor cores accumulate in
         # fp32 anyway; only the rounding point moves.
-        acc = jnp.float32 if self.adapter else None
+        # LoRA likewise: a fresh B is zero and grows slowly, and y + delta rounded to bf16 would
+        # drop a delta below y's last bit.
+        acc = jnp.float32 if self.adapter or self.lora_rank else None
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=acc)
         if self.checkpoint_name:
             y = checkpoint_name(y, self.checkpoint_name)
+        if self.lora_rank:
+            y = y + self.lora_scale * self._lora(x)
         out_axis = (self.kernel_axes[1],)
         if self.use_bias:
             bias = logical_param(self, "bias", nn.initializers.zeros, (self.features,), out_axis,
@@ -62,6 +75,20 @@ class Linear(nn.Module):
                                     (self.features,), out_axis, self.param_dtype)
             y = a_scale.astype(jnp.float32) * (y + a_bias.astype(jnp.float32))
         return y.astype(self.dtype)
+
+    def _lora(self, x):
+        """(x A) B in fp32. A's [in, rank] fan-in is `in`: variance_scaling(1/3, fan_in, uniform)
+        is torch's kaiming_uniform_(a=sqrt(5)), PEFT's init of lora_A, bound 1/sqrt(in)."""
+        a = logical_param(self, "lora_a", nn.initializers.variance_scaling(
+            1 / 3, "fan_in", "uniform"), (x.shape[-1], self.lora_rank),
+            (self.kernel_axes[0], None), self.param_dtype)
+        b = logical_param(self, "lora_b", nn.initializers.zeros,
+                          (self.lora_rank, self.features), (None, self.kernel_axes[1]),
+                          self.param_dtype)
+        xa = jnp.dot(x.astype(self.dtype), a.astype(self.dtype),
+                     preferred_element_type=jnp.float32)
+        return jnp.dot(xa.astype(self.dtype), b.astype(self.dtype),
+                       preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nn.Module):

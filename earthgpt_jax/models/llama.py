@@ -46,8 +46,11 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def _linear(self, features, axes, name, use_bias, checkpoint):
-        return Linear(features, axes, use_bias=use_bias, adapter=self.cfg.adapters,
-                      dtype=self.dtype, checkpoint_name=checkpoint, name=name)
+        cfg = self.cfg
+        rank = cfg.lora_rank if name in cfg.lora_targets else 0
+        return Linear(features, axes, use_bias=use_bias, adapter=cfg.adapters,
+                      dtype=self.dtype, checkpoint_name=checkpoint, lora_rank=rank,
+                      lora_scale=cfg.lora_scale, name=name)
 
     @nn.compact
     def __call__(self, x, cache, positions, key_valid, cache_index, segment_ids=None):

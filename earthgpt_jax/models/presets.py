@@ -8,9 +8,31 @@ trains on a laptop CPU in minutes.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "splash", "auto")
+
+# The decoder linears LoRA can adapt (LlamaConfig.lora_targets), by their HF/PEFT module names.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_modules_matching(targets: str) -> tuple[str, ...]:
+    """The LORA_MODULES that comma-separated regexes select (each regex full-matched against a
+    module name, e.g. "q_proj,v_proj" or ".*_proj"). A regex that selects nothing is a
+    ValueError: a typo would otherwise train fewer linears than asked for."""
+    patterns = [t.strip() for t in targets.split(",") if t.strip()]
+    if not patterns:
+        raise ValueError(f"LoRA targets {targets!r} name no module; use regexes over "
+                         f"{', '.join(LORA_MODULES)}")
+    for pattern in patterns:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"LoRA target {pattern!r} is not a regex: {e}") from None
+        if not any(compiled.fullmatch(m) for m in LORA_MODULES):
+            raise ValueError(f"LoRA target {pattern!r} matches none of {', '.join(LORA_MODULES)}")
+    return tuple(m for m in LORA_MODULES if any(re.fullmatch(p, m) for p in patterns))
 
 # "auto": the flash kernel of the platform the program runs on (TPU: Pallas splash; NVIDIA:
 # cuDNN), the einsum elsewhere (CPU, where it is the fastest and the reference).
@@ -47,11 +69,27 @@ class LlamaConfig:
     # unpacked rows' valid keys to be a prefix (right padding, as in training batches).
     # Decoding with a KV cache always uses "einsum".
     attention_impl: str = "einsum"
+    # LoRA on the decoder linears named in lora_targets (a subset of LORA_MODULES): rank 0 is
+    # none. y = x W + (alpha / rank) * x A B with A [in, rank], B [rank, out] (PEFT's form).
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = LORA_MODULES
 
     def __post_init__(self):
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {self.attention_impl!r} is not one of "
                              f"{', '.join(ATTENTION_IMPLS)}")
+        # model_config.json stores the tuple as a JSON list; jit needs the config hashable.
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        unknown = set(self.lora_targets) - set(LORA_MODULES)
+        if unknown or self.lora_rank < 0:
+            raise ValueError(f"lora_rank {self.lora_rank} (>= 0) / lora_targets "
+                             f"{sorted(unknown)} not in {', '.join(LORA_MODULES)}")
+
+    @property
+    def lora_scale(self) -> float:
+        """PEFT's `scaling`: the LoRA product's factor."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def head_dim(self) -> int:

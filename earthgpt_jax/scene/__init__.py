@@ -1,0 +1,198 @@
+"""Whole Earth-observation scenes: tile a large raster, ask the model about every tile, merge
+the answers on the scene grid, and write them in map coordinates (issue 18).
+
+`python -m earthgpt_jax.scene --ckpt_dir=W --image=scene.tif --task=detect --out=result.geojson`
+
+- `raster`: windowed reads (never the whole raster), training's band choice and stretch per
+  tile (a tile is what a training chip was), nodata masked to black, the tile grid;
+- `merge`: one box per object across overlapping tiles;
+- `outputs`: GeoJSON in WGS84 and in the scene's CRS (pixels when it has none), PNG overview;
+- here: the loop. Tiles go to an `answerer` in batches; each finished tile is appended to a
+  journal (`<out>.tiles.jsonl`) before the next batch, so a killed run resumes from the tiles
+  done. The answerer is `SessionAnswerer` (the shared `InferenceSession`, KV-cached decoding);
+  tests pass a stand-in with the same two methods where the model is not what they test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from earthgpt_jax.data import boxes as box_text
+from earthgpt_jax.scene.merge import Detection, margin, merge
+from earthgpt_jax.scene.outputs import overview_path, write_geojson, write_overview
+from earthgpt_jax.scene.raster import SceneError, SceneReader, Tile, tile_grid
+
+TASKS = ("detect", "ground", "ask")
+
+
+def task_prompt(task: str, question: str) -> str:
+    """The question every tile is asked: training's detection and grounding prompts."""
+    if task not in TASKS:
+        raise SceneError(f"unknown --task={task}; choose one of {', '.join(TASKS)}")
+    if task != "detect" and not question:
+        raise SceneError(f"--task={task} needs --question")
+    if task == "ground":
+        return box_text.GROUNDING_PROMPT.format(phrase=question)
+    return question or box_text.DETECTION_PROMPT
+
+
+class SessionAnswerer:
+    """Tiles -> answers through an `InferenceSession` (greedy, KV-cached, batched). A short
+    last batch repeats its last tile, so one batch size is compiled."""
+
+    def __init__(self, session, batch_size: int = 8, max_new_tokens: int = 256):
+        self.session, self.batch_size, self.max_new_tokens = session, batch_size, max_new_tokens
+        self.image_size = session.model.cfg.image_size
+
+    def pixels(self, tile: np.ndarray) -> np.ndarray:
+        return self.session.pixels(tile)
+
+    def answer(self, images: list[np.ndarray], prompt: str) -> list[str]:
+        import jax
+        from earthgpt_jax.generate import apply_stop_strings
+        from earthgpt_jax.inference import STOP_STRINGS
+        n = len(images)
+        batch = np.stack(images + images[-1:] * (self.batch_size - n))
+        tokens, valid = self.session.prompts([([], prompt)] * self.batch_size)
+        out = self.session.generate(batch, tokens, valid, max_new_tokens=self.max_new_tokens)
+        out = np.asarray(jax.device_get(out))
+        return [apply_stop_strings(self.session.tokenizer.decode(row), STOP_STRINGS).strip()
+                for row in out[:n]]
+
+
+class Journal:
+    """`<out>.tiles.jsonl`: a header naming the run, then one line per finished tile."""
+
+    def __init__(self, path: str, header: dict):
+        self.path = path
+        raw = b""
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                raw = f.read()
+        # A run killed mid-write leaves a partial last line: cut it, redo that tile.
+        raw = raw[:raw.rfind(b"\n") + 1]
+        lines = raw.decode().splitlines()
+        if lines and json.loads(lines[0]) != header:
+            raise SceneError(f"{path} holds another run's tiles (other scene, task or tiling); "
+                             "delete it, or choose another --out")
+        self.done = {r["tile"]: r for r in map(json.loads, lines[1:])}
+        with open(path, "wb") as f:
+            f.write(raw or (json.dumps(header) + "\n").encode())
+        self._file = open(path, "a")
+
+    def record(self, entry: dict) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()  # the OS keeps it when the process is killed
+        self.done[entry["tile"]] = entry
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _tile_entry(tile: Tile, answer: str, task: str, question: str) -> dict:
+    """A tile's answer with its boxes in scene pixels (corners, oriented or not)."""
+    from earthgpt_jax.inference import answer_boxes
+    entry = {"tile": tile.index, "window": tile.window, "answer": answer, "corners": [],
+             "labels": []}
+    if task == "ask":
+        return entry
+    shapes, labels = answer_boxes(answer)
+    for shape, label in zip(shapes, labels):
+        pixel = box_text.shape_to_pixel(shape, tile.width, tile.height)
+        quad = box_text.box_corners(pixel) if len(pixel) == 4 else pixel
+        entry["corners"].append([v + (tile.col if k % 2 == 0 else tile.row)
+                                 for k, v in enumerate(quad)])
+        # A grounding box names no class: it is the phrase asked about.
+        entry["labels"].append(label if label is not None or task != "ground" else question)
+    return entry
+
+
+def _detections(journal: Journal, tiles: list[Tile], width: int, height: int, task: str
+                ) -> list[Detection]:
+    found = []
+    for index, entry in sorted(journal.done.items()):
+        tile = tiles[index]
+        if task == "ask":
+            if entry.get("answer") is not None:
+                x0, y0, x1, y1 = tile.col, tile.row, tile.col + tile.width, tile.row + tile.height
+                found.append(Detection((x0, y0, x1, y0, x1, y1, x0, y1), None, index,
+                                       entry["answer"]))
+            continue
+        for quad, label in zip(entry["corners"], entry["labels"]):
+            d = Detection(tuple(quad), label, index, entry["answer"])
+            d.margin = margin(d.box, tile, width, height)
+            found.append(d)
+    return found if task == "ask" else merge(found)
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def run_scene(image: str, out: str, answerer, *, task: str = "detect", question: str = "",
+              tile: int = 0, overlap: int = -1, log=None, stop_after: int = 0) -> dict:
+    """Answer every tile of `image`, merge, write --out and its siblings; -> a summary.
+    `tile` 0: the model's input size (the answerer's `image_size`); `overlap` -1: a quarter of
+    the tile. `stop_after` > 0 stops after that many batches (tests of resuming)."""
+    log = log or sys.stderr
+    prompt = task_prompt(task, question)
+    tile = tile or answerer.image_size
+    overlap = tile // 4 if overlap < 0 else overlap
+    with SceneReader(image) as reader:
+        tiles = tile_grid(reader.width, reader.height, tile, overlap)
+        header = {"scene": os.path.abspath(image), "size": [reader.width, reader.height],
+                  "task": task, "prompt": prompt, "tile": tile, "overlap": overlap}
+        journal = Journal(out + ".tiles.jsonl", header)
+        resumed = len(journal.done)
+        todo = [t for t in tiles if t.index not in journal.done]
+        if reader.crs is None:
+            log.write(f"{image} has no georeference: coordinates are scene pixels\n")
+        log.write(f"{len(tiles)} tiles of {tile} px (overlap {overlap}) over "
+                  f"{reader.width} x {reader.height} px; {resumed} done before\n")
+        start, decoded, skipped, shown = time.perf_counter(), 0, 0, -1.0
+        try:
+            for b, first in enumerate(range(0, len(todo), answerer.batch_size)):
+                if stop_after and b >= stop_after:
+                    break
+                live = []
+                for t in todo[first:first + answerer.batch_size]:
+                    pixels, filled = reader.read(t)
+                    if filled == 0:  # all nodata: nothing to ask about
+                        journal.record({"tile": t.index, "window": t.window, "answer": None,
+                                        "corners": [], "labels": []})
+                        skipped += 1
+                    else:
+                        live.append((t, answerer.pixels(pixels)))
+                if live:
+                    answers = answerer.answer([p for _, p in live], prompt)
+                    for (t, _), answer in zip(live, answers):
+                        journal.record(_tile_entry(t, answer, task, question))
+                decoded += len(live)
+                elapsed = time.perf_counter() - start
+                left = len(tiles) - len(journal.done)
+                if elapsed - shown < 1 and left:  # a line a second at most
+                    continue
+                shown, rate = elapsed, (decoded + skipped) / max(elapsed, 1e-9)
+                log.write(f"tiles {len(journal.done)}/{len(tiles)}, {rate:.2f} tiles/s, "
+                          f"ETA {_eta(left / max(rate, 1e-9))}\n")
+                log.flush()
+        finally:
+            journal.close()
+        seconds = time.perf_counter() - start
+        summary = {"tiles": len(tiles), "resumed": resumed, "decoded": decoded,
+                   "skipped_nodata": skipped, "seconds": round(seconds, 3),
+                   "tiles_per_s": round(decoded / seconds, 3) if decoded else None,
+                   "complete": len(journal.done) == len(tiles),
+                   "georeferenced": reader.crs is not None}
+        if not summary["complete"]:
+            return summary
+        detections = _detections(journal, tiles, reader.width, reader.height, task)
+        files = write_geojson(reader, detections, out, task)
+        files.append(write_overview(reader, detections, overview_path(out)))
+    return dict(summary, features=len(detections), files=files)
