@@ -35,7 +35,7 @@ demo: install
 	$(ENV) $(PY) main.py --config=configs/mmrs.py:demo --workdir=$(DEMO_WORKDIR)
 
 test: install-dev
-	$(ENV) XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q --durations=10 tests
+	$(ENV) XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2 --dist loadfile --durations=10 tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_WORKDIR)
