@@ -70,19 +70,6 @@ def _xla_optimizations(request):
         os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = previous
 
 
-# The files that take longest, longest first. `make test` runs the suite on two workers that
-# take whole files in collection order (`-n 2 --dist loadfile`): a long file collected last
-# (alphabetically, test_train.py) would otherwise run alone while the other worker idles.
-SLOW_FILES_FIRST = ("test_train.py", "test_recipe.py", "test_multiprocess.py", "test_models.py",
-                    "test_sharding.py", "test_packing.py", "test_from_workdir.py",
-                    "test_generate_sampling.py", "test_benchmarks_gpu.py", "test_lora.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
-
-
 def pytest_report_header(config):
     return f"JAX compilation cache: {os.environ['JAX_COMPILATION_CACHE_DIR']}"
 
