@@ -157,10 +157,14 @@ def save_llama_config(out_dir: str, cfg: LlamaConfig, hf_config: dict | None = N
 # ----------------------------------------------------------------------------- reading
 
 
+def _tuples(d: dict) -> dict:
+    """JSON lists back to the tuples the (hashable) config dataclasses hold."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
 def _llama_config_from_dict(d: dict) -> LlamaConfig:
     names = {f.name for f in dataclasses.fields(LlamaConfig)}
-    return LlamaConfig(**{k: tuple(v) if isinstance(v, list) else v
-                          for k, v in d.items() if k in names})
+    return LlamaConfig(**_tuples({k: v for k, v in d.items() if k in names}))
 
 
 @dataclasses.dataclass
@@ -298,11 +302,10 @@ def load_model_config(path: str) -> EarthGPTConfig:
     """The EarthGPTConfig a `save_model_config` file holds (JSON lists back to tuples)."""
     with open(path) as f:
         raw = json.load(f)
-    # JSON lists back to the tuples the (hashable) configs hold.
-    part = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     top = {k: v for k, v in raw.items() if k not in ("llm", "vit", "convnext")}
-    return EarthGPTConfig(llm=LlamaConfig(**part(raw["llm"])), vit=ViTConfig(**part(raw["vit"])),
-                          convnext=ConvNeXtConfig(**part(raw["convnext"])), **top)
+    return EarthGPTConfig(llm=LlamaConfig(**_tuples(raw["llm"])),
+                          vit=ViTConfig(**_tuples(raw["vit"])),
+                          convnext=ConvNeXtConfig(**_tuples(raw["convnext"])), **top)
 
 
 def open_workdir_params(workdir: str, step: int | None = None) -> SubtreeCheckpoint:
