@@ -2,26 +2,33 @@
 
 Equal work: one EarthGPT whose LLM is a ~134M LLaMA (hidden 768, 12 layers, 12 heads,
 intermediate 2048, vocab 32000; tiny vision towers at 128 px pooled to a 16x16 grid = 256 visual
-tokens). Our side runs the public `greedy_generate` (images + 64 prompt tokens -> 128 tokens).
-The HF side gets the very same weights (converted by `convert.llama.params_to_hf_state`) and the
-exact prefix embeddings our `embed_prompt` produces ([BOS] + 256 visual + 64 prompt = 321
-vectors) as `inputs_embeds`, and decodes greedily with its KV cache (`use_cache=True`). fp32 on
-both sides; no EOS on either side (ours: eos_id=-1, HF: eos_token_id=None), so both always emit
-exactly 128 tokens, and the token sequences are compared position by position.
+tokens). Every side starts from the same uint8 images and 64 prompt tokens and emits 128 tokens:
+  ours       the public `greedy_generate` (vision towers + embedding + prefill + decode loop);
+  unrolled   the same after `generate.unrolled_for_decoding` (the serving engine's layout);
+  HF         `LlamaForCausalLM.generate` (dynamic KV cache) holding the very same weights
+             (converted by `convert.llama.params_to_hf_state`). HF has no model for our vision
+             towers, so each HF call first runs our jitted `embed_prompt` (towers + embedding ->
+             [BOS] + 256 visual + 64 prompt = 321 vectors) and passes them as `inputs_embeds`;
+             that tower work is inside HF's timed calls exactly as it is inside ours;
+  HF static  the same `generate` with `cache_implementation="static"` and its forward under
+             torch.compile (inductor; `--hf_static=eager` without compiling, `off` to skip).
+fp32 everywhere; no EOS (ours: eos_id=-1, HF: eos_token_id=None), so every side emits exactly
+128 tokens; the token sequences are compared position by position with HF's (HF's top-2 logit
+margins are recorded in a separate, untimed check run).
 
-Times (best of `--repeats` runs after one warm-up, so the other users of a shared CPU disturb
-the figure least):
-  prefill  ours: the jitted `generate.prefill` (vision towers + embed + LLM forward + cache);
-           HF: from `generate` start to the first logits (timestamped by a logits processor).
-  total    the whole generate call, prefill included.
-  decode   (total - prefill): the 127 cached one-token forwards, the argmaxes and the loop.
-Compile time (ours; HF compiles nothing) is reported apart and excluded from the above.
-
---unrolled also times ours after `generate.unrolled_for_decoding` (the serving engine's layout);
+Times are measured the same way on every side: each is the best of `--repeats` runs, after one
+warm-up (which also compiles), with the sides alternating so that load from the other users of
+a shared CPU falls on all of them:
+  prefill  a call producing only the first token (towers + prefix forward + cache + argmax):
+           ours the jitted `generate.prefill`, HF a `generate` call with max_new_tokens=1;
+  total    the whole generate call;
+  decode   total - prefill: the 127 cached one-token forwards, the argmaxes and the loop.
+Compile time is reported apart (ours: XLA; HF static: torch.compile warm-up) and excluded.
 The exit status is 1 if any greedy sequence differs from HF's.
 
   JAX_PLATFORMS=cpu NPROC=16 HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python \
-      benchmarks/decode_vs_hf.py [--batches=1,8] [--repeats=2] [--unrolled] [--no_append]
+      benchmarks/decode_vs_hf.py [--batches=1,8] [--repeats=2] [--unrolled] \
+      [--hf_static=compiled|eager|off] [--json=PATH] [--no_append]
 """
 
 from __future__ import annotations
@@ -138,9 +145,10 @@ def hf_runners(hf_model, embed, new_tokens: int, static: bool = False,
                compiled: bool = True) -> dict:
     """HF greedy `generate` from the same images and prompt as ours: `embed` () -> the prefix
     embeddings, by our jitted `embed_prompt` (the vision towers, which HF has no model for),
-    timed inside HF's calls as inside ours. Like `ours_runners`: "generate" -> (tokens, per-step
-    top-2 logit margins), "prefill" (towers + a 1-token generate: HF's prefill and first
-    argmax; ours' `generate.prefill` also returns the first token). `static`: a StaticCache
+    timed inside HF's calls as inside ours. Like `ours_runners`: "generate" -> tokens, "check"
+    (untimed) -> (tokens, per-step top-2 logit margins), "prefill" (towers + a 1-token
+    generate: HF's prefill and first argmax; ours' `generate.prefill` also returns the first
+    token). `static`: a StaticCache
     (fixed-shape KV cache) and, with `compiled`, the forward under torch.compile (inductor;
     on CPU transformers compiles only when asked, `_compile_all_devices`)."""
     import torch
@@ -174,12 +182,13 @@ def hf_runners(hf_model, embed, new_tokens: int, static: bool = False,
         # With only inputs_embeds, generate returns the new tokens alone.
         return out.numpy()[:, -steps:]
 
-    def generate():
+    def check():
         margins = Margins()
         tokens = call(new_tokens, [margins])
         return tokens, np.stack(margins.margins, 1)
 
-    return {"generate": generate, "prefill": lambda: call(1)}
+    # The timed call has no logits processor: its top-2 per step is work ours does not do.
+    return {"generate": lambda: call(new_tokens), "check": check, "prefill": lambda: call(1)}
 
 
 def _timed(fn):
@@ -229,7 +238,11 @@ def run_batch(model, params, hf_model, batch: int, prompt_len: int, new_tokens: 
     outputs = {}
     for name, side in sides.items():
         start = time.perf_counter()
-        outputs[name] = side["generate"]()
+        if "check" in side:
+            outputs[name] = side["check"]()
+            side["generate"]()
+        else:
+            outputs[name] = side["generate"]()
         side["prefill"]()
         side.setdefault("compile_s", time.perf_counter() - start if name == "hf_static"
                         and hf_static == "compiled" else None)
@@ -392,7 +405,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hf_static", default="compiled", choices=["compiled", "eager", "off"],
                         help="the second HF reference: generate with a static cache, its "
                         "forward under torch.compile (compiled) or not")
-    parser.add_argument("--json", default="benchmarks/results/decode_vs_hf.json",
+    parser.add_argument("--json", default=time.strftime(
+                            "benchmarks/results/%Y-%m-%d_decode_vs_hf_cpu.json", time.gmtime()),
                         help="the raw figures (every run's times), which RESULTS.md quotes")
     parser.add_argument("--no_append", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -409,7 +423,8 @@ def main(argv=None) -> int:
                        "machine": results.machine(("jax", "jaxlib", "torch", "transformers")),
                        **result}, f, indent=1)
         results.append_section("Decoding: ours vs transformers generate",
-                               results.command_line(__file__, argv), lines)
+                               results.command_line(__file__, argv),
+                               lines + ["", f"Raw JSON: {args.json}"])
         print(f"appended to {results.RESULTS}")
     checks = [r[k] for r in result["rows"] for k in CHECKS.values() if k in r]
     return 0 if all(c["all_equal"] for c in checks) else 1

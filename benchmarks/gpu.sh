@@ -26,7 +26,8 @@ PYEOF
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
-# The 7B state (fp32 master weights) plus activations needs most of the card.
+# The 7B state (frozen weights in bf16, or fp32 in a /float32 variant; fp32 trainable masters)
+# plus activations needs most of the card.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export PYTHONUNBUFFERED=1
 PYTHONPATH=. exec "$PY" benchmarks/gpu_bench.py --out="${OUT:-.}/gpu_bench.json" "$@"

@@ -171,13 +171,15 @@ def flops_spec(args, model_cfg, rows: int, samples_per_row: int) -> dict:
             "remat_policy": model_cfg.remat_policy}
 
 
-def parse_variants(text: str, default_batch: int) -> list[tuple[str, str, int]]:
-    """'einsum/full/16,cudnn/none/8' -> [(attention, remat, batch), ...]; parts may be empty
-    ('cudnn' alone keeps the preset's remat and --batch)."""
+def parse_variants(text: str, default_batch: int) -> list[tuple[str, str, int, str]]:
+    """'einsum/full/16,cudnn/none/8/float32' -> [(attention, remat, batch, frozen dtype), ...];
+    parts may be empty ('cudnn' alone keeps the preset's remat, --batch and the config's
+    frozen_param_dtype, bf16)."""
     out = []
     for item in filter(None, text.split(",")):
-        parts = item.split("/") + ["", ""]
-        out.append((parts[0], parts[1], int(parts[2]) if parts[2] else default_batch))
+        parts = item.split("/") + ["", "", ""]
+        out.append((parts[0], parts[1], int(parts[2]) if parts[2] else default_batch,
+                    parts[3]))
     return out
 
 
@@ -198,21 +200,29 @@ def phase_train(args, report: dict, deadline: float) -> None:
     mesh = build_mesh(config.mesh)
     state = None
     report["train"] = {}
-    for attention, remat, batch_size in parse_variants(args.variants, args.batch):
+    state_frozen = None  # the frozen dtype the state was made with
+    for attention, remat, batch_size, frozen in parse_variants(args.variants, args.batch):
         model_cfg = model_config(args, attention, remat)
-        name = f"{attention}/{model_cfg.remat_policy}/{batch_size}"
+        name = f"{attention}/{model_cfg.remat_policy}/{batch_size}" + (f"/{frozen}" if frozen
+                                                                        else "")
+        frozen = frozen or config.train.frozen_param_dtype
         if time.time() > deadline:
             report["train"][name] = {"skipped": "time budget spent"}
             print(f"[train {name}] skipped: time budget spent", flush=True)
             continue
         try:
-            trainer = Trainer.for_run(config.replace(train={"batch_size": batch_size}),
-                                      model_cfg, mesh)
+            trainer = Trainer.for_run(
+                config.replace(train={"batch_size": batch_size, "frozen_param_dtype": frozen}),
+                model_cfg, mesh)
+            if state is not None and frozen != state_frozen:
+                state = None  # another storage dtype: freed before the new one is made
+                gc.collect()
             if state is None:
                 start = time.perf_counter()
                 state = trainer.init_state(0)
                 jax.block_until_ready(state)
                 report["train"]["init_seconds"] = time.perf_counter() - start
+                state_frozen = frozen
             if args.pack_length:
                 batch = synthetic_packed_batch(model_cfg, batch_size, args.pack_length,
                                                args.images_per_pack, args.text_len)
@@ -246,6 +256,8 @@ def phase_train(args, report: dict, deadline: float) -> None:
                 "positions_per_row": seq,
                 **utilisation(spec, step_s, report),
                 "loss_first": first_loss, "loss_last": float(metrics["loss"]),
+                "frozen_param_dtype": frozen,
+                "state_gb": sum(x.nbytes for x in jax.tree.leaves(state)) / 2 ** 30,
                 "memory_gb": device_memory_gb(),
             }
             report["train"][name] = row
@@ -387,11 +399,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--variants",
                    default="einsum/full,cudnn/full,cudnn/save_dot_except_mlp,cudnn/minimal/8,"
-                           "cudnn/none/8",
-                   help="train variants to time, comma-separated attention/remat/batch "
+                           "cudnn/none/8,cudnn/full//float32",
+                   help="train variants to time, comma-separated attention/remat/batch/frozen "
                         "(attention: einsum|xla|cudnn; remat: none or a policy of "
                         "earthgpt_jax/models/llama.py REMAT_POLICIES, empty = the preset's; "
-                        "batch: empty = --batch)")
+                        "batch: empty = --batch; frozen: the storage dtype of frozen weights, "
+                        "bfloat16|float32, empty = the config's, bfloat16)")
     p.add_argument("--decode_batches", default="1,8")
     p.add_argument("--decode_layers", default="unrolled", choices=("unrolled", "scanned"))
     p.add_argument("--prompt_len", type=int, default=64)

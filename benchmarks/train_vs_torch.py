@@ -226,8 +226,11 @@ class OursSide:
         self.jax = jax
         one = {"data": 1, "fsdp": 1, "tensor": 1}
         config = mmrs.get_run_config("demo").replace(
+            # fp32 frozen weights, as the PyTorch reference holds them: the same work and
+            # the same numbers on both sides (the default stores them in bf16).
             train=dict(TRAIN_HPARAMS, stage=stage, batch_size=batches[0]["tokens"].shape[0],
-                       num_steps=len(batches), grad_accum_steps=1),
+                       num_steps=len(batches), grad_accum_steps=1,
+                       frozen_param_dtype="float32"),
             mesh={"ici": one, "dcn": one})
         mesh = parallel.build_mesh(config.mesh, jax.devices()[:1])
         self.trainer = train_lib.Trainer.for_run(config, model_cfg, mesh)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 import jax
@@ -76,14 +77,51 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     return Topology(generation, math.prod(shape), shape, num_slices)
 
 
+LIBTPU_LOCKFILE = "/tmp/libtpu_lockfile"
+
+
+class LibtpuBusyError(RuntimeError):
+    """Another live process on this host holds libtpu (its lock file)."""
+
+
+def _lock_holders(path: str = LIBTPU_LOCKFILE) -> list[str]:
+    """'PID (command)' of each process with `path` open, read from /proc (Linux; [] elsewhere
+    or where another user's processes cannot be read)."""
+    holders = []
+    pids = os.listdir("/proc") if os.path.isdir("/proc") else []
+    # This process opened the file too, before failing to lock it.
+    for pid in (p for p in pids if p.isdigit() and int(p) != os.getpid()):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == path for fd in fds):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                holders.append(f"{pid} ({command[:80]})")
+        except OSError:  # gone, or not ours to read
+            continue
+    return holders
+
+
 def topology_devices(topo: Topology):
     from jax.experimental import topologies
     bounds = (2, 2, 1) if len(topo.shape) == 3 or topo.chips >= 4 else (1, 1, 1)
-    desc = topologies.get_topology_desc(
-        platform="tpu", topology_name=topo.name,
-        # Two-core chips (v4, v5p) run as one device per chip ("megacore"), as on Cloud TPU.
-        chip_config_name="megacore" if CORES_PER_CHIP[topo.generation] == 2 else "default",
-        chips_per_host_bounds=bounds, num_slices=topo.num_slices)
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=topo.name,
+            # Two-core chips (v4, v5p) run as one device per chip ("megacore"), as on Cloud TPU.
+            chip_config_name="megacore" if CORES_PER_CHIP[topo.generation] == 2 else "default",
+            chips_per_host_bounds=bounds, num_slices=topo.num_slices)
+    except jax.errors.JaxRuntimeError as e:
+        if "libtpu_lockfile" not in str(e):
+            raise
+        # libtpu's own advice ("sudo rm /tmp/libtpu_lockfile") is wrong while the holder lives.
+        holders = _lock_holders()
+        who = (f"held by {', '.join(holders)}" if holders else
+               "no process this user can see holds it; if none does, remove it")
+        raise LibtpuBusyError(
+            f"libtpu is in use by another process on this host ({LIBTPU_LOCKFILE}: {who}); "
+            f"wait for it to finish, or set ALLOW_MULTIPLE_LIBTPU_LOAD=1 when it only compiles "
+            f"too (no TPU chips in use)") from None
     return desc.devices
 
 
@@ -100,10 +138,23 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
     parallel.check_batch_divides(batch, mesh)
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_shardings[k])
                       for k, (shape, dtype) in trainer.batch_shapes.items()}
+    data = config.data
+    images_per_row = trainer_lib.images_per_pack(data, model_cfg) if data.packing else 1
     report = {"topology": topo.name, "num_slices": topo.num_slices,
               "chips": topo.chips * topo.num_slices, "mesh": dict(mesh.shape),
               "global_batch": batch, "hbm_gib_per_chip": HBM_GIB[topo.generation],
-              "parameters": trainer.summary}
+              "remat_policy": model_cfg.remat_policy,
+              "attention_impl": trainer.model.cfg.llm.attention_impl,
+              "frozen_param_dtype": config.train.frozen_param_dtype,
+              "parameters": trainer.summary,
+              # What the FLOP figures below are of (models/flops.flops_for_spec recomputes
+              # them; tests/test_flops.py does for every committed result file).
+              "flops_spec": {"size": config.model.size, "stage": config.train.stage,
+                             "rows": batch, "text_len": data.max_text_len,
+                             "pack_length": data.pack_length if data.packing else 0,
+                             "images_per_row": images_per_row,
+                             "attention_impl": trainer.model.cfg.llm.attention_impl,
+                             "remat_policy": model_cfg.remat_policy}}
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         lowered = trainer._train_step.lower(trainer.abstract_state, abstract_batch,
                                             jax.ShapeDtypeStruct((), jnp.float32))
@@ -128,10 +179,9 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
     peak = getattr(mem, "peak_memory_in_bytes", 0) / gib
     # Model FLOPs of a step whose samples all have max_text_len text tokens (as many per packed
     # row as fit): the real mix of lengths is unknown here. Hardware FLOPs beside it.
-    data = config.data
     flops = train_step_flops(model_cfg, batch, data.max_text_len, config.train.stage,
                              packed_length=data.pack_length if data.packing else None,
-                             images_per_row=trainer_lib.images_per_pack(data, model_cfg))["total"]
+                             images_per_row=images_per_row)["total"]
     chips = report["chips"]
     chip_peak = device_peak_flops(DEVICE_KIND[topo.generation])
     return report | {
@@ -145,7 +195,8 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
 
 def format_report(r: dict) -> str:
     head = (f"{r['topology']} x{r['num_slices']} slice(s), {r['chips']} chips, mesh {r['mesh']}, "
-            f"global batch {r['global_batch']}")
+            f"global batch {r['global_batch']}, remat {r['remat_policy']}, frozen weights in "
+            f"{r['frozen_param_dtype']}")
     if not r["fits"]:
         return f"{head}\n  DOES NOT FIT: {r['error']}"
     m = r["per_chip"]

@@ -120,7 +120,7 @@ def chat_loop(chat: Chat, image_path: str, image: np.ndarray, stdin, stdout, std
         if line.split()[0] == "/image":
             path = line[len("/image"):].strip()
             try:
-                image, image_path = load_image(os.path.expanduser(path)), path
+                image, image_path = chat.session.load_image(os.path.expanduser(path)), path
             except InferenceError as e:
                 stderr.write(f"error: {e}\n")
                 continue
@@ -154,8 +154,9 @@ def main(argv=None, stdin=None, stdout=None, stderr=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:  # the image first: a wrong path should not wait for the checkpoint to load
-        image = load_image(os.path.expanduser(args.image))
+        load_image(os.path.expanduser(args.image))
         session = InferenceSession.from_workdir(args.ckpt_dir, args.tokenizer)
+        image = session.load_image(os.path.expanduser(args.image))  # the model's bands
     except InferenceError as e:
         stderr.write(f"error: {e}\n")
         stderr.flush()

@@ -442,9 +442,12 @@ def restore_sharded(pytree_dir: str, prefix: Sequence[str],
 
 
 def _is_adapter(path: tuple) -> bool:
-    """Stage B's bias/scale adapters and LoRA's factors: absent from LLaMA-2 and from stage-A
-    runs, they start as the identity (LoRA: B = 0) wherever a checkpoint lacks them."""
-    return path[-1] in ("adapter_scale", "adapter_bias", "lora_a", "lora_b")
+    """Stage B's bias/scale adapters, LoRA's factors and the band adapter (an RGB run's
+    checkpoint starting a model.input_bands run): absent from LLaMA-2 and from stage-A runs,
+    they start as the identity (LoRA: B = 0; the band adapter picking its bands) wherever a
+    checkpoint lacks them."""
+    return path[-1] in ("adapter_scale", "adapter_bias", "lora_a", "lora_b", "band_weights",
+                        "band_bias")
 
 
 def abbreviate_paths(paths) -> str:

@@ -15,7 +15,8 @@ import dataclasses
 import difflib
 from typing import Any
 
-from earthgpt_jax.models.presets import ATTENTION_IMPLS, LORA_MODULES, lora_modules_matching
+from earthgpt_jax.models.presets import (ATTENTION_IMPLS, LORA_MODULES, band_init_rows,
+                                         lora_modules_matching)
 
 # Training stages (earthgpt_jax/optim.STAGE_TRAINABLE says what each trains): `all` for the
 # demo from scratch, `a` (cross-modal mutual comprehension), `b` (unified instruction tuning),
@@ -101,6 +102,13 @@ class ModelConfig:
     # GPU, einsum elsewhere. Decoding with a KV cache always uses einsum.
     attention_impl: str = "einsum"
     lora: LoraConfig = LoraConfig()
+    # Bands the model reads (data/images.py keeps that many of each image): 3 = RGB as the
+    # towers were trained; other counts (e.g. 4 for R,G,B,NIR) add a learned 1x1 band adapter
+    # before the towers (models/bands.py), trained in stages all, a and b. band_init: which
+    # bands it starts from, "r,g,b" 0-based indices or "mean"; "" = the first three (grey
+    # below three). Set with 3 bands it adds the adapter too (e.g. "2,1,0" for BGR files).
+    input_bands: int = 3
+    band_init: str = ""
 
     def __post_init__(self):
         if isinstance(self.lora, dict):  # RunConfig.replace(model={"lora": {...}})
@@ -108,6 +116,7 @@ class ModelConfig:
         _one_of("model", "size", self.size, MODEL_SIZES)
         _one_of("model", "attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _one_of("model", "dtype", self.dtype, DTYPES)
+        band_init_rows(self.band_init, self.input_bands)  # ValueError naming config.model.*
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,10 +199,16 @@ class TrainConfig:
     # Datasheet bf16 FLOP/s of one device for the logged MFU; 0 = known from the device kind
     # (TPU v4/v5e/v5p/v6e, H100/H200/A100/B200), no MFU where unknown (CPU).
     peak_flops_per_device: float = 0.0
+    # Storage dtype of the weights the stage freezes (stage B: the whole decoder and both
+    # towers): created, restored and checkpointed in it. bfloat16 halves their memory (they
+    # are read in the compute dtype anyway, and LLaMA-2/DINOv2 ship in 16 bits); trainable
+    # leaves always keep fp32 masters. Stage `all` freezes nothing.
+    frozen_param_dtype: str = "bfloat16"
 
     def __post_init__(self):
         _one_of("train", "stage", self.stage, STAGES)
         _one_of("train", "loss_normalization", self.loss_normalization, ("tokens", "examples"))
+        _one_of("train", "frozen_param_dtype", self.frozen_param_dtype, DTYPES)
         if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
             raise ValueError(f"config.train.batch_size={self.batch_size} must divide by "
                              f"grad_accum_steps={self.grad_accum_steps} (>= 1)")

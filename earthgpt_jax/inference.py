@@ -8,6 +8,8 @@ the parts a run already holds (`InferenceSession(model, params, tokenizer, mesh,
 training's end-of-run evaluation has them). Images are decoded by `data/images.decode_image` and
 resized by `square_and_resize`, the calls the training pipeline makes, so every entry point
 sees an image (band choice, bit-depth stretch, TIFF layout, orientation) exactly as training did.
+A model of N input bands (config.model.input_bands) decodes N: use the session's `load_image`
+and `decode`, which pass the model's band count.
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ class InferenceError(Exception):
     """A user-facing error (no workdir, checkpoint or tokenizer; unreadable image): one line."""
 
 
-def load_image(path: str) -> np.ndarray:
-    """An image file -> uint8 [H, W, 3], decoded as training decodes it; InferenceError else."""
+def load_image(path: str, bands: int = 3) -> np.ndarray:
+    """An image file -> uint8 [H, W, bands], decoded as training decodes it for a model of
+    `bands` input bands; InferenceError else."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise InferenceError(f"cannot read image {path}: {e.strerror or e}") from None
     try:
-        return decode_image(data, path)
+        return decode_image(data, path, bands=bands)
     except ImageDecodeError as e:
         raise InferenceError(str(e).splitlines()[0]) from None
 
@@ -123,8 +126,20 @@ class InferenceSession:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
 
+    def load_image(self, path: str) -> np.ndarray:
+        """An image file decoded with this model's bands (`load_image`)."""
+        return load_image(path, self.model.cfg.input_bands)
+
+    def decode(self, data: bytes, name: str, **options) -> np.ndarray:
+        """Encoded bytes decoded with this model's bands (`images.decode_image`'s errors)."""
+        return decode_image(data, name, bands=self.model.cfg.input_bands, **options)
+
     def pixels(self, image: np.ndarray) -> np.ndarray:
         """The model's view of a decoded image: training's centre-padded, resized square."""
+        bands = self.model.cfg.input_bands
+        if image.ndim != 3 or image.shape[-1] != bands:
+            raise InferenceError(f"an image of shape {image.shape} for a model of {bands} input "
+                                 f"bands: decode it with the session's load_image or decode")
         return square_and_resize(image, self.model.cfg.image_size)
 
     def prompts(self, dialogues, multiple: int = PROMPT_BUCKET) -> tuple[np.ndarray, np.ndarray]:

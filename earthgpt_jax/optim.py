@@ -22,10 +22,12 @@ STAGE_TRAINABLE = {
     "all": (r".*",),
     # Stage A, cross-modal mutual comprehension: projector, attention q/k/v and RMSNorm scales.
     # `layers/` when scanned, `layers_<i>/` when unrolled (LlamaConfig.scan_layers).
-    "a": (r"^projector/", r"^llm/layers(_\d+)?/(q_proj|k_proj|v_proj)/(kernel|bias)$",
-          r"^llm/.*norm.*/scale$"),
+    # The band adapter (model.input_bands, models/bands.py) trains beside the projector: both
+    # map the sensor into the LLM; one pattern for both, so a model without it still matches.
+    "a": (r"^(projector|band_adapter)/",
+          r"^llm/layers(_\d+)?/(q_proj|k_proj|v_proj)/(kernel|bias)$", r"^llm/.*norm.*/scale$"),
     # Stage B, unified instruction tuning: only the bias/scale adapters (+ projector).
-    "b": (r"^llm/.*/adapter_(scale|bias)$", r"^projector/"),
+    "b": (r"^llm/.*/adapter_(scale|bias)$", r"^(projector|band_adapter)/"),
     # LoRA (config.model.lora): only the low-rank factors, so the optimizer keeps state for
     # them alone and the export is the base LLaMA plus a PEFT adapter (convert orbax-to-hf).
     "lora": (r"^llm/.*/lora_(a|b)$",),

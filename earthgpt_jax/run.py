@@ -26,6 +26,7 @@ def model_config(config: RunConfig, vocab_size: int | None = None,
     lora = config.model.lora if config.train.stage == "lora" else None
     return get_preset(config.model.size, vocab_size=vocab_size, bos_id=bos_id,
                       dtype=config.model.dtype, remat_policy=config.model.remat_policy,
+                      input_bands=config.model.input_bands, band_init=config.model.band_init,
                       llm={"adapters": config.train.stage == "b",
                            "attention_impl": config.model.attention_impl,
                            "lora_rank": lora.rank if lora else 0,
@@ -102,7 +103,8 @@ def run(config: RunConfig, workdir: str, mode: str) -> dict | None:
     trainer = train_lib.Trainer.for_run(config, cfg, mesh)
     if mode == "train":
         check_init_sources(config, workdir, trainer)
-        preprocess = TrainPreprocess(tokenizer.path, cfg.image_size, config.data.max_text_len)
+        preprocess = TrainPreprocess(tokenizer.path, cfg.image_size, config.data.max_text_len,
+                                     input_bands=cfg.input_bands)
         train_data = train_source
         if config.data.sources.strip():
             train_data = sources.open_sources(config, workdir, train_source)
@@ -194,7 +196,10 @@ def compile_only(config: RunConfig) -> dict:
     cfg = model_config(config)
     print(f"compiling the train step for {topology} ({topo.chips * topo.num_slices} chips; "
           f"several minutes)...", flush=True)
-    report = aot.compile_train_step(config, cfg, topology, config.compile.num_slices)
+    try:
+        report = aot.compile_train_step(config, cfg, topology, config.compile.num_slices)
+    except aot.LibtpuBusyError as e:
+        raise cli.UsageError(str(e)) from None
     print(aot.format_report(report), flush=True)
     if jax.process_index() == 0 and config.compile.report_json:
         with open(config.compile.report_json, "w") as f:

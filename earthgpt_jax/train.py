@@ -32,13 +32,14 @@ def batch_shapes(data: DataConfig, model_cfg: EarthGPTConfig, batch: int) -> dic
     size = model_cfg.image_size
     if data.packing:
         length, slots = data.pack_length, images_per_pack(data, model_cfg)
-        return {"image": ((batch, slots, size, size, 3), jnp.uint8),
+        return {"image": ((batch, slots, size, size, model_cfg.input_bands), jnp.uint8),
                 "tokens": ((batch, length), jnp.int32),
                 "segment_ids": ((batch, length), jnp.int32),
                 "positions": ((batch, length), jnp.int32),
                 "loss_mask": ((batch, length), jnp.float32)}
     length = data.max_text_len
-    return {"image": ((batch, size, size, 3), jnp.uint8), "tokens": ((batch, length), jnp.int32),
+    return {"image": ((batch, size, size, model_cfg.input_bands), jnp.uint8),
+            "tokens": ((batch, length), jnp.int32),
             "valid": ((batch, length), jnp.bool_), "loss_mask": ((batch, length), jnp.float32)}
 
 
@@ -97,22 +98,25 @@ class Trainer:
         self.rules = rules
         boxed = abstract_params(self.model)
         self.labels = optim.trainable_labels(nn.unbox(boxed), train.stage)
-        self.summary = flops.parameter_summary(nn.unbox(boxed), self.labels)
-        logging.info("%s", flops.format_summary(self.summary, train.stage))
+        self.frozen_dtype = jnp.dtype(train.frozen_param_dtype)
         self.tx = optim.make_optimizer(train, self.labels)
         self.schedule = optim.learning_rate_schedule(train)
         inputs = dummy_inputs(model_cfg, 1, 8)
 
         def init_boxed(rng):
-            params = self.model.init(rng, *inputs)["params"]
+            params = self.store_frozen(self.model.init(rng, *inputs)["params"])
             return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=self.tx.init(params))
 
         abstract = jax.eval_shape(init_boxed, jax.random.key(0))
         self.state_shardings = parallel.shardings_for(abstract, mesh, self.rules)
+        # The dtypes here (frozen leaves in frozen_param_dtype) are what every restore of this
+        # run casts to: config.init.*, resume, evaluation (checkpoints.restore_sharded).
         self.abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             nn.unbox(abstract), self.state_shardings)
+        self.summary = flops.parameter_summary(self.abstract_state.params, self.labels)
+        logging.info("%s", flops.format_summary(self.summary, train.stage))
         # Built once: a jit made per init_state call would compile the whole init again.
         self._init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)),
                              out_shardings=self.state_shardings)
@@ -133,6 +137,21 @@ class Trainer:
                                       parallel.replicated(mesh)),
             out_shardings=(self.state_shardings, None), donate_argnums=0)
         self._learning_rates = None
+
+    def store_frozen(self, params):
+        """`params` (boxed or plain) with the leaves this stage freezes cast to
+        train.frozen_param_dtype. Called inside the jitted init, so the fp32 values the
+        initialisers draw are temporaries of that program: no fp32 copy of a frozen weight is
+        ever a state buffer. Trainable leaves keep their fp32 masters."""
+        def cast(label, leaf):
+            value = leaf.unbox(apply_constraint=False) if isinstance(
+                leaf, nn.meta.AxisMetadata) else leaf
+            if label == "train" or not jnp.issubdtype(value.dtype, jnp.floating):
+                return leaf
+            value = value.astype(self.frozen_dtype)
+            return leaf.replace_boxed(value) if isinstance(leaf, nn.meta.AxisMetadata) else value
+        # labels' leaves are strings: each lines up with one (boxed) leaf of params
+        return jax.tree.map(cast, self.labels, params)
 
     @classmethod
     def for_run(cls, config: RunConfig, model_cfg: EarthGPTConfig, mesh) -> "Trainer":
@@ -219,6 +238,31 @@ class Trainer:
         frozen = {k: v for k, v in flat.items() if labels[k] != "train"}
         return trainable, frozen
 
+    def microbatches(self, batch):
+        """The batch as `grad_accum_steps` microbatches, [accum, B / accum, ...], strided:
+        microbatch i holds rows i, i + accum, i + 2 accum, ...
+
+        The batch's rows are split contiguously over the data x fsdp devices. A contiguous
+        split into microbatches would give microbatch i the rows of a few devices only: XLA
+        then either moves rows between devices (collective-permutes) or leaves the others
+        idle. Strided, every device holds B / devices / accum rows of every microbatch: the
+        split moves no data, and the constraint keeps each microbatch sharded over the batch
+        axes like the full batch. (Where B / accum does not divide by the batch shards, each
+        microbatch cannot cover every device: XLA places it as it sees fit.) The loss is a
+        sum over rows, so the order of rows in microbatches does not change it.
+        """
+        accum = self.train_cfg.grad_accum_steps
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        spread = jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+
+        def split(x):
+            x = jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+            if x.shape[1] % shards == 0:
+                x = jax.lax.with_sharding_constraint(x, spread)
+            return x
+        return jax.tree.map(split, batch)
+
     def _grads(self, params, batch):
         """Gradient of the batch loss w.r.t. the trainable parameters only, over
         `grad_accum_steps` sequential microbatches.
@@ -240,8 +284,7 @@ class Trainer:
         if accum == 1:
             (num, (den, tokens)), grads = numerator_grad(trainable, batch)
         else:
-            micro = jax.tree.map(
-                lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+            micro = self.microbatches(batch)
 
             def body(carry, mb):
                 (num, (den, tokens)), grads = numerator_grad(trainable, mb)
@@ -261,13 +304,18 @@ class Trainer:
     def _step(self, state: TrainState, batch, learning_rate):
         loss, tokens, grad_norm, grads = self._grads(state.params, batch)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        # The optimizer's updates are those of a unit learning rate (optim.make_optimizer).
-        updates = jax.tree.map(lambda u: learning_rate * u, updates)
-        params = optax.apply_updates(state.params, updates)
         # Numerics guard: a non-finite loss or gradient leaves the state untouched (counted).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(label, p, u):
+            if label != "train":  # frozen: the donated buffer passes through, no p + 0 pass
+                return p
+            # The optimizer's updates are those of a unit learning rate (make_optimizer).
+            return jnp.where(finite, (p + learning_rate * u).astype(p.dtype), p)
+
+        params = jax.tree.map(update, self.labels, state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+        new_state = TrainState(step=state.step + 1, params=params,
                                opt_state=keep(opt_state, state.opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens,
                    "learning_rate": learning_rate,

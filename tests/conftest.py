@@ -41,6 +41,12 @@ except ImportError:
 # figures from AOT compiles) opt back in with @pytest.mark.optimized.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 
+# Cheaper CPU codegen for every compile of the session (tests/fixtures/xla_flags.py says why);
+# subprocess tests inherit it through the environment.
+from tests.fixtures.xla_flags import with_fast_compile  # noqa: E402
+
+os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
+
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 

@@ -33,11 +33,13 @@ def test_bad_topologies_are_named(name, message):
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_compile_mode_reports_memory_per_chip(tmp_path):
     report_path = tmp_path / "report.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # Another compile may hold libtpu's lock file (benchmarks/aot_table.py beside the tests).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     proc = subprocess.run(
         [sys.executable, "main.py", "--config=configs/mmrs.py:demo", f"--workdir={tmp_path}",
          "--mode=compile", "--config.model.size=tiny", "--config.compile.topology=v5e:2x2",
          "--config.train.batch_size=8", "--config.data.packing=True",
+         "--config.train.stage=b", "--config.train.grad_accum_steps=2",
          f"--config.compile.report_json={report_path}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,3 +51,15 @@ def test_compile_mode_reports_memory_per_chip(tmp_path):
     assert per_chip["arguments_gib"] > 0 and per_chip["temporaries_gib"] > 0
     assert per_chip["total_gib"] < report["hbm_gib_per_chip"]
     assert report["model_tflops_per_step"] > 0
+    # Stage B stores what it freezes in bf16 (2 bytes each), what it trains in fp32.
+    params = report["parameters"]
+    assert report["frozen_param_dtype"] == "bfloat16"
+    assert report["remat_policy"] == "none"  # the demo's; a column of aot_table
+    assert params["frozen_bytes"] == 2 * (params["total"] - params["trainable"])
+    assert params["trainable_bytes"] == 4 * params["trainable"] > 0
+    # The report names what its FLOPs are of (tests/test_flops.py recomputes result files).
+    from earthgpt_jax.models import flops
+    model, hardware = flops.flops_for_spec(report["flops_spec"])
+    assert report["model_tflops_per_step"] == pytest.approx(model["total"] / 1e12, rel=1e-9)
+    assert report["hardware_tflops_per_step"] == pytest.approx(hardware["total"] / 1e12,
+                                                               rel=1e-9)

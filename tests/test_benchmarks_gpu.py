@@ -14,10 +14,11 @@ def test_gpu_bench_runs_every_phase_at_a_tiny_size(tmp_path):
     report = gpu_bench.main([
         "--size=tiny", "--batch=8", "--text_len=16", "--steps=2", "--new_tokens=4",
         "--prompt_len=4", "--matmul_n=128", "--copy_gb=0.01",
-        "--variants=einsum,xla,einsum/save_qkv_proj", "--decode_batches=2", f"--out={out}"])
+        # Both attention kernels, one of them under a remat policy: each variant is a compile.
+        "--variants=xla,einsum/save_qkv_proj", "--decode_batches=2", f"--out={out}"])
     assert out.exists()
     assert report["peak"]["matmul_fp32_flops"] > 0
-    for name in ("einsum/none/8", "xla/none/8", "einsum/save_qkv_proj/8"):
+    for name in ("xla/none/8", "einsum/save_qkv_proj/8"):
         row = report["train"][name]
         assert "error" not in row, row
         assert row["step_s_median"] > 0 and math.isfinite(row["loss_last"])

@@ -188,6 +188,8 @@ def test_every_committed_result_matches_the_formula():
     assert checked["2026-11-27_gpu_h100_run1.json"] == 1
     assert checked["2026-11-27_gpu_h200_run2.json"] == 1
     assert checked["recipe_cost.json"] == 8  # 2 sizes x (3 stage-A epochs + 1 stage-B)
+    # 7B and 13B stage B on v5e:2x2, one report per per-chip batch that compiled
+    assert checked["2026-12-05_aot_v5e_2x2_stage_b.json"] >= 6
 
 
 def test_remat_policies_give_no_remats_gradients():

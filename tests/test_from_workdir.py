@@ -101,6 +101,12 @@ def runs(tmp_path_factory):
             "init_a": _flat(trainer_a.init_state(0).params)}
 
 
+def _stored_dtypes(trainer):
+    """{path: dtype} of the trainer's state params: what restores cast to."""
+    return {"/".join(k): v.dtype for k, v in
+            traverse_util.flatten_dict(trainer.abstract_state.params).items()}
+
+
 def test_stage_b_carries_every_part_of_stage_a(runs, caplog):
     trainer = runs["trainer_b"]
     with caplog.at_level(logging.INFO):
@@ -109,8 +115,16 @@ def test_stage_b_carries_every_part_of_stage_a(runs, caplog):
     assert not np.array_equal(a["projector/kernel"], runs["init_a"]["projector/kernel"])
     adapters = sorted(set(b) - set(a))
     assert set(a) <= set(b) and adapters and all("/adapter_" in p for p in adapters)
-    for path in a:
-        np.testing.assert_array_equal(b[path], a[path], err_msg=path)
+    # Each stage stores what it freezes in bf16 (train.frozen_param_dtype) and trains fp32
+    # masters: A's q/k/v were fp32 masters, B freezes them.
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    assert a["llm/layers/q_proj/kernel"].dtype == np.float32
+    assert a["llm/layers/o_proj/kernel"].dtype == bf16 == b["llm/layers/q_proj/kernel"].dtype
+    assert b["projector/kernel"].dtype == np.float32 == b["llm/layers/q_proj/adapter_scale"].dtype
+    dtypes = _stored_dtypes(trainer)
+    for path in a:  # every tensor of A, as B stores it
+        assert b[path].dtype == dtypes[path], path
+        np.testing.assert_array_equal(b[path], a[path].astype(dtypes[path]), err_msg=path)
     for path in adapters:
         assert np.all(b[path] == (1.0 if path.endswith("scale") else 0.0)), path
     assert int(state.step) == 0
@@ -154,8 +168,10 @@ def test_orbax_restores_into_the_target_shardings(runs, monkeypatch):
 
 
 def test_stage_b_with_lr_0_gives_stage_a_logits(runs):
-    """Every part carried and the adapters at identity: stage B's forward is stage A's. Equal to
-    fp32 rounding, not bitwise: the identity adapters' ops change XLA's fusion of the linears."""
+    """Every part carried and the adapters at identity: stage B's forward is stage A's on the
+    same weights (A's fp32 q/k/v and norm scales rounded to bf16, as B stores what it freezes).
+    Equal to fp32 rounding, not bitwise: the identity adapters' ops change XLA's fusion of the
+    linears."""
     trainer_b = runs["trainer_b"]
     start = trainer_b.init_state(0)
     before = _flat(start.params)
@@ -163,7 +179,10 @@ def test_stage_b_with_lr_0_gives_stage_a_logits(runs):
     for path, value in _flat(state.params).items():  # LR 0: the step moved nothing
         np.testing.assert_array_equal(value, before[path], err_msg=path)
     batch = _batch(2)
-    expected = _logits(runs["trainer_a"], runs["params_a"], batch)
+    dtypes = _stored_dtypes(trainer_b)
+    as_b_stores = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(dtypes["/".join(k.key for k in path)]), runs["params_a"])
+    expected = _logits(runs["trainer_a"], as_b_stores, batch)
     np.testing.assert_allclose(_logits(trainer_b, state.params, batch), expected,
                                rtol=1e-5, atol=1e-5)
 
@@ -213,9 +232,10 @@ def test_mismatches_are_named(runs, tmp_path):
         ckpt_lib.restore_from_workdir(str(tmp_path), targets)
 
 
-def test_bf16_leaves_restore_as_fp32_and_init_parts_override(runs, tmp_path):
-    """Stored dtype -> param dtype on restore; init.llm replaces the workdir's decoder; an
-    optimizer state of a foreign layout is never read."""
+def test_leaves_restore_in_the_state_dtypes_and_init_parts_override(runs, tmp_path):
+    """Stored dtype -> the state's dtype on restore (bf16 -> fp32 for what stage B trains, fp32
+    -> bf16 for what it freezes); init.llm replaces the workdir's decoder; an optimizer state of
+    a foreign layout is never read."""
     trainer = runs["trainer_b"]
     a = _flat(runs["params_a"])
     half = {k: v.astype(ml_dtypes.bfloat16) for k, v in a.items()}
@@ -233,7 +253,44 @@ def test_bf16_leaves_restore_as_fp32_and_init_parts_override(runs, tmp_path):
     finally:
         trainer.init_cfg = before
     b = _flat(state.params)
+    dtypes = _stored_dtypes(trainer)
+    assert dtypes["projector/kernel"] == np.float32  # trained by B: bf16 on disk, fp32 master
+    assert dtypes["llm/layers/q_proj/kernel"] == ml_dtypes.bfloat16  # frozen by B
     for path in a:
-        expected = llm[path] if path.startswith("llm/") else half[path].astype(np.float32)
-        assert b[path].dtype == np.float32
+        expected = (llm[path] if path.startswith("llm/") else half[path]).astype(dtypes[path])
+        assert b[path].dtype == dtypes[path], path
         np.testing.assert_array_equal(b[path], expected, err_msg=path)
+
+
+def test_stage_b_export_keeps_its_fp32_scales_on_bf16_frozen_kernels(runs, tmp_path):
+    """orbax-to-hf of a stage-B run (decoder frozen in bf16, adapters trained in fp32): the
+    merged linears and the whole export are fp32, so transformers gives our logits; a bf16
+    product s * W would round a scale of 1 + 1e-3 away (bf16 keeps 8 significant bits)."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from earthgpt_jax.convert import llama as conv
+
+    trainer = runs["trainer_b"]
+    params = _flat(trainer.init_state(0).params)
+    rng = np.random.default_rng(0)
+    for path in [p for p in params if "/adapter_" in p]:
+        shape = params[path].shape
+        params[path] = ((1.0 if path.endswith("scale") else 0.0)
+                        + rng.normal(0, 2e-3, shape)).astype(np.float32)
+    assert params["llm/layers/q_proj/kernel"].dtype == ml_dtypes.bfloat16
+    workdir = _fake_workdir(tmp_path / "stage_b", params)
+    save_model_config(trainer.model.cfg, workdir)
+    conv.orbax_to_hf(workdir, str(tmp_path / "hf"))
+    ids = np.random.default_rng(1).integers(3, VOCAB, (2, 12))
+    llm, cfg = conv.load_llm_params(workdir)
+    ours = conv.text_logits(llm, cfg, ids)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert all(p.dtype == torch.float32 for p in hf.parameters())
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=1e-5)
+    identity = {k: np.ones_like(v) if k.endswith("adapter_scale") else np.zeros_like(v)
+                for k, v in traverse_util.flatten_dict(llm, sep="/").items() if "/adapter_" in k}
+    plain = traverse_util.unflatten_dict(
+        traverse_util.flatten_dict(llm, sep="/") | identity, sep="/")
+    assert np.abs(conv.text_logits(plain, cfg, ids) - ours).max() > 1e-4  # the scales matter

@@ -10,8 +10,8 @@ import tifffile
 from PIL import Image, ImageOps
 
 from earthgpt_jax.data.images import (MAX_IMAGE_PIXELS, EmptyImageError, ImageDecodeError,
-                                      ImageTooLargeError, NotAnImageError, decode_image,
-                                      pad_to_square, square_and_resize)
+                                      ImageTooLargeError, NotAnImageError, TooFewBandsError,
+                                      decode_image, pad_to_square, square_and_resize)
 
 
 def _rgb(h=20, w=30, seed=0):
@@ -118,6 +118,49 @@ def test_multiband_tiff_first_three_bands_either_layout():
     lo, hi = np.percentile(deep[:3].astype(float), (0.5, 99.5))
     expect = np.clip(np.round((deep[:3] - lo) / (hi - lo) * 255), 0, 255).transpose(1, 2, 0)
     np.testing.assert_array_equal(out, expect.astype(np.uint8))
+
+
+def test_n_band_model_keeps_n_bands_with_one_stretch():
+    """input_bands=4: the first four bands, stretched jointly (band ratios survive), the first
+    three equal to the 3-band decode for 8-bit files."""
+    bands = np.random.default_rng(3).integers(0, 256, (5, 16, 24), dtype=np.uint8)
+    data = _tiff_bytes(bands, photometric="minisblack", planarconfig="separate")
+    four = decode_image(data, "ms.tif", bands=4)
+    np.testing.assert_array_equal(four, bands[:4].transpose(1, 2, 0))
+    np.testing.assert_array_equal(four[..., :3], decode_image(data, "ms.tif"))
+    deep = bands.astype(np.uint16) * 40
+    deep[3] = 65535 - deep[3]  # a bright NIR band: it enters the stretch with the others
+    out = decode_image(_tiff_bytes(deep, photometric="minisblack", planarconfig="separate"),
+                       "deep.tif", bands=4)
+    lo, hi = np.percentile(deep[:4].astype(float), (0.5, 99.5))
+    expect = np.clip(np.round((deep[:4] - lo) / (hi - lo) * 255), 0, 255).transpose(1, 2, 0)
+    np.testing.assert_array_equal(out, expect.astype(np.uint8))
+
+
+def test_n_band_model_widens_grey_and_refuses_rgb_naming_the_file():
+    grey = np.random.default_rng(4).integers(0, 256, (8, 8), dtype=np.uint8)
+    out = decode_image(_tiff_bytes(grey), "sar.tif", bands=4)
+    np.testing.assert_array_equal(out, np.repeat(grey[..., None], 4, axis=-1))
+    with pytest.raises(TooFewBandsError, match="rgb.png has 3 bands, fewer than the 4") as err:
+        decode_image(_pil_bytes(_rgb(), "PNG"), "rgb.png", bands=4)
+    assert err.value.kind == "too_few_bands" and isinstance(err.value, ImageDecodeError)
+    # One band for a 1-band model, from any file: the first.
+    np.testing.assert_array_equal(decode_image(_pil_bytes(_rgb(), "PNG"), "x", bands=1),
+                                  _rgb()[..., :1])
+
+
+def test_resize_of_n_bands_is_the_rgb_resize_per_band():
+    """Pillow would read a 4th band as alpha; band by band gives what the RGB path gives."""
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        h, w, size = (int(v) for v in rng.integers(3, 70, 3))
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        nir = rng.integers(0, 256, (h, w, 2), dtype=np.uint8)
+        out = square_and_resize(np.dstack([rgb, nir]), size)
+        assert out.shape == (size, size, 5)
+        np.testing.assert_array_equal(out[..., :3], square_and_resize(rgb, size))
+        np.testing.assert_array_equal(out[..., 3:5], square_and_resize(nir[..., [0, 1, 1]],
+                                                                       size)[..., :2])
 
 
 def test_two_band_tiff_uses_first_band():

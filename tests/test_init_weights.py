@@ -1,6 +1,7 @@
 """Starting a run from converted Hugging Face weights: LLaMA, DINOv2 and ConvNeXt checkpoints
 converted by the CLI load into the sharded train state through config.init.*."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -45,18 +46,21 @@ def test_converted_weights_become_the_initial_state(converted):
     root, hf = converted
     state = _state(root, "b", llm="llm", vit="vit", convnext="convnext")
     p = state.params
-    np.testing.assert_array_equal(np.asarray(p["llm"]["layers"]["q_proj"]["kernel"][1]),
-                                  hf["llama"]["model.layers.1.self_attn.q_proj.weight"].T)
-    np.testing.assert_array_equal(np.asarray(p["llm"]["embed_tokens"]["embedding"]),
-                                  hf["llama"]["model.embed_tokens.weight"])
-    # Stage-B adapters are not in LLaMA-2: they start as the identity.
+
+    def stored(leaf, value):  # stage B stores what it freezes in bf16 (frozen_param_dtype)
+        assert leaf.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(leaf), value.astype(leaf.dtype))
+
+    stored(p["llm"]["layers"]["q_proj"]["kernel"][1],
+           hf["llama"]["model.layers.1.self_attn.q_proj.weight"].T)
+    stored(p["llm"]["embed_tokens"]["embedding"], hf["llama"]["model.embed_tokens.weight"])
+    # Stage-B adapters are not in LLaMA-2: they start as the identity (fp32, trained).
+    assert p["llm"]["layers"]["q_proj"]["adapter_scale"].dtype == np.float32
     assert np.all(np.asarray(p["llm"]["layers"]["q_proj"]["adapter_scale"]) == 1.0)
     assert np.all(np.asarray(p["llm"]["layers"]["q_proj"]["adapter_bias"]) == 0.0)
-    np.testing.assert_array_equal(np.asarray(p["vit"]["cls_token"]).ravel(),
-                                  hf["dino"]["embeddings.cls_token"].ravel())
+    stored(p["vit"]["cls_token"].ravel(), hf["dino"]["embeddings.cls_token"].ravel())
     dw = hf["convnext"]["encoder.stages.2.layers.0.dwconv.weight"]  # [C, 1, 7, 7]
-    np.testing.assert_array_equal(np.asarray(p["convnext"]["stage2_block0"]["dwconv"]["kernel"]),
-                                  dw.transpose(2, 3, 1, 0))
+    stored(p["convnext"]["stage2_block0"]["dwconv"]["kernel"], dw.transpose(2, 3, 1, 0))
     # The optimizer still starts from zero moments for what stage B trains.
     assert int(state.step) == 0
 

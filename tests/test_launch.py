@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from tests.fixtures import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch_tpu.sh")
 FAKE_BIN = os.path.join(ROOT, "tests", "fixtures", "fake_tpu")
@@ -128,7 +130,7 @@ def _fake_pod_env(tmp_path):
     env.update(PATH=FAKE_BIN + os.pathsep + env["PATH"], FAKE_TPU_ROOT=str(tmp_path / "pod"),
                FAKE_TPU_LOG=str(tmp_path / "calls.log"), FAKE_TPU_COORDINATOR_PORT=str(port),
                FAKE_UV_VENV=VENV, EARTHGPT_POLL_SECONDS="0",
-               JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.for_devices(2))
     return env
 
 

@@ -2,21 +2,19 @@
 devices, each reading only its slice of the data, and a 1-process run restores their checkpoint.
 """
 
-import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import portpicker
-import pytest
 
+from tests.fixtures import xla_flags
 from tests.test_train import ROOT, _losses, _main_cmd  # `data`: tests/conftest.py
 
 
 def _env(devices):
     return dict(os.environ, JAX_PLATFORMS="cpu", NPROC="16",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                XLA_FLAGS=xla_flags.for_devices(devices))
 
 
 def _run(cmds, devices):

@@ -227,3 +227,47 @@ def test_cli_on_a_trained_tiny_model_writes_ships_in_map_coordinates(tmp_path_fa
         assert min(math.dist(want, c) for c in centres) <= GSD
     with open(out) as f:
         assert json.load(f)["type"] == "FeatureCollection"
+
+
+def test_tiles_decode_split_over_all_eight_devices_as_on_one(tmp_path_factory):
+    """The CLI's session (every device on the `data` axis, weights replicated): a batch of
+    tiles is padded to a multiple of the device count, its arrays are split over all eight
+    devices, the tokens come back split the same way, and the scene's answers equal one
+    device's."""
+    import jax
+    from earthgpt_jax.data.boxes import DETECTION_PROMPT
+    from earthgpt_jax.inference import InferenceSession
+    from earthgpt_jax.scene import DATA_PARALLEL_RULES, SessionAnswerer, data_parallel_mesh
+    from tests.test_serve_api import trained_workdir
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    work = trained_workdir(tmp_path_factory)["work"]
+    views = [square_and_resize(np.asarray(Image.open(os.path.join(work, f"{n}.png"))), 64)
+             for n in ("ships", "vehicle", "ships")]  # the model's views of its two images
+    scene = _write(tmp_path_factory.mktemp("mosaic") / "m.tif",
+                   np.moveaxis(np.concatenate(views, axis=1), -1, 0))
+    runs = {}
+    for devices in (1, 8):
+        session = InferenceSession.from_workdir(
+            work, mesh=data_parallel_mesh(jax.devices()[:devices]), rules=DATA_PARALLEL_RULES)
+        answerer = SessionAnswerer(session, batch_size=3, max_new_tokens=80)
+        assert answerer.batch_size == (3 if devices == 1 else 8)
+        if devices == 8:
+            placed = answerer.inputs([answerer.pixels(v) for v in views], DETECTION_PROMPT)
+            for array in placed:  # 3 tiles padded to 8 rows, one row per device
+                assert array.sharding.device_set == set(jax.devices())
+                assert [s.data.shape[0] for s in array.addressable_shards] == [1] * 8
+            tokens = session.generate(*placed, max_new_tokens=8)
+            assert len(tokens.sharding.device_set) == 8 and tokens.shape[0] == 8
+            assert [s.data.shape[0] for s in tokens.addressable_shards] == [1] * 8
+        out = str(tmp_path_factory.mktemp(f"d{devices}") / "m.geojson")
+        summary = run_scene(scene, out, answerer, tile=64, overlap=0, log=open(os.devnull, "w"))
+        assert summary["complete"] and summary["decoded"] == 3
+        with open(out + ".tiles.jsonl") as f:
+            runs[devices] = [json.loads(line) for line in f][1:]
+        with open(scene_crs_path(out)) as f:
+            runs[devices, "features"] = json.load(f)["features"]
+    assert runs[8] == runs[1]
+    assert runs[8, "features"] == runs[1, "features"]
+    assert sorted(f["properties"]["class"] for f in runs[8, "features"]) == [
+        "ship"] * 4 + ["vehicle"]

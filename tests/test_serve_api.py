@@ -109,6 +109,8 @@ class ServerThread:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(10)
+        if self.service.scenes is not None:  # its uploaded scenes' temporary folder
+            self.service.scenes.close()
         self.service.engine.stop()
 
 

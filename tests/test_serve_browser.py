@@ -131,3 +131,61 @@ def test_page_streams_a_detection_answer_and_draws_its_boxes(server, tmp_path):
     assert oriented["listed"] == "ship: [" + ", ".join(map(str, ORIENTED_SHIP)) + "] px"
     assert reset == [0, "0"]
     assert empty_status.startswith("the question is empty"), empty_status
+
+
+_READ_SCENE_PAGE = """
+const canvas = document.getElementById('scene-canvas');
+return {state: canvas.dataset.state, boxes: canvas.dataset.boxes, tiles: canvas.dataset.tiles,
+        progress: document.getElementById('progress-text').textContent,
+        status: document.getElementById('status').textContent,
+        downloads: Array.from(document.querySelectorAll('#downloads a')).map(
+          (a) => [a.dataset.kind, a.getAttribute('href')]),
+        found: Array.from(document.querySelectorAll('#found-list li')).map(
+          (li) => [li.dataset.label, li.dataset.count])};
+"""
+
+
+def test_scene_page_runs_detect_all_tile_by_tile_and_offers_the_geojson(server, tmp_path):
+    """/scene: upload a GeoTIFF, see its overview, detect all on every tile, watch the tiles
+    and boxes fill in, download the GeoJSON (fetched from the page's own link)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from tests.test_serve_scene import mosaic_scene
+    scene = mosaic_scene(server["work"], tmp_path / "mosaic.tif")
+    driver = open_browser()
+    try:
+        wait = WebDriverWait(driver, 180)
+        driver.get(server["url"] + "scene")
+        wait.until(lambda d: d.execute_script(
+            "return window.earthgptScene && window.earthgptScene.state.info !== null"))
+        driver.find_element(By.ID, "scene-input").send_keys(scene)
+        wait.until(lambda d: d.find_element(By.ID, "scene-canvas").get_attribute("data-image")
+                   == "loaded")
+        facts = driver.find_element(By.ID, "scene-facts").text
+        for name, value in (("tile", "64"), ("overlap", "0")):  # one tile per cell
+            driver.find_element(By.ID, name).send_keys(value)
+        driver.find_element(By.ID, "run").click()
+        wait.until(lambda d: d.find_element(By.ID, "scene-canvas").get_attribute("data-state")
+                   in ("done", "error", "cancelled"))
+        page = driver.execute_script(_READ_SCENE_PAGE)
+        geojson = driver.execute_async_script(
+            "fetch(arguments[0]).then((r) => r.json()).then(arguments[1]);",
+            dict(page["downloads"])["geojson"])
+        ship_colour = driver.execute_script("return window.earthgptScene.colourFor('ship')")
+        shot = str(tmp_path / "scene_page.png")
+        assert driver.save_screenshot(shot)
+    finally:
+        driver.quit()
+    assert facts == "mosaic.tif: 192×128 px, 3 band(s), EPSG:32633", facts
+    assert page["state"] == "done", page
+    assert (page["tiles"], page["boxes"]) == ("6", "9"), page
+    assert page["progress"].startswith("tiles 6/6 · ") and "tiles/s · ETA 0h00m00s" in \
+        page["progress"], page
+    assert sorted(page["found"]) == [["ship", "6"], ["vehicle", "3"]], page
+    assert [kind for kind, _ in page["downloads"]] == ["geojson", "scene_crs.geojson", "png"]
+    assert geojson["coordinates"].startswith("EPSG:4326") and len(geojson["features"]) == 9
+    assert page["status"].startswith("done: 9 found on 6 tiles"), page
+    # The six merged ship boxes are on the overview, in the ship colour, in the screenshot.
+    picture = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    colour = np.array([int(ship_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    assert (np.abs(picture - colour).sum(-1) <= 6).sum() > 6 * 100

@@ -279,3 +279,50 @@ def test_oriented_ships_at_any_angle(release):
     # horizontal box would be a poor fit (IoU < 0.5 with their own polygon).
     assert np.all(np.histogram(angles, bins=6, range=(0, 180))[0] > 0), angles
     assert np.mean(np.array(tight) < 0.5) > 0.3, tight
+
+
+def test_every_source_records_its_band_order(release):
+    """Each image's bands match its source's `bands` (what a model of that many bands reads);
+    the default mix holds no multispectral image."""
+    root, _ = release
+    for src in synthetic.SOURCES:
+        with Image.open(os.path.join(root, _load(root, src.json_path)[0]["image"])) as im:
+            assert len(im.getbands()) == len(src.bands)
+    assert not any(len(src.bands) > 3 for src in synthetic.SOURCES)
+    assert synthetic.MULTISPECTRAL_SOURCES[0] not in synthetic.SOURCES
+
+
+def test_multispectral_targets_show_only_in_nir(tmp_path):
+    import warnings
+
+    import rasterio
+    import rasterio.errors
+    from earthgpt_jax.data.images import decode_image
+
+    root = str(tmp_path)
+    counts = synthetic.write_release(root, seed=0, num_train_images=40, num_test_images=10,
+                                     sources=synthetic.MULTISPECTRAL_SOURCES)
+    (src,) = synthetic.MULTISPECTRAL_SOURCES
+    assert sensor_for_source(src.name) == src.sensor == "optical"
+    assert counts == {src.json_path: 40, synthetic.split_json_path(src.json_path, "test"): 10}
+    answers = collections.Counter()
+    for r in _load(root, src.json_path):
+        path = os.path.join(root, r["image"])
+        with warnings.catch_warnings():  # chips, not scenes: no georeference, by design
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:  # the band order travels in the file
+                assert ds.descriptions == src.bands == ("red", "green", "blue", "nir")
+        with open(path, "rb") as f:
+            pixels = decode_image(f.read(), r["image"], bands=4)
+        present, count = (t["value"] for t in r["conversations"][1::2])
+        answers[present] += 1
+        # Vegetation is bright in NIR, the nets dark: a dark NIR pixel means a target.
+        assert (pixels[..., 3].min() < 120) == (present == "yes") == (count != "0")
+    assert answers["yes"] == answers["no"] == 20
+    # R, G, B are drawn before the targets: the same stream gives the same visible bands
+    # with or without them, so nothing but NIR can tell.
+    with_targets, objs = synthetic._multispectral_pixels(np.random.default_rng(7), 70, 60, 2)
+    without, none = synthetic._multispectral_pixels(np.random.default_rng(7), 70, 60, 0)
+    assert len(objs) == 2 and not none
+    np.testing.assert_array_equal(with_targets[..., :3], without[..., :3])
+    assert (with_targets[..., 3] != without[..., 3]).any()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,7 +18,9 @@ from earthgpt_jax.data import boxes, prepare
 from earthgpt_jax.data.pipeline import TrainPreprocess, conversation_turns
 from earthgpt_jax.evaluate.runner import run_eval
 from earthgpt_jax.inference import InferenceSession
+from earthgpt_jax.models import flops
 from earthgpt_jax.run import model_config
+from tests.fixtures import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -244,6 +247,10 @@ def test_stage_masks_train_exactly_their_leaves(stage):
     trained = {p for p in before if not np.array_equal(before[p], after[p])}
     expected = {p for p in before if any(r.search(p) for r in patterns)}
     assert trained == expected and trained
+    # Trained leaves keep fp32 masters, frozen ones stay in train.frozen_param_dtype (bf16).
+    for path, value in after.items():
+        want = np.float32 if path in expected else jnp.bfloat16
+        assert value.dtype == before[path].dtype == want, path
     if stage == "a":
         assert "llm/layers/q_proj/kernel" in trained and "llm/layers/o_proj/kernel" not in trained
     else:
@@ -254,6 +261,76 @@ def get_preset_for(config, vocab):
     from earthgpt_jax.models.presets import get_preset
     return get_preset(config.model.size, vocab_size=vocab,
                       llm={"adapters": config.train.stage == "b"})
+
+
+@pytest.mark.parametrize("frozen", ["bfloat16", "float32"])
+def test_frozen_weights_are_created_and_counted_in_their_dtype(frozen):
+    """train.frozen_param_dtype is the frozen leaves' dtype from the jitted init on (so in the
+    abstract state every restore casts to); trainable leaves and the optimizer's moments are
+    fp32; the parameter summary counts the bytes as stored."""
+    from flax import traverse_util
+
+    config = tiny_config("/unused").replace(train={"stage": "b", "frozen_param_dtype": frozen})
+    trainer = one_device_trainer(config, get_preset_for(config, vocab=64))
+    labels = traverse_util.flatten_dict(trainer.labels)
+    abstract = traverse_util.flatten_dict(trainer.abstract_state.params)
+    made = traverse_util.flatten_dict(trainer.init_state(0).params)
+    for path, label in labels.items():
+        want = np.float32 if label == "train" else jnp.dtype(frozen)
+        assert abstract[path].dtype == made[path].dtype == want, path
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(trainer.abstract_state.opt_state)
+               if x.ndim)
+    counts = trainer.summary
+    frozen_count = counts["total"] - counts["trainable"]
+    assert frozen_count > 10 * counts["trainable"] > 0
+    assert counts["trainable_bytes"] == 4 * counts["trainable"]
+    assert counts["frozen_bytes"] == jnp.dtype(frozen).itemsize * frozen_count
+    assert f"({jnp.dtype(frozen).itemsize:g} bytes each)" in flops.format_summary(counts, "b")
+
+
+def test_bad_frozen_param_dtype_is_a_one_line_error():
+    from earthgpt_jax.config import TrainConfig
+    with pytest.raises(ValueError, match=r"^config.train.frozen_param_dtype='fp16' is not one "
+                                         r"of float32, bfloat16$"):
+        TrainConfig(frozen_param_dtype="fp16")
+
+
+def test_microbatches_are_strided_over_every_batch_shard():
+    """grad_accum_steps splits the batch strided (microbatch i: rows i, i + accum, ...), so on
+    an 8-device mesh every device holds an equal share of every microbatch and the split moves
+    no data; the accumulated loss and update are the full batch's."""
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    import re
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    results = {}
+    for accum in (1, 2):
+        config = tiny_config("/unused").replace(
+            train={"batch_size": 16, "grad_accum_steps": accum},
+            mesh={"ici": {"data": 2, "fsdp": 4, "tensor": 1}})
+        cfg = get_preset_for(config, vocab=64)
+        trainer = train_lib.Trainer.for_run(config, cfg, parallel.build_mesh(config.mesh))
+        batch = _random_batch(cfg, batch=16)
+        state, metrics = trainer.train_step(trainer.init_state(0), batch, 0)
+        results[accum] = (jax.device_get(state.params), float(metrics["loss"]))
+    placed = {k: jax.device_put(v, trainer.batch_shardings[k]) for k, v in batch.items()}
+    split = jax.jit(trainer.microbatches)
+    with jax.set_mesh(trainer.mesh):
+        micro = split(placed)
+        hlo = split.lower(placed).compile().as_text()
+    spread = NamedSharding(trainer.mesh, PartitionSpec(None, ("data", "fsdp")))
+    for key, value in micro.items():
+        np.testing.assert_array_equal(np.asarray(value),
+                                      np.stack([batch[key][0::2], batch[key][1::2]]))
+        assert value.sharding.is_equivalent_to(spread, value.ndim), (key, value.sharding)
+        # 16 rows, 2 microbatches, 8 devices: one row of each microbatch on every device
+        assert len(value.addressable_shards) == 8
+        assert all(s.data.shape[:2] == (2, 1) for s in value.addressable_shards), key
+    assert not re.search(r"all-to-all|collective-permute|all-gather|all-reduce", hlo)
+    assert results[1][1] == pytest.approx(results[2][1], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(results[1][0]), jax.tree.leaves(results[2][0])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_accumulation_gives_the_same_update():
@@ -297,7 +374,7 @@ def _run_until(cmd, workdir, step, sig):
     """Starts `cmd`, waits until metrics.jsonl reaches `step`, then sends `sig`."""
     import time
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS=xla_flags.for_devices(1))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     path = os.path.join(workdir, "metrics.jsonl")

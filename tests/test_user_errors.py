@@ -83,7 +83,9 @@ def compile_spy(monkeypatch):
     def fake(config, cfg, topology, num_slices=1):
         calls.append(topology)
         return {"topology": topology, "num_slices": num_slices, "chips": 4, "mesh": {},
-                "global_batch": config.train.batch_size, "fits": False, "error": "stand-in"}
+                "global_batch": config.train.batch_size, "fits": False, "error": "stand-in",
+                "remat_policy": config.model.remat_policy,
+                "frozen_param_dtype": config.train.frozen_param_dtype}
 
     monkeypatch.setattr(aot, "compile_train_step", fake)
     return calls
@@ -122,6 +124,37 @@ def test_compile_needs_libtpu_and_says_it_compiles(compile_spy, tmp_path, monkey
     assert compile_spy == ["v5e:2x2"]
     assert out.index("compiling the train step for v5e:2x2 (4 chips; several minutes)...") \
         < out.index("DOES NOT FIT: stand-in")
+
+
+_LIBTPU_HOLDER = """
+import sys
+from earthgpt_jax import aot
+aot.topology_devices(aot.parse_topology("v5e:2x2"))  # takes libtpu's lock file
+print("holding", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_compile_while_another_process_holds_libtpu_names_it(tmp_path):
+    """libtpu's own message says to delete its lock file, wrong advice while the holder lives."""
+    env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+    holder = subprocess.Popen([sys.executable, "-c", _LIBTPU_HOLDER], cwd=ROOT, text=True,
+                              env=dict(env, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        proc = subprocess.run(
+            [sys.executable, "main.py", "--config=configs/mmrs.py:demo", f"--workdir={tmp_path}",
+             "--mode=compile", "--config.model.size=tiny", "--config.compile.topology=v5e:2x2"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+            env=dict(env, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT))
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    line = _one_error_line(proc, 2)
+    assert "libtpu is in use by another process" in line
+    assert f"held by {holder.pid} (" in line and "wait for it to finish" in line
 
 
 def test_unknown_suite_in_the_config_is_refused_first(tmp_path):

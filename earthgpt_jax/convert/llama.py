@@ -372,8 +372,12 @@ def _merged_linear(module_leaves: dict, out_dtype, want_bias: bool):
         total = total + bias.astype(np.float32)
     if a_bias is not None:
         total = total + a_bias.astype(np.float32)
-    weight = (s[:, None] * kernel.T.astype(np.float32)).astype(kernel.dtype)
-    b = (s * total).astype(bias.dtype if bias is not None else kernel.dtype)
+    # In the wider of the kernel's and the adapters' dtypes: a training run stores a frozen
+    # kernel in bf16 beside fp32 adapters, and s * W rounded to bf16 would lose a scale of
+    # 1 + 1e-3 (bf16 keeps 8 significant bits).
+    wide = np.result_type(kernel.dtype, *(x.dtype for x in (scale, a_bias) if x is not None))
+    weight = (s[:, None] * kernel.T.astype(np.float32)).astype(wide)
+    b = (s * total).astype(np.result_type(wide, bias.dtype) if bias is not None else wide)
     return weight, (b if want_bias else None)
 
 
@@ -531,6 +535,15 @@ def load_llm_params(ckpt_dir: str, step: int | None = None) -> tuple[dict, Llama
     return params, cfg
 
 
+def _stored_dtypes(metadata) -> Iterator[np.dtype]:
+    """The dtypes of a checkpoint subtree's leaves, from its metadata (no data read)."""
+    if isinstance(metadata, dict):
+        for node in metadata.values():
+            yield from _stored_dtypes(node)
+    else:
+        yield np.dtype(metadata.dtype)
+
+
 def orbax_to_hf(ckpt_dir: str, out_dir: str, *, tokenizer: str | None = None,
                 max_shard_size="5GB", overwrite: bool = False, step: int | None = None,
                 bos_id: int | None = None, eos_id: int | None = None,
@@ -549,8 +562,14 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, *, tokenizer: str | None = None,
                                  f"--peft")
     attention_bias, mlp_bias = export_bias_flags(get, has, cfg)
     _prepare_hf_out(out_dir, overwrite)
-    tensors = iter_hf_tensors(get, has, cfg, attention_bias=attention_bias, mlp_bias=mlp_bias,
-                              peft=peft)
+    # One dtype for the whole export, the widest stored: a training run stores what it froze
+    # in bf16 (config.train.frozen_param_dtype) and what it trained in fp32; the merged linears
+    # are fp32 then (_merged_linear), and the rest follows them.
+    stored = list(_stored_dtypes(ck.metadata_tree()))
+    export = np.result_type(*stored) if stored else None
+    tensors = ((name, value if export is None else value.astype(export, copy=False))
+               for name, value in iter_hf_tensors(get, has, cfg, attention_bias=attention_bias,
+                                                  mlp_bias=mlp_bias, peft=peft))
     adapter: dict[str, np.ndarray] = {}  # LoRA tensors are small: kept, written after the base
 
     def base_only():

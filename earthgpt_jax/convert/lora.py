@@ -40,10 +40,12 @@ def peft_name(layer: int, module: str, factor: str) -> str:
 
 
 def merged_kernel(kernel: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
-    """W + (alpha / rank) A B in fp32, stored in W's dtype: what the linear computes."""
+    """W + (alpha / rank) A B in fp32, what the linear computes, stored in the wider of W's and
+    the factors' dtypes: a training run keeps W frozen in bf16 and A, B in fp32, and a small
+    A B added to W in bf16 would round away."""
     scale = alpha / a.shape[-1]
     merged = kernel.astype(np.float32) + scale * (a.astype(np.float32) @ b.astype(np.float32))
-    return merged.astype(kernel.dtype)
+    return merged.astype(np.result_type(kernel.dtype, a.dtype, b.dtype))
 
 
 def peft_factors(a: np.ndarray, b: np.ndarray, adapter_scale: np.ndarray | None

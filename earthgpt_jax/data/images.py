@@ -1,9 +1,9 @@
 """Image decoding for every sensor, and the geometry the boxes rely on: centre-pad, then resize.
 
-`decode_image` turns the encoded bytes the TFDS builders store into uint8 [H, W, 3], whatever the
-sensor wrote: JPEG, PNG, BMP (and GIF/WebP/JPEG 2000 through Pillow), and TIFF through
-`tifffile`, including 16-bit or float single-band SAR, single-band infrared and multi-band
-products. The rules, in the order they apply:
+`decode_image` turns the encoded bytes the TFDS builders store into uint8 [H, W, 3] (or
+[H, W, N] for a model of N input bands, `bands=N`), whatever the sensor wrote: JPEG, PNG, BMP
+(and GIF/WebP/JPEG 2000 through Pillow), and TIFF through `tifffile`, including 16-bit or float
+single-band SAR, single-band infrared and multi-band products. The rules, in the order they apply:
 
 - Size guard: the pixel count in the header is checked before any pixel is decoded; above
   `max_pixels` the image is refused (`ImageTooLargeError`), so a decompression bomb never
@@ -14,15 +14,22 @@ products. The rules, in the order they apply:
   before building; the band order is not in the file in any standard way). A palette is
   expanded; alpha is composited over black, the colour `pad_to_square` pads with, so a
   transparent border looks like padding.
+- Bands for a model of N input bands (config.model.input_bands; `bands=N`): the first N bands
+  in file order; an image with fewer is grey below three bands (its first band replicated to
+  N, as above) and otherwise refused (`TooFewBandsError`, naming the file): an RGB image has no
+  NIR to give a 4-band model, and a made-up band would teach the band adapter a lie. Each
+  source's band order is the builder's to record (the synthetic one: `synthetic.Source.bands`).
 - Depth: 8-bit samples are kept. Anything else (16-bit or 32-bit integer, float, complex SAR as
   its magnitude) is stretched linearly between its 0.5th and 99.5th percentiles, jointly over
-  the kept bands, then clipped to 0..255. Why this rule: SAR amplitude is heavy-tailed (a few
-  corner reflectors and ships are 100x brighter than the sea), so a min-max stretch would crush
-  the clutter into a handful of grey levels, and a fixed rule (dB with fixed limits) needs
-  calibration constants that differ per sensor and product. The percentile stretch keeps the
-  clutter's texture and only saturates the brightest 0.5 %, which are the targets and stay
-  white. It is per image, so a scene's absolute brightness is not preserved; MMRS-1M's own SAR
-  sources are already 8-bit JPEG/PNG and are not stretched at all.
+  the kept bands (all N of them for an N-band model: one stretch keeps the ratios between bands,
+  the spectral signature the band adapter learns from), then clipped to 0..255. Why this
+  rule: SAR amplitude is heavy-tailed (a few corner reflectors and ships are 100x brighter than
+  the sea), so a min-max stretch would crush the clutter into a handful of grey levels, and a
+  fixed rule (dB with fixed limits) needs calibration constants that differ per sensor and
+  product. The percentile stretch keeps the clutter's texture and only saturates the brightest
+  0.5 %, which are the targets and stay white. It is per image, so a scene's absolute
+  brightness is not preserved; MMRS-1M's own SAR sources are already 8-bit JPEG/PNG and are not
+  stretched at all.
 - Orientation: the EXIF (JPEG/PNG/WebP) or TIFF Orientation tag is applied, so the pixels are in
   display order, the order annotators saw and the one boxes refer to.
 - Multi-page TIFF: the first page.
@@ -69,6 +76,10 @@ class NotAnImageError(ImageDecodeError):
     kind = "not_an_image"
 
 
+class TooFewBandsError(ImageDecodeError):
+    kind = "too_few_bands"
+
+
 class ImageTooLargeError(ImageDecodeError):
     kind = "image_too_large"
     size: tuple[int, int] | None = None  # (width, height) from the header, when it was read
@@ -93,12 +104,13 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, name: str = "<bytes>", *,
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> uint8 [H, W, 3] in display orientation (rules: module docstring).
+def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int = MAX_IMAGE_PIXELS,
+                 bands: int = 3) -> np.ndarray:
+    """Encoded image bytes -> uint8 [H, W, bands] in display orientation (rules: module
+    docstring); `bands` is the model's config.model.input_bands.
 
     Raises an `ImageDecodeError` (a ValueError) naming `name`; its subclass and `kind` say why:
-    empty file, not an image, too many pixels, or broken/truncated data.
+    empty file, not an image, too many pixels, too few bands, or broken/truncated data.
     """
     if not data:
         raise EmptyImageError(f"cannot decode image {name}: empty file (0 bytes)")
@@ -112,7 +124,7 @@ def decode_image(data: bytes, name: str = "<bytes>", *,
             pixels, orientation = _read_tiff(data, name, max_pixels)
         else:
             pixels, orientation = _read_pillow(data, name, max_pixels)
-        return _orient(to_rgb_uint8(pixels), orientation)
+        return _orient(to_bands_uint8(pixels, bands, name), orientation)
     except ImageDecodeError:
         raise
     except Exception as e:  # decoders raise many types for broken files; name the image always
@@ -231,21 +243,31 @@ def _samples_last(arr: np.ndarray, axes: str) -> np.ndarray:
 # Samples -> uint8 RGB, then display orientation.
 
 
-def kept_bands(count: int) -> int:
-    """How many leading bands of `count` training keeps (module docstring): 1 (replicated to
-    grey) below 3, else 3. Windowed readers (earthgpt_jax/scene) read only these."""
-    return 1 if count < 3 else 3
+def kept_bands(count: int, bands: int = 3, name: str = "<image>") -> int:
+    """How many leading bands of `count` a model of `bands` input bands keeps (module
+    docstring): `bands` when the image has them, else 1 (grey, replicated) below 3; a 3+ band
+    image short of `bands` is a TooFewBandsError naming `name`. Windowed readers
+    (earthgpt_jax/scene) read only these."""
+    if count >= bands:
+        return bands
+    if count < 3:
+        return 1
+    raise TooFewBandsError(
+        f"image {name} has {count} bands, fewer than the {bands} the model reads "
+        f"(config.model.input_bands={bands}); only 1- and 2-band (grey) images are widened")
 
 
-def to_rgb_uint8(samples: np.ndarray) -> np.ndarray:
-    """[H, W, C] samples of any depth -> uint8 [H, W, 3]: training's band choice and stretch."""
+def to_bands_uint8(samples: np.ndarray, bands: int = 3, name: str = "<image>") -> np.ndarray:
+    """[H, W, C] samples of any depth -> uint8 [H, W, bands]: training's band choice and
+    stretch (TooFewBandsError naming `name` when C falls short, `kept_bands`)."""
     # Bands are chosen before the stretch, so dropped bands do not shift it and a single band
     # is stretched once, then replicated.
-    kept = samples[..., :kept_bands(samples.shape[-1])]
+    kept = samples[..., :kept_bands(samples.shape[-1], bands, name)]
     kept = to_uint8(kept)
-    if kept.shape[-1] == 1:
-        kept = np.repeat(kept, 3, axis=-1)
+    if kept.shape[-1] != bands:
+        kept = np.repeat(kept, bands, axis=-1)
     return np.ascontiguousarray(kept)
+
 
 
 def to_uint8(samples: np.ndarray) -> np.ndarray:
@@ -301,8 +323,15 @@ def pad_to_square(image: np.ndarray, fill: int = 0) -> np.ndarray:
 
 
 def square_and_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """The model's view of an image: padded square resized to `size` x `size` (bilinear)."""
+    """The model's view of an image: padded square resized to `size` x `size` (bilinear), any
+    number of bands."""
     square = pad_to_square(image)
     if square.shape[0] == size:
         return square
-    return np.asarray(Image.fromarray(square).resize((size, size), Image.BILINEAR), np.uint8)
+    if square.shape[2] == 3:
+        return np.asarray(Image.fromarray(square).resize((size, size), Image.BILINEAR), np.uint8)
+    # Band by band: Pillow would take a 4th band for alpha (RGBA resizes premultiplied) and has
+    # no mode for more; per band it computes what its RGB resize does (tests/test_bands.py).
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(square[..., b]))
+                                .resize((size, size), Image.BILINEAR), np.uint8)
+                     for b in range(square.shape[2])], axis=-1)

@@ -17,7 +17,7 @@ import numpy as np
 
 from earthgpt_jax.data import packing as packing_lib
 from earthgpt_jax.data import sources as sources_lib
-from earthgpt_jax.data.images import decode_image, square_and_resize
+from earthgpt_jax.data.images import decode_image, square_and_resize, to_bands_uint8
 from earthgpt_jax.data.tokenizer import Tokenizer, encode_conversation
 
 
@@ -40,10 +40,12 @@ def record_metadata(record: dict) -> dict:
 
 @dataclasses.dataclass
 class TrainPreprocess(grain.transforms.Map):
-    """Record -> {'image', 'tokens', 'valid', 'loss_mask'} of fixed shapes."""
+    """Record -> {'image', 'tokens', 'valid', 'loss_mask'} of fixed shapes; 'image' is uint8
+    [image_size, image_size, input_bands] (the model's config.model.input_bands)."""
     tokenizer_path: str
     image_size: int
     max_text_len: int
+    input_bands: int = 3
 
     def __post_init__(self):
         self._tok = None
@@ -54,7 +56,9 @@ class TrainPreprocess(grain.transforms.Map):
         name = _text(record.get("image_path", "<image>"))
         pixels = record["image"]
         if not (isinstance(pixels, np.ndarray) and pixels.ndim == 3):  # caption sources decode
-            pixels = decode_image(pixels, name)                        # (and check) up front
+            pixels = decode_image(pixels, name, bands=self.input_bands)  # (and check) up front
+        elif pixels.shape[-1] != self.input_bands:  # decoded as RGB: the same band rule applies
+            pixels = to_bands_uint8(pixels, self.input_bands, name)
         image = square_and_resize(pixels, self.image_size)
         enc = encode_conversation(self._tok, conversation_turns(record), self.max_text_len)
         return {"image": image, "tokens": enc.tokens, "valid": enc.valid,

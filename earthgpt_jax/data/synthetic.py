@@ -10,7 +10,12 @@ answers are functions of what was drawn, and boxes follow the release's pad-then
 The real release has no split field; here the test split lives in the same folders, in
 annotation files whose name ends in `_test.json`, with images of its own (`test_*.png`).
 
-    python -m earthgpt_jax.data.synthetic --out=/tmp/mmrs_mini [--seed=0]
+A multispectral sensor is opt-in (`--multispectral`, `write_release(sources=
+MULTISPECTRAL_SOURCES)`): a release of its own, 4-band R, G, B, NIR TIFFs (the order is each
+`Source.bands`, also written into every TIFF as GDAL band descriptions) whose targets show only
+in NIR, for a model of config.model.input_bands=4. The default release is unchanged by it.
+
+    python -m earthgpt_jax.data.synthetic --out=/tmp/mmrs_mini [--seed=0] [--multispectral]
 """
 
 from __future__ import annotations
@@ -73,6 +78,19 @@ class Source:
     # Images per 600 train images. VQA is over-represented on purpose: a yes/no answer is one
     # token, so presence has to be seen often to be learned next to long detection answers.
     weight: int
+    # The image's bands in file order (a model reads the first config.model.input_bands);
+    # empty: the sensor's own (SENSOR_BANDS).
+    bands: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.bands:
+            object.__setattr__(self, "bands", SENSOR_BANDS[self.sensor])
+
+
+# Bands of each sensor's images, in file order: RGB PNGs, single-band (grey) SAR and thermal
+# infrared PNGs. (The multispectral source names its own: MULTISPECTRAL_BANDS.)
+SENSOR_BANDS = {"optical": ("red", "green", "blue"), "sar": ("amplitude",),
+                "infrared": ("thermal",)}
 
 
 SOURCES = (
@@ -108,6 +126,16 @@ DETECTION_CLASSES = {
 # the demo's answers must fit its 128 text tokens and 120 decoded ones.
 ORIENTED_SOURCES = ("HRSID_OBB_mini",)
 MAX_ORIENTED_SHIPS = 2
+
+# The opt-in multispectral sensor: camouflage nets over vegetation. Their visible colours are
+# the vegetation's, so R, G, B hold nothing of them; in near infrared, where leaves are bright
+# and the nets' dyes are not, they are dark patches. Only a model that reads NIR can answer.
+MULTISPECTRAL_BANDS = ("red", "green", "blue", "nir")
+CAMOUFLAGE = "camouflaged vehicle"
+MULTISPECTRAL_SOURCES = (
+    Source("vqa", "MSCamo_mini", "optical", "data/VQA/MSCamo_mini",
+           "data/json/VQA/mscamo_mini.json", 600, bands=MULTISPECTRAL_BANDS),
+)
 
 
 def split_json_path(train_json_path: str, split: str) -> str:
@@ -286,6 +314,59 @@ def _infrared_image(rng, w: int, h: int, objs: list[Obj]) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def _multispectral_pixels(rng, w: int, h: int, targets: int) -> tuple[np.ndarray, list[Obj]]:
+    """uint8 [h, w, 4] R, G, B, NIR of vegetation holding `targets` camouflaged vehicles
+    (25-40% of the long side: they must survive the tiny model's 32-pixel view). R, G, B are
+    drawn first and never touched again: they are the same whatever `targets` is."""
+    scene = ("forest", "farmland")[int(rng.integers(2))]
+    rgb = _optical_background(rng, scene, w, h)
+    objs: list[Obj] = []
+    for _ in range(targets):
+        for _ in range(200):
+            long_edge = int(round(rng.uniform(0.25, 0.40) * max(w, h)))
+            ow, oh = long_edge, max(_MIN_OBJECT_PX, int(round(long_edge / 1.6)))
+            if rng.random() < 0.5:
+                ow, oh = oh, ow
+            x0, y0 = int(rng.integers(0, w - ow + 1)), int(rng.integers(0, h - oh + 1))
+            box = (x0, y0, x0 + ow, y0 + oh)
+            if all(box[0] > o.box[2] or box[2] < o.box[0] or box[1] > o.box[3] or
+                   box[3] < o.box[1] for o in objs):
+                objs.append(Obj(CAMOUFLAGE, box))
+                break
+        else:
+            raise RuntimeError("could not place a camouflaged vehicle; image too small")
+    nir = rng.uniform(185, 200) + _noise(rng, h, w, 8)  # leaves reflect NIR strongly
+    for o in objs:
+        x0, y0, x1, y1 = o.box
+        nir[y0:y1, x0:x1] = rng.uniform(45, 75) + _noise(rng, y1 - y0, x1 - x0, 6)
+    nir = np.clip(nir, 0, 255).astype(np.uint8)
+    return np.dstack([rgb, nir]), objs
+
+
+def _gen_multispectral_vqa(rng, src, split, i, out, json_rel, present: bool):
+    """A presence and a counting question about camouflaged vehicles, per 4-band image."""
+    w, h = _image_size(rng)
+    img, objs = _multispectral_pixels(rng, w, h, int(rng.integers(1, 3)) if present else 0)
+    path = out.image(f"{src.image_dir}/{split}_{i:05d}.tif", img, src.bands)
+    out.record(json_rel, path, _turns(
+        (PRESENCE_PROMPT.format(name=CAMOUFLAGE), "yes" if objs else "no"),
+        (COUNT_PROMPT.format(names=plural(CAMOUFLAGE)), str(len(objs)))))
+
+
+def _tiff_bytes(pixels: np.ndarray, bands: tuple[str, ...]) -> bytes:
+    """A band-interleaved-by-pixel TIFF whose GDAL_METADATA tag names each band (rasterio's
+    `descriptions`), so the band order travels with the file. No tifffile metadata or date:
+    equal pixels give equal bytes."""
+    import tifffile  # only the multispectral sensor writes TIFF
+    items = "".join(f'<Item name="DESCRIPTION" sample="{k}" role="description">{name}</Item>'
+                    for k, name in enumerate(bands))
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, pixels, photometric="minisblack", planarconfig="contig",
+                     metadata=None, extratags=[(42112, "s", 0,
+                                                f"<GDALMetadata>{items}</GDALMetadata>", True)])
+    return buf.getvalue()
+
+
 def _png_bytes(pixels: np.ndarray) -> bytes:
     # No metadata in the PNG, so equal pixels give equal bytes across runs.
     buf = io.BytesIO()
@@ -334,11 +415,12 @@ class _Writer:
         self.root = root
         self.records: dict[str, list[dict]] = {}
 
-    def image(self, rel_path: str, pixels: np.ndarray) -> str:
+    def image(self, rel_path: str, pixels: np.ndarray, bands: tuple[str, ...] = ()) -> str:
         path = os.path.join(self.root, rel_path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
-            f.write(_png_bytes(pixels))
+            f.write(_tiff_bytes(pixels, bands) if rel_path.endswith(".tif") else
+                    _png_bytes(pixels))
         return rel_path
 
     def record(self, json_rel: str, image: str, conversations: list[dict]) -> None:
@@ -515,20 +597,22 @@ def _allocate(total: int, src: Source) -> int:
     return n
 
 
-def source_counts(num_images: int) -> dict[str, int]:
+def source_counts(num_images: int, sources: tuple[Source, ...] = SOURCES) -> dict[str, int]:
     """Images per source for a split of about `num_images` images (each source gets >= 2)."""
-    return {s.name: _allocate(num_images, s) for s in SOURCES}
+    return {s.name: _allocate(num_images, s) for s in sources}
 
 
 def write_release(root: str, *, seed: int = 0, num_train_images: int = 600,
-                  num_test_images: int = 150) -> dict[str, int]:
+                  num_test_images: int = 150,
+                  sources: tuple[Source, ...] = SOURCES) -> dict[str, int]:
     """Write a mini MMRS-1M release under `root/data`; returns {json path: record count}.
+    `sources`: SOURCES (the demo's mix) or MULTISPECTRAL_SOURCES (4-band images only).
 
     Deterministic: the same seed and sizes give byte-identical files.
     """
     out = _Writer(root)
     for split, total in (("train", num_train_images), ("test", num_test_images)):
-        for src in SOURCES:
+        for src in sources:
             rng = _rng_for(seed, src.name, split)
             json_rel = split_json_path(src.json_path, split)
             n = _allocate(total, src)
@@ -540,6 +624,8 @@ def write_release(root: str, *, seed: int = 0, num_train_images: int = 600,
                     _gen_classification(rng, src, split, i, out, json_rel)
                 elif src.task == "caption":
                     _gen_caption(rng, src, split, i, out, json_rel)
+                elif src.task == "vqa" and src in MULTISPECTRAL_SOURCES:
+                    _gen_multispectral_vqa(rng, src, split, i, out, json_rel, bool(present[i]))
                 elif src.task == "vqa":
                     _gen_vqa(rng, src, split, i, out, json_rel, bool(present[i]))
                 elif src.task == "rsvg":
@@ -570,11 +656,14 @@ def main(argv: list[str] | None = None) -> None:
     flags.DEFINE_integer("seed", 0, "Generator seed.")
     flags.DEFINE_integer("num_train_images", 600, "About this many train images in total.")
     flags.DEFINE_integer("num_test_images", 150, "About this many test images in total.")
+    flags.DEFINE_bool("multispectral", False, "Write the multispectral release (4-band "
+                      "R,G,B,NIR TIFFs, targets only in NIR) instead of the demo's mix.")
 
     def _run(_):
         f = flags.FLAGS
         counts = write_release(f.out, seed=f.seed, num_train_images=f.num_train_images,
-                               num_test_images=f.num_test_images)
+                               num_test_images=f.num_test_images,
+                               sources=MULTISPECTRAL_SOURCES if f.multispectral else SOURCES)
         for path, n in counts.items():
             print(f"{n:6d}  {path}")
 

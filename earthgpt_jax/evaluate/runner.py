@@ -13,7 +13,6 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from earthgpt_jax.data.images import decode_image
 from earthgpt_jax.data.pipeline import conversation_turns, record_metadata
 from earthgpt_jax.evaluate import report
 from earthgpt_jax.inference import InferenceSession
@@ -69,7 +68,8 @@ def predict(config, session: InferenceSession, source, pending: list[dict], prog
     # Images are decoded per batch: a split's images need not fit in memory.
     for start in range(0, len(pending), ec.batch_size):
         batch = pending[start:start + ec.batch_size]
-        originals = [decode_image(source[e["record"]]["image"], e["image_path"]) for e in batch]
+        originals = [session.decode(source[e["record"]]["image"], e["image_path"])
+                     for e in batch]
         # A short last batch repeats its last question: one compiled batch size per split.
         fill = ec.batch_size - len(batch)
         dialogues = [(e["history"], e["question"]) for e in batch]

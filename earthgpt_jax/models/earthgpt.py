@@ -4,7 +4,8 @@ one linear projection to LLM tokens, and the LLaMA decoder with the visual token
 Sequence layout: [BOS] [V visual tokens] [text tokens...]. Logits at position V (the last
 visual token) predict text token 0, so `__call__` returns the logits aligned with `tokens`.
 Packed rows (several such samples in one row, `earthgpt_jax/data/packing.py`) go through
-`packed_logits`.
+`packed_logits`. Images of `input_bands` != 3 bands reach the towers through the learned band
+adapter (`models/bands.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from earthgpt_jax.data.tokenizer import IMAGE_TOKEN
+from earthgpt_jax.models.bands import BandAdapter
 from earthgpt_jax.models.convnext import ConvNeXt
 from earthgpt_jax.models.layers import Linear
 from earthgpt_jax.models.llama import LlamaDecoder
@@ -25,9 +27,15 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DI
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def _normalise(images_uint8, mean, std, dtype):
-    x = images_uint8.astype(jnp.float32) / 255.0
+def _normalise(x, mean, std, dtype):
+    """[0, 1]-scaled float32 pixels -> the tower's normalised input in `dtype`."""
     return ((x - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
+
+
+def _stop_gradient_params(tower: type[nn.Module]) -> type[nn.Module]:
+    """`tower` whose parameters are constants to autodiff: frozen weights get no gradient
+    while the activations still carry one back to the band adapter in front of it."""
+    return nn.map_variables(tower, "params", trans_in_fn=jax.lax.stop_gradient, init=True)
 
 
 def pool_to_grid(feature_map, grid: int, mode: str = "mean"):
@@ -47,22 +55,36 @@ class EarthGPT(nn.Module):
 
     def setup(self):
         dtype = jnp.dtype(self.cfg.dtype)
-        self.vit = ViT(self.cfg.vit, dtype, name="vit")
-        self.convnext = ConvNeXt(self.cfg.convnext, dtype, name="convnext")
+        vit, convnext = ViT, ConvNeXt
+        if self.cfg.band_adapter:
+            self.band_adapter = BandAdapter(self.cfg.input_bands, self.cfg.band_init,
+                                            name="band_adapter")
+            if self.cfg.freeze_vision:
+                vit, convnext = _stop_gradient_params(ViT), _stop_gradient_params(ConvNeXt)
+        self.vit = vit(self.cfg.vit, dtype, name="vit")
+        self.convnext = convnext(self.cfg.convnext, dtype, name="convnext")
         self.projector = Linear(self.cfg.llm.hidden_size, ("fused", "embed"), use_bias=True,
                                 dtype=dtype, name="projector")
         self.llm = LlamaDecoder(self.cfg.llm, dtype, self.cfg.remat_policy, name="llm")
 
     def encode_images(self, images):
-        """uint8 [B, S, S, 3] (already padded to square and resized) -> [B, V, hidden]."""
+        """uint8 [B, S, S, input_bands] (already padded to square and resized) -> [B, V, hidden].
+        """
         dtype = jnp.dtype(self.cfg.dtype)
         grid = self.cfg.grid_size
-        maps = self.vit(_normalise(images, IMAGENET_MEAN, IMAGENET_STD, dtype))
-        maps += self.convnext(_normalise(images, CLIP_MEAN, CLIP_STD, dtype))
+        if images.shape[-1] != self.cfg.input_bands:
+            raise ValueError(f"images of shape {images.shape} have {images.shape[-1]} bands; "
+                             f"this model reads {self.cfg.input_bands} (input_bands)")
+        x = images.astype(jnp.float32) / 255.0
+        if self.cfg.band_adapter:
+            x = self.band_adapter(x)
+        maps = self.vit(_normalise(x, IMAGENET_MEAN, IMAGENET_STD, dtype))
+        maps += self.convnext(_normalise(x, CLIP_MEAN, CLIP_STD, dtype))
         fused = jnp.concatenate([pool_to_grid(m, grid, self.cfg.grid_pooling) for m in maps],
                                 axis=-1)
-        if self.cfg.freeze_vision:
-            # Frozen towers: no backward pass through them at all, not just zero updates.
+        if self.cfg.freeze_vision and not self.cfg.band_adapter:
+            # Frozen towers: no backward pass through them at all, not just zero updates. (A
+            # band adapter in front needs that pass: its towers' params are stopped instead.)
             fused = jax.lax.stop_gradient(fused)
         fused = fused.reshape(fused.shape[0], grid * grid, fused.shape[-1])
         return self.projector(fused)
@@ -93,9 +115,9 @@ class EarthGPT(nn.Module):
     def packed_logits(self, images, tokens, segment_ids, positions):
         """Teacher-forced logits of packed rows, [B, L-1, vocab]: entry t predicts tokens[:, t+1].
 
-        images uint8 [B, K, S, S, 3] (K image slots per row); tokens int [B, L] with BOS ids and
-        IMAGE_TOKEN placeholders written by the pipeline: the j-th placeholder of a row takes
-        the j-th visual token of the row's images in slot order. segment_ids [B, L] (0 =
+        images uint8 [B, K, S, S, input_bands] (K image slots per row); tokens int [B, L] with BOS
+        ids and IMAGE_TOKEN placeholders written by the pipeline: the j-th placeholder of a row
+        takes the j-th visual token of the row's images in slot order. segment_ids [B, L] (0 =
         padding) keep attention inside each sample; positions [B, L] restart per sample.
         """
         batch, slots = images.shape[:2]
@@ -124,7 +146,8 @@ class EarthGPT(nn.Module):
 def dummy_inputs(model_cfg: EarthGPTConfig, batch: int, text_len: int):
     """Zero inputs of the shapes `EarthGPT.__call__` takes: for init and shape tracing."""
     size = model_cfg.image_size
-    return (jnp.zeros((batch, size, size, 3), jnp.uint8), jnp.zeros((batch, text_len), jnp.int32),
+    return (jnp.zeros((batch, size, size, model_cfg.input_bands), jnp.uint8),
+            jnp.zeros((batch, text_len), jnp.int32),
             jnp.ones((batch, text_len), bool))
 
 

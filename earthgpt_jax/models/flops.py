@@ -86,8 +86,11 @@ PARTS = ("llm", "vit", "convnext", "projector")
 
 
 def parameter_summary(params, labels=None) -> dict[str, int]:
-    """{'llm', 'vit', 'convnext', 'projector', 'adapters', 'total'[, 'trainable']} counts of a
-    params tree (`labels`: optim's trainable labels, 'train' where a stage trains a leaf).
+    """{'llm', 'vit', 'convnext', 'projector', 'adapters', 'total'[, 'trainable',
+    'trainable_bytes', 'frozen_bytes']} counts of a params tree (`labels`: optim's trainable
+    labels, 'train' where a stage trains a leaf). The bytes are those of the leaves' own dtypes
+    (arrays or ShapeDtypeStructs): a Trainer's frozen leaves are stored in
+    train.frozen_param_dtype (2 bytes each in bf16), its trainable ones in fp32.
 
     `llm` counts the decoder without its adapters (stage B's bias/scale or LoRA's factors),
     which are reported on their own.
@@ -105,14 +108,24 @@ def parameter_summary(params, labels=None) -> dict[str, int]:
         flat_labels = traverse_util.flatten_dict(labels, sep="/")
         counts["trainable"] = sum(int(flat[p].size) for p, l in flat_labels.items()
                                   if l == "train")
+        nbytes = lambda p: int(flat[p].size) * np.dtype(flat[p].dtype).itemsize
+        counts["trainable_bytes"] = sum(nbytes(p) for p, l in flat_labels.items()
+                                        if l == "train")
+        counts["frozen_bytes"] = sum(nbytes(p) for p, l in flat_labels.items() if l != "train")
     return counts
 
 
 def format_summary(counts: dict[str, int], stage: str | None = None) -> str:
-    parts = [f"{k} {v:,}" for k, v in counts.items() if k not in ("total", "trainable")]
+    parts = [f"{k} {v:,}" for k, v in counts.items()
+             if k not in ("total", "trainable") and not k.endswith("_bytes")]
     line = "parameters: " + ", ".join(parts) + f"; total {counts['total']:,}"
     if "trainable" in counts:
         line += f"; trainable in stage {stage}: {counts['trainable']:,}"
+    if "frozen_bytes" in counts:
+        frozen = counts["total"] - counts["trainable"]
+        per = f" ({counts['frozen_bytes'] / frozen:g} bytes each)" if frozen else ""
+        line += (f"; stored: trainable {counts['trainable_bytes'] / 1e9:.3f} GB, frozen "
+                 f"{counts['frozen_bytes'] / 1e9:.3f} GB{per}")
     return line
 
 

@@ -130,6 +130,19 @@ class EarthGPTConfig:
     dtype: str = "float32"  # compute dtype; parameters keep their stored dtype
     freeze_vision: bool = True
     remat_policy: str = "none"  # none or a key of llama.REMAT_POLICIES
+    # Bands of the images the model reads (uint8 [.., S, S, input_bands]); 3 = RGB straight
+    # into the towers. band_init: how the band adapter (models/bands.py) starts, see
+    # `band_init_rows`; non-empty with 3 bands still adds an adapter (e.g. "2,1,0" for BGR).
+    input_bands: int = 3
+    band_init: str = ""
+
+    def __post_init__(self):
+        band_init_rows(self.band_init, self.input_bands)  # refuses a bad pair at construction
+
+    @property
+    def band_adapter(self) -> bool:
+        """Whether a learned 1x1 band projection runs before the towers."""
+        return self.input_bands != 3 or bool(self.band_init)
 
     @property
     def num_visual_tokens(self) -> int:
@@ -138,6 +151,29 @@ class EarthGPTConfig:
     @property
     def fused_channels(self) -> int:
         return len(self.vit.feature_layers) * self.vit.hidden_size + sum(self.convnext.dims)
+
+
+def band_init_rows(band_init: str, input_bands: int) -> tuple[int, int, int] | None:
+    """The input band each tower channel (R, G, B) starts from, or None for "mean" (every
+    channel the average of all bands). `band_init` is "mean", "i,j,k" (0-based band indices
+    for R, G, B), or "" for the decoder's own 3-band rule (data/images.py): the first three
+    bands, or the first band as grey below three. ValueError names the config key."""
+    if input_bands < 1:
+        raise ValueError(f"config.model.input_bands={input_bands} must be >= 1")
+    spec = band_init.strip()
+    if spec == "mean":
+        return None
+    if not spec:
+        return (0, 1, 2) if input_bands >= 3 else (0, 0, 0)
+    try:
+        rows = tuple(int(part) for part in spec.split(","))
+    except ValueError:
+        rows = ()
+    if len(rows) != 3 or not all(0 <= r < input_bands for r in rows):
+        raise ValueError(f"config.model.band_init={band_init!r} must be 'mean' or three band "
+                         f"indices 'r,g,b' in 0..{input_bands - 1} (config.model.input_bands="
+                         f"{input_bands})")
+    return rows
 
 
 def _vit_l14() -> ViTConfig:

@@ -8,7 +8,8 @@ import json
 import os
 import sys
 
-from earthgpt_jax.scene import TASKS, SceneError, SessionAnswerer, run_scene, task_prompt
+from earthgpt_jax.scene import (DATA_PARALLEL_RULES, TASKS, SceneError, SessionAnswerer,
+                                data_parallel_mesh, run_scene, task_prompt)
 from earthgpt_jax.scene.raster import SceneReader
 
 
@@ -27,8 +28,13 @@ def main(argv=None, stdout=None, stderr=None) -> int:
     parser.add_argument("--overlap", type=int, default=-1,
                         help="pixels shared by neighbouring tiles; above the largest object "
                              "(default: a quarter of the tile)")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="tiles decoded at once, split over every local device (rounded "
+                             "up to a multiple of the device count)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--devices", type=int, default=0,
+                        help="local devices to decode on, each holding the whole model "
+                             "(default 0: all)")
     args = parser.parse_args(argv)
     image, out = os.path.expanduser(args.image), os.path.expanduser(args.out)
     from earthgpt_jax.inference import InferenceError, InferenceSession
@@ -37,7 +43,13 @@ def main(argv=None, stdout=None, stderr=None) -> int:
         SceneReader(image).close()
         if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise SceneError(f"output folder not found: {os.path.dirname(out)}")
-        session = InferenceSession.from_workdir(args.ckpt_dir, args.tokenizer)
+        import jax
+        local = jax.local_devices()
+        if not 0 <= args.devices <= len(local):
+            raise SceneError(f"--devices={args.devices}: this host has {len(local)} devices")
+        session = InferenceSession.from_workdir(
+            args.ckpt_dir, args.tokenizer, rules=DATA_PARALLEL_RULES,
+            mesh=data_parallel_mesh(local[:args.devices or len(local)]))
         answerer = SessionAnswerer(session, args.batch_size, args.max_new_tokens)
         summary = run_scene(image, out, answerer, task=args.task, question=args.question,
                             tile=args.tile, overlap=args.overlap, log=stderr)

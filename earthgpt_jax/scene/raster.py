@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from earthgpt_jax.data.images import kept_bands, to_rgb_uint8
+from earthgpt_jax.data.images import TooFewBandsError, kept_bands, to_bands_uint8
 
 OVERVIEW_SIDE = 1024
 # GDAL's block cache, in MB. Its default is 5 % of the host's memory, which on a large host
@@ -63,7 +63,7 @@ def tile_grid(width: int, height: int, tile: int, overlap: int) -> list[Tile]:
 class SceneReader:
     """An open scene: size, bands, georeference; `read(tile)` gives what the model sees."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, input_bands: int = 3):
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
         if not os.path.exists(path):
@@ -79,8 +79,16 @@ class SceneReader:
             raise SceneError(f"cannot read scene {path}: {str(e).splitlines()[0]}") from None
         self.path = path
         self.width, self.height = self.ds.width, self.ds.height
-        # Training's band choice (data/images.py), read as such: a 13-band scene reads 3.
-        self.bands = list(range(1, kept_bands(self.ds.count) + 1))
+        # Training's band choice (data/images.py) for a model of `input_bands` bands, read as
+        # such: a 13-band scene reads 3 for an RGB model, 4 for a 4-band one. The overview is a
+        # picture for people: the RGB model's bands, whatever the model reads.
+        self.input_bands = input_bands
+        try:
+            self.bands = list(range(1, kept_bands(self.ds.count, input_bands, path) + 1))
+        except TooFewBandsError as e:
+            self.close()
+            raise SceneError(str(e)) from None
+        self._display_bands = list(range(1, kept_bands(self.ds.count) + 1))
         # No CRS (a PNG, a JPEG, a TIFF without GeoTIFF tags): coordinates stay in pixels.
         self.crs = self.ds.crs if self.ds.crs else None
         self.transform = self.ds.transform
@@ -95,11 +103,13 @@ class SceneReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _samples(self, **read_args) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 [h, w, 3] as training decodes, valid [h, w]) of one windowed/decimated read."""
+    def _samples(self, bands: list[int], out_bands: int,
+                 **read_args) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 [h, w, out_bands] as training decodes for a model of `out_bands` bands,
+        valid [h, w]) of one windowed or decimated read of `bands`."""
         from rasterio.errors import RasterioIOError
         try:
-            data = self.ds.read(self.bands, masked=True, **read_args)
+            data = self.ds.read(bands, masked=True, **read_args)
         except RasterioIOError as e:
             raise SceneError(f"cannot read scene {self.path}: "
                              f"{str(e).splitlines()[0]}") from None
@@ -109,22 +119,22 @@ class SceneReader:
             # Nodata as NaN: the stretch's percentiles skip it and it maps to 0 (images.to_uint8).
             samples = samples.astype(np.float64)
             samples[~valid] = np.nan
-        image = to_rgb_uint8(samples)
+        image = to_bands_uint8(samples, out_bands, self.path)
         image[~valid] = 0  # black, the colour training's centre padding uses
         return image, valid
 
     def read(self, tile: Tile) -> tuple[np.ndarray, float]:
-        """(uint8 [h, w, 3] of the tile, the fraction of its pixels that hold data)."""
+        """(uint8 [h, w, input_bands] of the tile, the fraction of its pixels that hold data)."""
         from rasterio.windows import Window
-        image, valid = self._samples(window=Window(tile.col, tile.row, tile.width,
-                                                   tile.height))
+        window = Window(tile.col, tile.row, tile.width, tile.height)
+        image, valid = self._samples(self.bands, self.input_bands, window=window)
         return image, float(valid.mean())
 
     def overview(self) -> tuple[np.ndarray, float]:
         """(uint8 [h, w, 3] picture of the whole scene at most OVERVIEW_SIDE a side, scene
         pixels per overview pixel)."""
         scale = max(1.0, max(self.width, self.height) / OVERVIEW_SIDE)
-        shape = (len(self.bands), max(1, round(self.height / scale)),
+        shape = (len(self._display_bands), max(1, round(self.height / scale)),
                  max(1, round(self.width / scale)))
-        image, _ = self._samples(out_shape=shape)
+        image, _ = self._samples(self._display_bands, 3, out_shape=shape)
         return image, self.width / shape[2]

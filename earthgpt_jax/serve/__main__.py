@@ -1,8 +1,9 @@
 """Serve the web chat: `python -m earthgpt_jax.serve --ckpt_dir=WORKDIR [--host=127.0.0.1
 --port=8000]`, then open the printed address in a browser.
 
-The model is loaded once; one worker thread decodes every request (see engine.py). The server
-binds to loopback unless told otherwise, because the page has no login.
+The model is loaded once; one worker thread decodes every chat request (see engine.py), and
+whole scenes uploaded on /scene run as one background job at a time (see scenes.py). The
+server binds to loopback unless told otherwise, because the page has no login.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from earthgpt_jax.inference import PROMPT_BUCKET, InferenceError, InferenceSessi
 from earthgpt_jax.serve.app import create_app
 from earthgpt_jax.serve.service import ChatService, Limits, find_examples
 from earthgpt_jax.serve.engine import Engine
+from earthgpt_jax.serve.scenes import SceneJobs, SceneLimits
 
 
 def build_service(ckpt_dir: str, *, tokenizer_path: str = "", examples_dir: str = "",
                   limits: Limits | None = None, max_batch: int = 8, max_groups: int = 4,
-                  warmup_tokens: int = 0) -> ChatService:
+                  warmup_tokens: int = 0, scene_limits: SceneLimits | None = None,
+                  scene_dir: str = "", scene_batch: int = 8,
+                  scene_max_new_tokens: int = 256) -> ChatService:
     """Load the checkpoint, start the engine (optionally compiling the common shapes first);
     InferenceError (one line) when the workdir cannot be served."""
     import numpy as np
@@ -35,7 +39,7 @@ def build_service(ckpt_dir: str, *, tokenizer_path: str = "", examples_dir: str 
         from earthgpt_jax.data.tokenizer import encode_dialogue_prompt
         from earthgpt_jax.serve.service import TASK_PROMPTS
         size = session.model.cfg.image_size
-        pixels = session.pixels(np.zeros((size, size, 3), np.uint8))
+        pixels = session.pixels(np.zeros((size, size, session.model.cfg.input_bands), np.uint8))
         buckets = {}
         for task in ("describe", "classify", "detect"):
             ids = encode_dialogue_prompt(session.tokenizer, [], TASK_PROMPTS[task])
@@ -43,8 +47,12 @@ def build_service(ckpt_dir: str, *, tokenizer_path: str = "", examples_dir: str 
         for ids in buckets.values():
             engine.warmup(pixels, ids, warmup_tokens)
     description = f"{os.path.basename(os.path.abspath(ckpt_dir))}, step {session.step}"
+    # Scene jobs decode on the chat's session (one copy of the weights), on its mesh.
+    scenes = SceneJobs(session, scene_limits, scene_dir, batch_size=scene_batch,
+                       max_new_tokens=scene_max_new_tokens)
     return ChatService(engine, limits or Limits(),
-                       find_examples(os.path.abspath(ckpt_dir), examples_dir), description)
+                       find_examples(os.path.abspath(ckpt_dir), examples_dir), description,
+                       scenes)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -100,6 +108,17 @@ def main(argv=None) -> int:
                         help="the most tokens one answer may ask for")
     parser.add_argument("--warmup_tokens", type=int, default=128,
                         help="compile one answer of this many tokens before serving (0: skip)")
+    parser.add_argument("--max_scene_mb", type=float, default=4096.0,
+                        help="largest scene upload (/scene), streamed to --scene_dir")
+    parser.add_argument("--scene_dir", default="",
+                        help="where uploaded scenes and their results are kept (default: a "
+                             "temporary folder removed on exit)")
+    parser.add_argument("--max_scenes", type=int, default=8,
+                        help="scenes kept; the oldest idle one is removed first")
+    parser.add_argument("--scene_batch", type=int, default=8,
+                        help="tiles a scene job decodes at once (a chat token may wait for one "
+                             "such batch)")
+    parser.add_argument("--scene_max_new_tokens", type=int, default=256)
     parser.add_argument("--log_level", default="info")
     args = parser.parse_args(argv)
     # Libraries (orbax, absl) log every restore detail at INFO; the server's own log is uvicorn's.
@@ -118,11 +137,26 @@ def main(argv=None) -> int:
         service = build_service(args.ckpt_dir, tokenizer_path=args.tokenizer,
                                 examples_dir=args.examples_dir, limits=limits,
                                 max_batch=args.max_batch, max_groups=args.max_groups,
-                                warmup_tokens=min(args.warmup_tokens, args.max_new_tokens))
+                                warmup_tokens=min(args.warmup_tokens, args.max_new_tokens),
+                                scene_limits=SceneLimits(
+                                    max_scene_bytes=int(args.max_scene_mb * 2**20),
+                                    max_scenes=args.max_scenes,
+                                    max_question_chars=args.max_question_chars),
+                                scene_dir=args.scene_dir, scene_batch=args.scene_batch,
+                                scene_max_new_tokens=args.scene_max_new_tokens)
     except InferenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import signal
     import uvicorn
+
+    def exit_on_sigterm(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    # uvicorn shuts down gracefully on SIGTERM, then restores this handler and raises the signal
+    # again: as SystemExit (not the default handler's instant death) the `finally` below runs
+    # and removes the uploaded scenes' temporary folder.
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     port = sock.getsockname()[1]
     print(banner(args.host, port, service.description), flush=True)
     server = uvicorn.Server(uvicorn.Config(create_app(service), log_level=args.log_level,
@@ -130,6 +164,7 @@ def main(argv=None) -> int:
     try:
         server.run(sockets=[sock])
     finally:
+        service.scenes.close()
         service.engine.stop()
     return 0
 

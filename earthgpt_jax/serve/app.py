@@ -17,6 +17,35 @@ then `event: done` (the answer, its boxes in normalised and pixel coordinates, t
 `event: error`. Every refusal is a 4xx with `{"error": "..."}` that says what was wrong.
 Conversations and limits live in service.py, decoding in engine.py's worker thread; this module
 only speaks HTTP.
+
+Whole scenes (the page at /scene; scenes.py runs the CLI's `python -m earthgpt_jax.scene`):
+
+    POST   /api/scenes?name=N               body: the raster's bytes, streamed to disk (limit
+                                            --max_scene_mb) -> 201 {id, name, width, height,
+                                            bands, crs, georeferenced, overview_url,
+                                            overview_size, overview_scale, job, [note]}
+    GET    /api/scenes/{id}                 the same facts; `job`: {task, question, status,
+                                            done, total, tiles_per_s, eta_s}
+    GET    /api/scenes/{id}/overview        PNG, at most 1024 px a side (never the raw raster)
+    POST   /api/scenes/{id}/job             {"task": "detect"|"ground"|"ask", "question",
+                                            "tile", "overlap" (the CLI's; default the model's
+                                            input size and a quarter of it)} -> 202 job facts;
+                                            409 while any scene job runs
+    DELETE /api/scenes/{id}/job             cancel after the running batch (202); starting the
+                                            same task again resumes from the tiles done
+    GET    /api/scenes/{id}/events          the job's events as SSE, replayed from the start (or
+                                            after `Last-Event-ID` / `?after=N`), ending after
+                                            `done`, `error` or `cancelled`
+    GET    /api/scenes/{id}/result/{kind}   the finished job's files as downloads: `geojson`
+                                            (WGS84; scene pixels without a CRS),
+                                            `scene_crs.geojson`, `png` (overview with boxes)
+    DELETE /api/scenes/{id}
+
+Scene events (each with `seq`): `start` {task, question, scene}; `log` {message} (tile count,
+"no georeference"); `progress` {done, total, tiles_per_s, eta_s, windows: the tiles of this
+batch as [col, row, width, height], boxes: [{label, corners: x1,y1..x4,y4 scene pixels,
+tile}] found in them, before merging}; then `done` {the CLI's summary, boxes: the merged
+boxes the GeoJSON holds, downloads: {kind: url}}, `error` {message} or `cancelled`.
 """
 
 from __future__ import annotations
@@ -33,7 +62,10 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from earthgpt_jax.serve.scenes import FINAL
 from earthgpt_jax.serve.service import ApiError, ChatService
+
+SCENE_EVENT_POLL_S = 0.2  # how often an open event stream looks for a job's new events
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -62,6 +94,128 @@ async def _read_limited(request: Request, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
+async def _json_object(request: Request, limit: int, what: str) -> dict:
+    """The request body as a JSON object (an empty body is {}); ApiError 400/413 naming `what`."""
+    raw = await _read_limited(request, limit, what)
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise ApiError(400, f"{what} is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"{what} must be a JSON object")
+    return body
+
+
+async def _stream_to_file(request: Request, path: str, limit: int, name: str) -> int:
+    """The request body, written to `path` chunk by chunk (a scene may be gigabytes: it is
+    never held whole); ApiError 413 as soon as it passes `limit`."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"{name} is {int(declared)} bytes; the limit for scenes is "
+                            f"{limit} bytes (--max_scene_mb)")
+    size = 0
+    with open(path, "wb") as f:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"{name} is over the limit for scenes of {limit} bytes "
+                                    "(--max_scene_mb)")
+            f.write(chunk)
+    return size
+
+
+def _scene_routes(service: ChatService) -> list:
+    def jobs():
+        if service.scenes is None:
+            raise ApiError(404, "this server takes no scenes (started without scene jobs)")
+        return service.scenes
+
+    async def scene_page(_):
+        return FileResponse(os.path.join(STATIC_DIR, "scene.html"))
+
+    async def upload(request):
+        scenes = jobs()
+        name = os.path.basename(request.query_params.get("name", "") or "scene")[:200]
+        scene_id, folder = scenes.new_folder()
+        path = scenes.upload_path(folder, name)
+        try:
+            await _stream_to_file(request, path, scenes.limits.max_scene_bytes, name)
+        except BaseException:
+            import shutil
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        scene = await run_in_threadpool(scenes.register, scene_id, folder, name, path)
+        return JSONResponse(scene.facts(), status_code=201)
+
+    async def show(request):
+        return JSONResponse(jobs().get(request.path_params["sid"]).facts())
+
+    async def delete(request):
+        jobs().delete(request.path_params["sid"])
+        return JSONResponse({"deleted": request.path_params["sid"]})
+
+    async def overview(request):
+        scene = jobs().get(request.path_params["sid"])
+        return FileResponse(os.path.join(scene.folder, "overview.png"), media_type="image/png")
+
+    async def start(request):
+        scenes = jobs()
+        scene = scenes.get(request.path_params["sid"])
+        body = await _json_object(request, service.limits.max_json_bytes, "job body")
+        job = scenes.start(scene, body)
+        return JSONResponse(job.facts(), status_code=202)
+
+    async def cancel(request):
+        scenes = jobs()
+        job = scenes.cancel(scenes.get(request.path_params["sid"]))
+        return JSONResponse(job.facts(), status_code=202)
+
+    async def events(request):
+        scene = jobs().get(request.path_params["sid"])
+        job = scene.job
+        if job is None:
+            raise ApiError(404, f"scene {scene.name} has no job; start one first")
+        after = request.headers.get("last-event-id") or request.query_params.get("after", "")
+        first = int(after) + 1 if after.lstrip("-").isdigit() else 0
+
+        async def stream():
+            index = first
+            while True:
+                while index < len(job.events):
+                    event = dict(job.events[index])
+                    kind = event.pop("type")
+                    yield f"id: {event['seq']}\n" + _sse(kind, event)
+                    index += 1
+                    if kind in FINAL:
+                        return
+                await asyncio.sleep(SCENE_EVENT_POLL_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+
+    async def result(request):
+        scene = jobs().get(request.path_params["sid"])
+        kind = request.path_params["kind"]
+        path = jobs().result_path(scene, kind)
+        stem = os.path.splitext(scene.name)[0] or "scene"
+        filename = f"{stem}.{scene.job.task}.{kind}"
+        return FileResponse(path, filename=filename,
+                            media_type="image/png" if kind == "png" else "application/geo+json")
+
+    return [
+        Route("/scene", scene_page),
+        Route("/api/scenes", upload, methods=["POST"]),
+        Route("/api/scenes/{sid}", show),
+        Route("/api/scenes/{sid}", delete, methods=["DELETE"]),
+        Route("/api/scenes/{sid}/overview", overview),
+        Route("/api/scenes/{sid}/job", start, methods=["POST"]),
+        Route("/api/scenes/{sid}/job", cancel, methods=["DELETE"]),
+        Route("/api/scenes/{sid}/events", events),
+        Route("/api/scenes/{sid}/result/{kind}", result),
+    ]
+
+
 def create_app(service: ChatService) -> Starlette:
     async def index(_):
         return FileResponse(os.path.join(STATIC_DIR, "index.html"))
@@ -82,8 +236,13 @@ def create_app(service: ChatService) -> Starlette:
 
     async def create(request):
         name = os.path.basename(request.query_params.get("name", "") or "upload")[:200]
-        data = await _read_limited(request, service.limits.max_upload_bytes,
-                                   "the upload" if name == "upload" else f"upload {name}")
+        try:
+            data = await _read_limited(request, service.limits.max_upload_bytes,
+                                       "the upload" if name == "upload" else f"upload {name}")
+        except ApiError as e:
+            if e.status == 413 and service.scenes is not None:  # a whole scene, sent here
+                e.message += "; for a whole scene (a large GeoTIFF) use the scene page, /scene"
+            raise
         conv = await run_in_threadpool(service.create, data, name)
         return JSONResponse(conv.facts(), status_code=201)
 
@@ -108,13 +267,7 @@ def create_app(service: ChatService) -> Starlette:
 
     async def message(request):
         conv = service.get(request.path_params["cid"])
-        raw = await _read_limited(request, service.limits.max_json_bytes, "message body")
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError:
-            raise ApiError(400, "message body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "message body must be a JSON object")
+        body = await _json_object(request, service.limits.max_json_bytes, "message body")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -183,6 +336,7 @@ def create_app(service: ChatService) -> Starlette:
         Route("/api/conversations/{cid}/image", image),
         Route("/api/conversations/{cid}/reset", reset, methods=["POST"]),
         Route("/api/conversations/{cid}/messages", message, methods=["POST"]),
+        *_scene_routes(service),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     return Starlette(routes=routes, exception_handlers={ApiError: on_api_error,

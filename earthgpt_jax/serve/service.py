@@ -67,7 +67,8 @@ class Conversation:
                 "history": [{"question": q, "answer": a} for q, a in self.history]}
 
 
-def decode_upload(data: bytes, name: str, limits: Limits) -> tuple[np.ndarray, int]:
+def decode_upload(data: bytes, name: str, limits: Limits, bands: int = 3
+                  ) -> tuple[np.ndarray, int]:
     """Uploaded bytes -> (uint8 [H, W, 3] decoded as training decodes it, the bands the model
     reads: 1 grey or 3); ApiError naming the upload otherwise."""
     if not data:
@@ -75,16 +76,15 @@ def decode_upload(data: bytes, name: str, limits: Limits) -> tuple[np.ndarray, i
     if sniff_format(data) not in ("png", "jpeg", "tiff"):
         raise ApiError(415, f"{name}: not a PNG, JPEG or TIFF image")
     try:  # the size in the header is checked before any pixel is decoded
-        image = decode_image(data, name, max_pixels=limits.max_image_pixels)
+        image = decode_image(data, name, max_pixels=limits.max_image_pixels, bands=bands)
     except ImageTooLargeError as e:
         size = "{}x{} pixels".format(*e.size) if e.size else "the image"
         raise ApiError(413, f"{name}: {size} is over the limit of {limits.max_image_pixels} "
                             "pixels") from None
     except ImageDecodeError as e:
         raise ApiError(400, str(e).splitlines()[0]) from None
-    grey = np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(
-        image[..., 1], image[..., 2])
-    return image, 1 if grey else 3
+    grey = all(np.array_equal(image[..., 0], image[..., b]) for b in range(1, bands))
+    return image, 1 if grey else bands
 
 
 def answer_boxes(answer: str, width: int, height: int) -> list[dict]:
@@ -130,8 +130,9 @@ class ChatService:
     """Conversations and prompts; hands decoding to the engine. Thread-safe."""
 
     def __init__(self, engine: Engine, limits: Limits, examples: dict[str, str] | None = None,
-                 description: str = ""):
+                 description: str = "", scenes=None):
         self.engine, self.session, self.limits = engine, engine.session, limits
+        self.scenes = scenes  # scenes.SceneJobs, or None: the server takes no whole scenes
         self.tok, self.cfg = self.session.tokenizer, self.session.model.cfg
         self.examples = examples or {}
         self.description = description
@@ -141,7 +142,7 @@ class ChatService:
     # ---------------------------------------------------------------- conversations
 
     def create(self, data: bytes, name: str) -> Conversation:
-        image, bands = decode_upload(data, name, self.limits)
+        image, bands = decode_upload(data, name, self.limits, self.session.model.cfg.input_bands)
         pixels = self.session.pixels(image)
         conv = Conversation(secrets.token_urlsafe(12), name, image, pixels, bands)
         with self._lock:
@@ -251,5 +252,6 @@ class ChatService:
                       "hidden_size": llm.hidden_size, "vocab_size": llm.vocab_size,
                       "context": llm.max_position_embeddings},
             "limits": dataclasses.asdict(self.limits),
+            "scene_limits": dataclasses.asdict(self.scenes.limits) if self.scenes else None,
             "prompts": TASK_PROMPTS,
             "examples": [{"name": n, "url": f"/api/examples/{n}"} for n in self.examples]}

@@ -2,25 +2,10 @@
 // Plain JS on purpose: the page is one form, one thread and one canvas.
 "use strict";
 
-const $ = (id) => document.getElementById(id);
 const state = { info: null, conv: null, image: null, boxes: [], busy: false };
 const PALETTE = ["#ff3b30", "#ffcc00", "#34c759", "#0a84ff", "#ff9500", "#af52de", "#00c7be",
                  "#ff2d55"];
 const DISPLAY_SIDE = 512;  // longest side of the picture on screen, in CSS pixels
-
-function setStatus(text, isError = false) {
-  const el = $("status");
-  el.textContent = text;
-  el.style.color = isError ? "var(--error)" : "";
-}
-
-async function errorText(response) {
-  try {
-    const body = await response.json();
-    if (body && body.error) return body.error;
-  } catch (_) { /* not JSON */ }
-  return `${response.status} ${response.statusText}`;
-}
 
 // ------------------------------------------------------------------------------ the image
 
