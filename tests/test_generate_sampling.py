@@ -22,7 +22,7 @@ def setup():
     images = rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     prompts = [list(rng.integers(3, 64, 4)), list(rng.integers(3, 64, 7))]
     tokens, valid = left_pad(prompts, 0)
-    params = nn.unbox(model.init(jax.random.key(0), images, tokens, valid))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens, valid))["params"]
     # A sharper model makes beam and greedy disagree more often (a stronger check).
     params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
     greedy = np.asarray(greedy_generate(model, params, images, tokens, valid,

@@ -29,7 +29,7 @@ def test_cached_greedy_decoding_equals_full_forward_argmax():
     images = rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     prompts = [list(rng.integers(3, 64, 5)), list(rng.integers(3, 64, 9))]
     tokens, valid = left_pad(prompts, 0)
-    params = nn.unbox(model.init(jax.random.key(0), images, tokens, valid))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens, valid))["params"]
     steps = 6
     # eos_id=-1: never stops, so every step is compared.
     got = np.asarray(greedy_generate(model, params, images, tokens, valid, max_new_tokens=steps,
@@ -56,7 +56,7 @@ def test_frozen_towers_get_no_gradient():
     model = EarthGPT(cfg)
     images = np.zeros((1, 32, 32, 3), np.uint8)
     tokens, valid = np.ones((1, 4), np.int32), np.ones((1, 4), bool)
-    params = nn.unbox(model.init(jax.random.key(0), images, tokens, valid))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens, valid))["params"]
     grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, images, tokens, valid).sum()))(params)
     assert all(float(jnp.abs(g).sum()) == 0 for g in jax.tree.leaves(grads["vit"]))
     assert float(jnp.abs(grads["projector"]["kernel"]).sum()) > 0
@@ -163,7 +163,7 @@ def test_unrolled_decoding_gives_the_scanned_tokens():
     rng = np.random.default_rng(4)
     images = rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     tokens, valid = left_pad([list(rng.integers(3, 64, 3)), list(rng.integers(3, 64, 6))], 0)
-    params = nn.unbox(model.init(jax.random.key(1), images, tokens, valid))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(1), images, tokens, valid))["params"]
     unrolled, unrolled_params = unrolled_for_decoding(model, params)
     assert "layers" not in unrolled_params["llm"] and "layers_1" in unrolled_params["llm"]
     kwargs = dict(max_new_tokens=5, eos_id=-1, pad_id=0)

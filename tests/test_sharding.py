@@ -34,7 +34,7 @@ def test_sharded_forward_equals_single_device(ici):
     tokens = rng.integers(0, 64, (8, 12)).astype(np.int32)
     valid = np.ones((8, 12), bool)
     valid[:, 9:] = False
-    params = nn.unbox(model.init(jax.random.key(0), images, tokens, valid))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens, valid))["params"]
     expected = jax.jit(model.apply)({"params": params}, images, tokens, valid)
 
     mesh, rules, sharded = _on_mesh(model, params, ici)
@@ -60,7 +60,7 @@ def test_sharded_greedy_decoding_equals_single_device():
     rng = np.random.default_rng(5)
     images = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
     tokens, valid = left_pad([list(rng.integers(3, 64, n)) for n in (3, 6, 4, 5)], 0)
-    params = nn.unbox(model.init(jax.random.key(2), images, tokens, valid))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(2), images, tokens, valid))["params"]
     kwargs = dict(max_new_tokens=6, eos_id=-1, pad_id=0)
     expected = greedy_generate(model, params, images, tokens, valid, **kwargs)
 
