@@ -34,7 +34,7 @@ def _sequence_logprob(model, params, images, tokens, valid, generated):
     """Summed log-prob of `generated` after the prompt, by one uncached teacher-forced forward."""
     seq = np.concatenate([tokens, generated], axis=1)
     seq_valid = np.concatenate([valid, np.ones_like(generated, bool)], axis=1)
-    logits = model.apply({"params": params}, images, seq, seq_valid)
+    logits = jax.jit(model.apply)({"params": params}, images, seq, seq_valid)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     p = tokens.shape[1]
     picked = jnp.take_along_axis(logp[:, p:], jnp.asarray(generated)[..., None], axis=-1)[..., 0]

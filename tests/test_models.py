@@ -88,10 +88,11 @@ def test_fused_attention_equals_einsum_on_right_padded_batches():
     images = np.random.default_rng(2).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     tokens = np.random.default_rng(3).integers(3, 64, (2, 7)).astype(np.int32)
     valid = np.arange(7)[None] < np.array([[7], [4]])  # row 1 right-padded
-    params = nn.unbox(EarthGPT(base).init(jax.random.key(0), images, tokens, valid))["params"]
-    want = EarthGPT(base).apply({"params": params}, images, tokens, valid)
+    params = nn.unbox(jax.jit(EarthGPT(base).init)(jax.random.key(0), images, tokens,
+                                                   valid))["params"]
+    want = jax.jit(EarthGPT(base).apply)({"params": params}, images, tokens, valid)
     fused = get_preset("tiny", vocab_size=64, llm={"attention_impl": "xla"})
-    got = EarthGPT(fused).apply({"params": params}, images, tokens, valid)
+    got = jax.jit(EarthGPT(fused).apply)({"params": params}, images, tokens, valid)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="attention_impl 'flash'"):
         get_preset("tiny", llm={"attention_impl": "flash"})

@@ -35,18 +35,19 @@ def test_packed_logits_equal_each_sample_alone(impl):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, cfg.image_size, cfg.image_size, 3), np.uint8)
     texts = [rng.integers(3, 64, n).astype(np.int32) for n in (7, 4, 9)]
-    params = model.init(jax.random.key(0), images[:1], texts[0][None],
+    params = jax.jit(model.init)(jax.random.key(0), images[:1], texts[0][None],
                         np.ones((1, 7), bool))["params"]
     length, slots = 1 + v + 9 + 2 * (1 + v) + 11 + 5, 4  # room to spare: trailing padding
     tokens, seg, pos = _pack_rows(texts, length, slots, v, cfg.bos_id)
     slot_images = np.zeros((1, slots) + images.shape[1:], np.uint8)
     slot_images[0, :3] = images
-    packed = model.apply({"params": params}, slot_images, tokens[None], seg[None], pos[None],
+    apply = jax.jit(model.apply, static_argnames="method")  # whole programs: faster than eager
+    packed = apply({"params": params}, slot_images, tokens[None], seg[None], pos[None],
                          method=EarthGPT.packed_logits)
     assert packed.shape == (1, length - 1, 64)
     start = 0
     for i, text in enumerate(texts):
-        alone = model.apply({"params": params}, images[i:i + 1], text[None],
+        alone = apply({"params": params}, images[i:i + 1], text[None],
                             np.ones((1, text.size), bool))
         # Sample i's text token t sits at start + 1 + v + t; the logits predicting it at the
         # position before, which is entry start + v + t of the packed output.
@@ -65,15 +66,16 @@ def test_segments_never_see_each_other():
     a, b = rng.integers(3, 64, 6), rng.integers(3, 64, 5)
     length = 2 * (1 + v) + 11
     tokens, seg, pos = _pack_rows([a, b], length, 2, v, cfg.bos_id)
-    params = model.init(jax.random.key(0), images[:, 0], a[None].astype(np.int32),
+    params = jax.jit(model.init)(jax.random.key(0), images[:, 0], a[None].astype(np.int32),
                         np.ones((1, 6), bool))["params"]
-    out1 = model.apply({"params": params}, images, tokens[None], seg[None], pos[None],
+    apply = jax.jit(model.apply, static_argnames="method")
+    out1 = apply({"params": params}, images, tokens[None], seg[None], pos[None],
                        method=EarthGPT.packed_logits)
     changed_tokens = tokens.copy()
     changed_tokens[1 + v:1 + v + 6] = (changed_tokens[1 + v:1 + v + 6] + 7) % 60 + 3
     changed_images = images.copy()
     changed_images[0, 0] = 255 - changed_images[0, 0]
-    out2 = model.apply({"params": params}, changed_images, changed_tokens[None], seg[None],
+    out2 = apply({"params": params}, changed_images, changed_tokens[None], seg[None],
                        pos[None], method=EarthGPT.packed_logits)
     second = slice(1 + v + 6, length - 1)
     np.testing.assert_allclose(out1[0, second], out2[0, second], atol=1e-6)
