@@ -525,12 +525,20 @@ def checkpoint_manager(workdir: str, checkpoint) -> ocp.CheckpointManager:
                                  options=options)
 
 
-def restore_params(workdir: str, targets, step: int | None = None):
+def restore_params(workdir: str, targets, step: int | None = None, *,
+                   stored_dtypes: bool = False):
     """(params, step): the params only of a training workdir's latest (or given) checkpoint,
     restored onto `targets` (the abstract params: ShapeDtypeStructs carrying the shardings to
     restore onto). Evaluation, the terminal chat and the web chat read runs through here; the
-    optimizer state stays on disk."""
+    optimizer state stays on disk. `stored_dtypes`: each leaf in the dtype it was saved in
+    (a run's frozen weights in train.frozen_param_dtype) instead of its target's, so serving
+    holds bf16-frozen weights at half their fp32 size."""
     ck = open_workdir_params(workdir, step)
-    restored, _ = restore_sharded(ck.pytree_dir, ck.prefix, traverse_util.flatten_dict(targets),
+    flat = traverse_util.flatten_dict(targets)
+    if stored_dtypes:
+        stored = _flat_metadata(SubtreeCheckpoint(ck.pytree_dir, ck.prefix).metadata_tree())
+        flat = {p: t.update(dtype=stored[p].dtype) if p in stored else t
+                for p, t in flat.items()}
+    restored, _ = restore_sharded(ck.pytree_dir, ck.prefix, flat,
                                   label=f"the checkpoint in {workdir}")
     return traverse_util.unflatten_dict(restored), ck.step

@@ -111,7 +111,7 @@ class InferenceSession:
         targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                nn.unbox(boxed), parallel.shardings_for(boxed, mesh, rules))
         try:
-            params, step = checkpoints.restore_params(workdir, targets)
+            params, step = checkpoints.restore_params(workdir, targets, stored_dtypes=True)
         except FileNotFoundError as e:
             raise InferenceError(str(e)) from None
         except Exception as e:  # orbax: a checkpoint of another model, a broken step folder

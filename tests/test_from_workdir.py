@@ -294,3 +294,23 @@ def test_stage_b_export_keeps_its_fp32_scales_on_bf16_frozen_kernels(runs, tmp_p
     plain = traverse_util.unflatten_dict(
         traverse_util.flatten_dict(llm, sep="/") | identity, sep="/")
     assert np.abs(conv.text_logits(plain, cfg, ids) - ours).max() > 1e-4  # the scales matter
+
+
+def test_serving_restores_each_leaf_in_the_dtype_it_was_saved_in(runs):
+    """What eval, chat and the web chat read (InferenceSession: stored_dtypes): a run's
+    bf16-frozen weights stay bf16, half their fp32 size; fp32 targets would double them."""
+    from earthgpt_jax.models.earthgpt import abstract_params
+    fp32 = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, np.float32,
+                                       sharding=jax.sharding.SingleDeviceSharding(
+                                           jax.devices()[0])),
+        nn.unbox(abstract_params(runs["trainer_a"].model)))
+    params, step = ckpt_lib.restore_params(runs["workdir_a"], fp32, stored_dtypes=True)
+    got, want = _flat(params), _flat(runs["params_a"])
+    assert step == 3 and set(got) == set(want)
+    for path in want:
+        assert got[path].dtype == want[path].dtype, path
+        np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+    assert got["llm/layers/o_proj/kernel"].dtype == np.dtype(ml_dtypes.bfloat16)
+    cast, _ = ckpt_lib.restore_params(runs["workdir_a"], fp32)
+    assert _flat(cast)["llm/layers/o_proj/kernel"].dtype == np.float32
