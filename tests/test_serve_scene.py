@@ -217,3 +217,22 @@ def test_a_cancelled_job_resumes_and_a_scene_without_crs_answers_in_pixels(serve
     assert status == 404 and "plain.tif has no georeference" in body["error"]
     status, body = call(served, "DELETE", f"/api/scenes/{sid}")
     assert status == 200 and call(served, "GET", f"/api/scenes/{sid}")[0] == 404
+
+
+def test_a_scene_with_fewer_bands_than_the_model_reads_is_refused_by_name(tmp_path):
+    """An RGB scene uploaded to a 4-band model (model.input_bands=4): a 400 naming the upload,
+    and its folder removed. Only the model's band count is read at registration, so the session
+    here is just that number."""
+    from types import SimpleNamespace
+    from earthgpt_jax.serve.scenes import SceneJobs
+    from earthgpt_jax.serve.service import ApiError
+    session = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(input_bands=4)))
+    jobs = SceneJobs(session, folder=str(tmp_path / "scenes"))
+    scene_id, folder = jobs.new_folder()
+    path = _write(os.path.join(folder, "rgb.tif"),
+                  np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8))
+    with pytest.raises(ApiError) as e:
+        jobs.register(scene_id, folder, "rgb.tif", path)
+    assert e.value.status == 400
+    assert "image rgb.tif has 3 bands, fewer than the 4 the model reads" in str(e.value)
+    assert not os.path.exists(folder)

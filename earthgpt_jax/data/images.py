@@ -269,7 +269,6 @@ def to_bands_uint8(samples: np.ndarray, bands: int = 3, name: str = "<image>") -
     return np.ascontiguousarray(kept)
 
 
-
 def to_uint8(samples: np.ndarray) -> np.ndarray:
     """8-bit samples unchanged; any other depth stretched to 0..255 (module docstring)."""
     if samples.dtype == np.uint8:

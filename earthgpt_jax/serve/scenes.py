@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 
+from earthgpt_jax.data.images import TooFewBandsError, kept_bands
 from earthgpt_jax.scene import TASKS, SceneError, SessionAnswerer, run_scene, task_prompt
 from earthgpt_jax.scene.outputs import overview_path, scene_crs_path
 from earthgpt_jax.scene.raster import SceneReader
@@ -79,6 +80,11 @@ class Scene:
     crs: str | None
     overview_size: tuple[int, int]
     job: Job | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job of this scene is running."""
+        return self.job is not None and self.job.status == "running"
 
     def facts(self) -> dict:
         base = f"/api/scenes/{self.id}"
@@ -146,9 +152,9 @@ class SceneJobs:
                 raise ApiError(415, f"{name}: not a raster image (GeoTIFF, TIFF, PNG, JPEG or "
                                     "another format GDAL reads)") from None
             try:  # a raster, but can the model read it? (a 4-band model and an RGB scene)
-                SceneReader(path, self.session.model.cfg.input_bands).close()
-            except SceneError as e:
-                raise ApiError(400, str(e).replace(path, name)) from None
+                kept_bands(bands, self.session.model.cfg.input_bands, name)
+            except TooFewBandsError as e:
+                raise ApiError(400, str(e)) from None
             from PIL import Image
             Image.fromarray(image).save(os.path.join(folder, "overview.png"))
         except BaseException:
@@ -160,7 +166,7 @@ class SceneJobs:
             self._scenes[scene_id] = scene
             while len(self._scenes) > self.limits.max_scenes:
                 idle = next((k for k, s in self._scenes.items()
-                             if not (s.job and s.job.status == "running")), None)
+                             if not s.busy), None)
                 if idle is None:
                     break
                 shutil.rmtree(self._scenes.pop(idle).folder, ignore_errors=True)
@@ -176,7 +182,7 @@ class SceneJobs:
 
     def delete(self, scene_id: str) -> None:
         scene = self.get(scene_id)
-        if scene.job and scene.job.status == "running":
+        if scene.busy:
             raise ApiError(409, f"scene {scene.name} has a job running; cancel it first")
         with self._lock:
             self._scenes.pop(scene_id, None)
@@ -184,8 +190,10 @@ class SceneJobs:
 
     def running(self) -> Scene | None:
         with self._lock:
-            return next((s for s in self._scenes.values()
-                         if s.job and s.job.status == "running"), None)
+            return self._running()
+
+    def _running(self) -> Scene | None:  # under self._lock
+        return next((s for s in self._scenes.values() if s.busy), None)
 
     # ---------------------------------------------------------------- jobs
 
@@ -215,8 +223,7 @@ class SceneJobs:
         key = hashlib.sha1(f"{task}\n{question}\n{tiling}".encode()).hexdigest()[:10]
         job = Job(task, question, os.path.join(scene.folder, f"{task}-{key}.geojson"), tiling)
         with self._lock:
-            busy = next((s for s in self._scenes.values()
-                         if s.job and s.job.status == "running"), None)
+            busy = self._running()
             if busy is not None:
                 done = busy.job.progress
                 where = f", {done['done']}/{done['total']} tiles" if done else ""
@@ -230,7 +237,7 @@ class SceneJobs:
         return job
 
     def cancel(self, scene: Scene) -> Job:
-        if scene.job is None or scene.job.status != "running":
+        if not scene.busy:
             raise ApiError(409, f"scene {scene.name} has no job running")
         scene.job.cancel.set()
         return scene.job
