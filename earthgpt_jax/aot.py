@@ -146,6 +146,7 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
               "remat_policy": model_cfg.remat_policy,
               "attention_impl": trainer.model.cfg.llm.attention_impl,
               "frozen_param_dtype": config.train.frozen_param_dtype,
+              "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
               "parameters": trainer.summary,
               # What the FLOP figures below are of (models/flops.flops_for_spec recomputes
               # them; tests/test_flops.py does for every committed result file).

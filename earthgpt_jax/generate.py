@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from earthgpt_jax.models.earthgpt import EarthGPT
-from earthgpt_jax.models.llama import LlamaDecoder, init_cache
+from earthgpt_jax.models.llama import LlamaDecoder, init_cache, select_cache_rows
 
 
 def unrolled_for_decoding(model: EarthGPT, params) -> tuple[EarthGPT, dict]:
@@ -150,7 +150,7 @@ def _prefill_state(model: EarthGPT, params, images, prompt_tokens, prompt_valid,
     key_valid = key_valid.at[:, :prefill_len].set(prefix_valid)
     logits, cache = decode(embeds, positions, key_valid, cache, 0)
     if repeat > 1:
-        cache = jax.tree.map(lambda c: jnp.repeat(c, repeat, axis=1), cache)
+        cache = select_cache_rows(model.cfg.llm, cache, jnp.repeat(jnp.arange(batch), repeat))
         key_valid = jnp.repeat(key_valid, repeat, axis=0)
     return logits[:, -1].astype(jnp.float32), cache, key_valid, positions[:, -1], prefill_len
 
@@ -245,7 +245,7 @@ def beam_search_generate(model: EarthGPT, params, images, prompt_tokens, prompt_
         lengths = gather(lengths) + (~was_done).astype(jnp.int32)
         done = was_done | (token == eos_id)
         rows = (jnp.arange(batch)[:, None] * k + parent).reshape(-1)
-        cache = jax.tree.map(lambda c: jnp.take(c, rows, axis=1), cache)
+        cache = select_cache_rows(model.cfg.llm, cache, rows)
         index = prefill_len + t
         key_valid = key_valid.at[:, index].set(True)
         logits, cache = decode(embed(token.reshape(-1, 1)), (last_position + 1 + t)[:, None],

@@ -25,7 +25,7 @@ import numpy as np
 from earthgpt_jax.data import boxes as box_text
 from earthgpt_jax.data.images import ImageDecodeError, decode_image, square_and_resize
 from earthgpt_jax.data.tokenizer import Tokenizer, encode_dialogue_prompt
-from earthgpt_jax.generate import apply_stop_strings, generate, left_pad
+from earthgpt_jax.generate import apply_stop_strings, generate, left_pad, unrolled_for_decoding
 from earthgpt_jax.models.earthgpt import EarthGPT
 
 STOP_STRINGS = ("USER:",)  # a model that runs past its `</s>` starts the next turn
@@ -118,6 +118,9 @@ class InferenceSession:
             raise InferenceError(f"cannot restore the checkpoint in "
                                  f"{os.path.join(workdir, 'checkpoints')}: "
                                  f"{str(e).splitlines()[0][:300]}") from None
+        # Decoding reads unrolled layers (generate.unrolled_for_decoding): a restored session
+        # only decodes, and the stacked arrays are dropped once split.
+        model, params = unrolled_for_decoding(model, params)
         return cls(model, params, Tokenizer(tok_path), mesh, rules, step)
 
     @contextlib.contextmanager

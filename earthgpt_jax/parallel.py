@@ -19,6 +19,28 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# libtpu flags that overlap collectives with compute, as MaxText sets them for FSDP training:
+# FSDP's per-layer all-gathers run asynchronously, fused into the compute they feed
+# (continuation fusion), and the data-parallel all-reduce of the trainable gradients is
+# overlapped too. Several are libtpu defaults already; stating them keeps a run's behaviour
+# from depending on the libtpu release. A LIBTPU_INIT_ARGS the user sets replaces them.
+TPU_OVERLAP_FLAGS = (
+    "--xla_tpu_enable_async_collective_fusion=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+    "--xla_tpu_overlap_compute_collective_tc=true",
+    "--xla_enable_async_all_gather=true",
+    "--xla_tpu_enable_data_parallel_all_reduce_opt=true",
+    "--xla_tpu_data_parallel_opt_different_sized_ops=true",
+)
+
+
+def set_tpu_flags(environ=os.environ) -> str:
+    """LIBTPU_INIT_ARGS as libtpu will read it: TPU_OVERLAP_FLAGS unless the user set it.
+    Must run before libtpu loads (a TPU run's first device query, or --mode=compile's
+    topology); other platforms never read it."""
+    return environ.setdefault("LIBTPU_INIT_ARGS", " ".join(TPU_OVERLAP_FLAGS))
+
 
 def maybe_initialize_distributed(dist) -> None:
     """Joins a multi-process run when `dist` (config.distributed) or the environment describes

@@ -58,6 +58,7 @@ def run(config: RunConfig, workdir: str, mode: str) -> dict | None:
 
     if mode not in MODES:
         raise ValueError(f"unknown --mode={mode}; choose one of {', '.join(MODES)}")
+    parallel.set_tpu_flags()
     check_model(config)
     if mode == "compile":
         return compile_only(config)

@@ -35,7 +35,8 @@ def test_compile_mode_reports_memory_per_chip(tmp_path):
     report_path = tmp_path / "report.json"
     # Another compile may hold libtpu's lock file (benchmarks/aot_table.py beside the tests).
     env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    proc = subprocess.run(
+    env.pop("LIBTPU_INIT_ARGS", None)  # the run's collective-overlap defaults, which libtpu
+    proc = subprocess.run(             # must accept (it aborts on an unknown flag)
         [sys.executable, "main.py", "--config=configs/mmrs.py:demo", f"--workdir={tmp_path}",
          "--mode=compile", "--config.model.size=tiny", "--config.compile.topology=v5e:2x2",
          "--config.train.batch_size=8", "--config.data.packing=True",
@@ -55,6 +56,8 @@ def test_compile_mode_reports_memory_per_chip(tmp_path):
     params = report["parameters"]
     assert report["frozen_param_dtype"] == "bfloat16"
     assert report["remat_policy"] == "none"  # the demo's; a column of aot_table
+    from earthgpt_jax.parallel import TPU_OVERLAP_FLAGS
+    assert report["libtpu_init_args"] == " ".join(TPU_OVERLAP_FLAGS)
     assert params["frozen_bytes"] == 2 * (params["total"] - params["trainable"])
     assert params["trainable_bytes"] == 4 * params["trainable"] > 0
     # The report names what its FLOPs are of (tests/test_flops.py recomputes result files).

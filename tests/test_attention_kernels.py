@@ -85,7 +85,7 @@ def test_packed_runs_describe_the_segment_mask():
     for b in range(3):
         run = np.searchsorted(offsets[b][offsets[b] >= 0], pos, side="right") - 1
         from_runs = (run[:, None] == run[None]) & (pos[None] <= pos[:, None])
-        from_ids = np.asarray(layers._attention_mask(1, 8, None, seg[b:b + 1], None, 0))[0]
+        from_ids = np.asarray(layers._attention_mask(8, None, seg[b:b + 1], None, 0))[0]
         real = seg[b] > 0
         np.testing.assert_array_equal(from_runs[real], from_ids[real])
 

@@ -42,6 +42,20 @@ def test_decode_benchmark_greedy_tokens_equal_and_figures_positive(tmp_path):
     assert "| 2 | HF generate, static cache |" in text
 
 
+def test_decode_matmuls_benchmark_times_both_sides(tmp_path, capsys):
+    from benchmarks import decode_matmuls
+    out = tmp_path / "matmuls.json"
+    md = tmp_path / "RESULTS.md"
+    assert decode_matmuls.main(["--batch=2", "--repeats=2", "--layers=1", f"--json={out}",
+                                f"--results_md={md}"]) == 0
+    import json
+    got = json.loads(out.read_text())
+    assert "Decode step matmuls" in md.read_text()
+    assert got["layers"] == 1 and got["xla_ms"] > 0 and got["torch_ms"] > 0
+    assert got["xla_over_torch"] == pytest.approx(got["xla_ms"] / got["torch_ms"])
+    assert "XLA/torch" in capsys.readouterr().out
+
+
 def test_compare_tokens_reports_first_divergence_and_margin():
     ours = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     hf = np.array([[1, 2, 3, 4], [5, 9, 7, 8]])

@@ -120,7 +120,7 @@ def _random_qkv(seed, batch, t, heads=4, kv_heads=2, dim=8):
 
 @pytest.mark.parametrize("impl", ["einsum", "xla"])
 def test_attention_equals_a_dense_masked_softmax_in_every_mode(impl):
-    from earthgpt_jax.models.layers import attention
+    from earthgpt_jax.models.layers import attention, write_cache
 
     t, causal = 6, np.tril(np.ones((6, 6), bool))
     # Unpacked rows, causal + right padding.
@@ -136,19 +136,23 @@ def test_attention_equals_a_dense_masked_softmax_in_every_mode(impl):
     real = seg > 0
     np.testing.assert_allclose(np.asarray(got)[real], _dense_attention(q, k, v, allowed)[real],
                                atol=1e-5)
-    # A cached decode step (and a two-token one): new queries see the written cache slots
-    # before cache_index (row 1 left-padded: slots 0-1 unwritten) and the new keys causally.
+    # A cached decode step (and a two-token one): write_cache puts the new keys at slots
+    # [index, index + new) of the heads-major cache; new queries see the valid slots up to
+    # their own (row 1 left-padded: slots 0-1 never written), never the stale ones after.
     slots, index = 8, 5
     cache_k, cache_v = _random_qkv(1, 2, slots)[1:]
     for new in (1, 2):
         q, k, v = _random_qkv(2 + new, 2, new)
         valid = np.arange(slots)[None] < index + new
         valid = valid & ~((np.arange(2)[:, None] == 1) & (np.arange(slots)[None] < 2))
-        got = attention(q, k, v, impl=impl, key_valid=jnp.asarray(valid),
-                        cache=(cache_k, cache_v), cache_index=index)
+        cache = write_cache((cache_k.swapaxes(1, 2), cache_v.swapaxes(1, 2)), k, v, index)
+        got = attention(q, k, v, impl=impl, key_valid=jnp.asarray(valid), cache=cache,
+                        cache_index=index)
         written_k = np.asarray(cache_k).copy()
         written_v = np.asarray(cache_v).copy()
         written_k[:, index:index + new], written_v[:, index:index + new] = k, v
+        np.testing.assert_array_equal(np.asarray(cache[0]).swapaxes(1, 2), written_k)
+        np.testing.assert_array_equal(np.asarray(cache[1]).swapaxes(1, 2), written_v)
         query_slot = index + np.arange(new)
         allowed = (np.arange(slots)[None, :] <= query_slot[:, None])[None] & valid[:, None, :]
         np.testing.assert_allclose(np.asarray(got), _dense_attention(q, written_k, written_v,

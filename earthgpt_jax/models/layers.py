@@ -121,37 +121,49 @@ def rotary_embedding(x, positions, theta: float):
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def _masked_attention(q, k, v, mask):
+def _masked_attention(q, k, v, mask, heads_major: bool = False):
     """softmax(q k^T / sqrt(d) + mask) v, any kv_heads dividing heads: the einsum kernel.
 
-    q: [B, Tq, H, D]; k, v: [B, S, KV, D]; mask: [B, Tq, S] bool, True where a query may look.
+    q: [B, Tq, H, D]; k, v: [B, S, KV, D], or [B, KV, S, D] when `heads_major` (a KV cache's
+    layout: both dots then have their batch dims b, k leading, so XLA reads the cache in place
+    instead of transposing a copy of it per layer and token); mask: [B, Tq, S] bool, True where
+    a query may look.
     """
     batch, tq, heads, dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1 if heads_major else 2]
+    keys = "bksd" if heads_major else "bskd"
     q = q.reshape(batch, tq, kv_heads, heads // kv_heads, dim)
     # The 1/sqrt(d) scale is applied here, never folded into weights (DESIGN).
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(dim)
+    logits = jnp.einsum(f"btkgd,{keys}->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(dim)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{keys}->btkgd", probs, v)
     return out.reshape(batch, tq, heads, dim)
 
 
-def _attention_mask(batch, tq, key_valid, segment_ids, cache_slots, cache_index):
+def write_cache(cache, k, v, cache_index):
+    """The cache (cache_k, cache_v) [B, KV, S, D] with the T new keys/values k, v [B, T, KV, D]
+    written at slots [cache_index, cache_index + T). Attention reads the written cache, so a
+    carried per-layer cache is updated in place (reading the old one beside the write would
+    make XLA copy it)."""
+    return tuple(jax.lax.dynamic_update_slice(c, n.swapaxes(1, 2).astype(c.dtype),
+                                              (0, 0, cache_index, 0))
+                 for c, n in zip(cache, (k, v)))
+
+
+def _attention_mask(tq, key_valid, segment_ids, cache_slots, cache_index):
     """[B, Tq, S] bool, True where a query may look: causal, and
     - segment_ids: inside the query's own segment, never at segment 0 (padding);
-    - otherwise key_valid, and with a cache (S = cache_slots + Tq) the cache's written slots
-      before cache_index, then the new keys causally."""
-    causal = jnp.tril(jnp.ones((tq, tq), bool))
+    - otherwise key_valid; with a cache of S slots, query t sits at slot cache_index + t and
+      sees the valid slots up to its own."""
     if segment_ids is not None:
+        causal = jnp.tril(jnp.ones((tq, tq), bool))
         return (causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
                 & (segment_ids[:, None, :] > 0))
-    if cache_slots is None:
-        return causal[None] & key_valid[:, None, :]
-    earlier = key_valid & (jnp.arange(cache_slots) < cache_index)[None]             # [B, S]
-    new_valid = jax.lax.dynamic_slice_in_dim(key_valid, cache_index, tq, axis=1)   # [B, T]
-    return jnp.concatenate([jnp.broadcast_to(earlier[:, None], (batch, tq, cache_slots)),
-                            causal[None] & new_valid[:, None, :]], axis=2)
+    slots = tq if cache_slots is None else cache_slots
+    query_slot = cache_index + jnp.arange(tq)
+    causal = jnp.arange(slots)[None, :] <= query_slot[:, None]                     # [T, S]
+    return causal[None] & key_valid[:, None, :]
 
 
 def _splash_block(length: int) -> int:
@@ -265,11 +277,9 @@ def attention(q, k, v, *, impl: str = "einsum", key_valid=None, segment_ids=None
     - unpacked rows: the keys where key_valid [B, T] (or [B, S] with a cache) is True;
     - packed rows: segment_ids [B, T] int instead of key_valid, only keys of its own segment
       (0 = padding, which no query sees), so no sample sees another's tokens;
-    - decoding: cache = (cache_k, cache_v) [B, S, KV, D] too, its slots before cache_index that
-      key_valid [B, S] marks (the new slots included). The cache is only read: its slots
-      [cache_index, cache_index + T) are stale (the new keys come in as extra columns
-      instead), so the caller writes just the T new slots afterwards (one in-place
-      dynamic_update_slice for all layers), not a fresh copy of every layer's cache per token.
+    - decoding: cache = (cache_k, cache_v) [B, KV, S, D] holding the new keys/values already
+      at slots [cache_index, cache_index + T) (`write_cache`); a query sees the slots up to
+      its own that key_valid [B, S] marks (the new ones included). k and v are not read again.
 
     impl picks the kernel (presets.ATTENTION_IMPLS): "einsum" (ours, the reference: masks the
     full score matrix); `jax.nn.dot_product_attention`'s "xla"/"cudnn"; "splash", the TPU
@@ -298,13 +308,11 @@ def attention(q, k, v, *, impl: str = "einsum", key_valid=None, segment_ids=None
                                             key_value_seq_lengths=lengths, implementation=impl)
     if impl == "cudnn" and cache is None:
         return _cudnn_packed(q, k, v, segment_ids)
-    batch, tq = q.shape[:2]
-    mask = _attention_mask(batch, tq, key_valid, segment_ids,
-                           None if cache is None else cache[0].shape[1], cache_index)
+    mask = _attention_mask(q.shape[1], key_valid, segment_ids,
+                           None if cache is None else cache[0].shape[2], cache_index)
     if cache is not None:
-        k = jnp.concatenate([cache[0].astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([cache[1].astype(v.dtype), v], axis=1)
-    if impl == "xla" and cache is None:
+        return _masked_attention(q, *(c.astype(q.dtype) for c in cache), mask, heads_major=True)
+    if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
     return _masked_attention(q, k, v, mask)
 

@@ -1,8 +1,10 @@
 """LLaMA-2 decoder: RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU, untied head.
 
-Layers are stacked with `nn.scan` over a leading `layers` axis. The KV cache is explicit and
-functional: `[layers, B, S, kv_heads, head_dim]` arrays go in and come out, so decoding is a pure
-function the generation loop can carry.
+Layers are stacked with `nn.scan` over a leading `layers` axis (training), or unrolled into
+`layers_0`, `layers_1`, ... (decoding, `generate.unrolled_for_decoding`). The KV cache is explicit
+and functional, so decoding is a pure function the generation loop can carry: one (k, v) pair of
+`[layers, B, kv_heads, S, head_dim]` arrays for scanned layers, a (k, v) pair of
+`[B, kv_heads, S, head_dim]` per layer for unrolled ones (`init_cache`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from earthgpt_jax.models.layers import Linear, RMSNorm, attention, rotary_embedding
+from earthgpt_jax.models.layers import Linear, RMSNorm, attention, rotary_embedding, write_cache
 from earthgpt_jax.models.presets import LlamaConfig
 
 # Activations a remat policy can keep by name (`checkpoint_name`): the products of q/k/v (before
@@ -68,10 +70,17 @@ class DecoderLayer(nn.Module):
         k = rotary_embedding(k.reshape(batch, tq, cfg.num_kv_heads, hd), positions,
                              cfg.rope_theta)
         v = v.reshape(batch, tq, cfg.num_kv_heads, hd)
+        if cache is not None:
+            cache = write_cache(cache, k, v, cache_index)
         attn = attention(q, k, v, impl=cfg.attention_impl, key_valid=key_valid,
                          segment_ids=segment_ids, cache=cache, cache_index=cache_index)
-        # Returns only the new slots' k/v; LlamaDecoder writes them into the cache.
-        new_kv = None if cache is None else (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
+        # Unrolled: the layer's written cache. Scanned: only the new slots' k/v, which
+        # LlamaDecoder writes into the stacked cache once for all layers (the layer's `cache`
+        # is a copied slice of it; returning it whole would rewrite the full cache per token).
+        new_kv = cache
+        if cache is not None and cfg.scan_layers:
+            new_kv = tuple(jax.lax.dynamic_slice_in_dim(c, cache_index, tq, axis=2)
+                           for c in cache)
         attn = nn.with_logical_constraint(attn, ("batch", "length", "heads", None))
         attn = checkpoint_name(attn, "attention_out")
         x = x + self._linear(cfg.hidden_size, ("heads", "embed"), "o_proj", cfg.attention_bias,
@@ -137,23 +146,35 @@ class LlamaDecoder(nn.Module):
         x = nn.with_logical_constraint(embeddings.astype(self.dtype), ("batch", "length", "embed"))
         if self.cfg.scan_layers:
             x, new_kv = self.layers(x, cache, positions, key_valid, cache_index, segment_ids)
+            # Only the new slots [cache_index, cache_index + T) of every layer are written: in a
+            # decode loop XLA updates the carried cache in place.
+            new_cache = None if cache is None else tuple(
+                jax.lax.dynamic_update_slice(c, n, (0, 0, 0, cache_index, 0))
+                for c, n in zip(cache, new_kv))
         else:
-            per_layer = []
+            # Each layer reads and writes its own (k, v) in place: a slice of a stacked cache
+            # would be a copy per layer and token (on CPU and GPU alike).
+            new_cache = []
             for i, layer in enumerate(self.layers):
-                layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-                x, kv = layer(x, layer_cache, positions, key_valid, cache_index, segment_ids)
-                per_layer.append(kv)
-            new_kv = None if cache is None else tuple(
-                jnp.stack([kv[j] for kv in per_layer]) for j in range(2))
-        # Only the new slots [cache_index, cache_index + T) of every layer are written: in a
-        # decode loop XLA updates the carried cache in place.
-        new_cache = None if cache is None else tuple(
-            jax.lax.dynamic_update_slice(c, n, (0, 0, cache_index, 0, 0))
-            for c, n in zip(cache, new_kv))
+                x, layer_cache = layer(x, None if cache is None else cache[i], positions,
+                                       key_valid, cache_index, segment_ids)
+                new_cache.append(layer_cache)
+            new_cache = None if cache is None else tuple(new_cache)
         logits = self.lm_head(self.norm(x[:, head_from:head_to])).astype(jnp.float32)
         return logits, new_cache
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32):
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    """An empty KV cache of `length` slots in the layout `cfg.scan_layers` decodes with."""
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    if cfg.scan_layers:
+        shape = (cfg.num_layers,) + shape
+        return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                 for _ in range(cfg.num_layers))
+
+
+def select_cache_rows(cfg: LlamaConfig, cache, rows):
+    """The cache of batch rows `rows` (an index array; repeats allowed): beams' parents."""
+    axis = 1 if cfg.scan_layers else 0
+    return jax.tree.map(lambda c: jnp.take(c, rows, axis=axis), cache)
