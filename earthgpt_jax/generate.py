@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from earthgpt_jax.models.earthgpt import EarthGPT
-from earthgpt_jax.models.llama import LlamaDecoder, init_cache, select_cache_rows
+from earthgpt_jax.models.llama import init_cache, select_cache_rows
 
 
 def unrolled_for_decoding(model: EarthGPT, params) -> tuple[EarthGPT, dict]:
@@ -115,20 +115,6 @@ def greedy_generate(model: EarthGPT, params, images, prompt_tokens, prompt_valid
     """Image + left-padded prompt -> generated ids [B, max_new_tokens]; `pad_id` after `</s>`."""
     return _decode_loop(*_image_prompt(model, params, images, prompt_tokens, prompt_valid,
                                        max_new_tokens),
-                        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
-
-
-@functools.partial(jax.jit, static_argnames=("decoder", "max_new_tokens", "eos_id", "pad_id"))
-def greedy_generate_text(decoder: LlamaDecoder, params, prompt_tokens, prompt_valid, *,
-                         max_new_tokens: int, eos_id: int, pad_id: int):
-    """Text-only greedy decoding with the LLaMA decoder alone (conversion checks, HF parity)."""
-    variables = {"params": params}
-    embed = functools.partial(decoder.apply, variables, method=LlamaDecoder.embed)
-    cache = init_cache(decoder.cfg, prompt_tokens.shape[0],
-                       prompt_tokens.shape[1] + max_new_tokens, decoder.dtype)
-    # head_from=-1: the LM head at the last position only (the prefill needs no other logits).
-    return _decode_loop(functools.partial(decoder.apply, variables, head_from=-1), embed,
-                        embed(prompt_tokens), prompt_valid.astype(bool), cache,
                         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
 

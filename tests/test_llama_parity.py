@@ -1,12 +1,15 @@
 """The decoder computes what `transformers.LlamaForCausalLM` computes (tiny random models, fp32),
 layer by layer, with and without scan and GQA; cached greedy decoding equals HF `generate`."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from earthgpt_jax.generate import greedy_generate_text
-from earthgpt_jax.models.llama import LlamaDecoder
+from earthgpt_jax.generate import _decode_loop
+from earthgpt_jax.models.llama import LlamaDecoder, init_cache
 from earthgpt_jax.models.presets import LlamaConfig
 
 torch = pytest.importorskip("torch")
@@ -82,15 +85,28 @@ def test_logits_and_every_layer_match_transformers(scan_layers, kv_heads, rope_t
     assert np.abs(np.asarray(logits) - out.logits.numpy()).max() <= 1e-4
 
 
-def test_cached_greedy_decoding_equals_transformers_generate():
+@functools.partial(jax.jit, static_argnames=("decoder", "max_new_tokens"))
+def greedy_generate_text(decoder, params, prompt_tokens, prompt_valid, *, max_new_tokens):
+    """Text-only greedy decoding with the decoder alone: generate's loop and KV cache."""
+    variables = {"params": params}
+    embed = functools.partial(decoder.apply, variables, method=LlamaDecoder.embed)
+    cache = init_cache(decoder.cfg, prompt_tokens.shape[0],
+                       prompt_tokens.shape[1] + max_new_tokens, decoder.dtype)
+    # head_from=-1: the LM head at the last position only (the prefill needs no other logits).
+    return _decode_loop(functools.partial(decoder.apply, variables, head_from=-1), embed,
+                        embed(prompt_tokens), prompt_valid, cache,
+                        max_new_tokens=max_new_tokens, eos_id=-1, pad_id=0)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])  # the two KV-cache layouts
+def test_cached_greedy_decoding_equals_transformers_generate(scan_layers):
     model = hf_model(2, 10000.0, 1e-5, seed=1)
-    decoder, params = ours_from_hf(model, scan_layers=True)
+    decoder, params = ours_from_hf(model, scan_layers=scan_layers)
     prompt = np.random.default_rng(1).integers(3, 128, (1, 20))
     with torch.no_grad():
         expected = model.generate(torch.tensor(prompt), max_new_tokens=32, do_sample=False,
                                   eos_token_id=None, pad_token_id=0,
                                   attention_mask=torch.ones_like(torch.tensor(prompt)))
     got = greedy_generate_text(decoder, params, jnp.asarray(prompt, jnp.int32),
-                               jnp.ones(prompt.shape, bool), max_new_tokens=32, eos_id=-1,
-                               pad_id=0)
+                               jnp.ones(prompt.shape, bool), max_new_tokens=32)
     assert np.asarray(got)[0].tolist() == expected[0, 20:].tolist()
