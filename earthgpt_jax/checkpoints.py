@@ -86,12 +86,6 @@ def prepare_out_dir(out_dir: str, overwrite: bool) -> None:
             shutil.rmtree(os.path.join(out_dir, name))
 
 
-def _nest(path: KeyPath, value) -> dict:
-    for key in reversed(path):
-        value = {key: value}
-    return value
-
-
 def write_params_streaming(out_dir: str, groups: Iterator[Sequence[tuple[KeyPath, np.ndarray]]]
                            ) -> None:
     """Writes `O/params` from an iterator of leaf groups; each group is saved (blocking) and
@@ -110,7 +104,7 @@ def write_params_streaming(out_dir: str, groups: Iterator[Sequence[tuple[KeyPath
     context.array.saving.chunk_byte_size = CHUNK_BYTES
     with context:
         for group in groups:
-            tree = _tree_of(group)
+            tree = traverse_util.unflatten_dict(dict(group))
             if tree:
                 partial.save(path, tree)
                 wrote = True
@@ -121,13 +115,6 @@ def write_params_streaming(out_dir: str, groups: Iterator[Sequence[tuple[KeyPath
         partial.finalize(path)
 
 
-def _tree_of(group) -> dict:
-    tree: dict = {}
-    for keypath, value in group:
-        _merge(tree, _nest(keypath, value))
-    return tree
-
-
 def _release_memory() -> None:
     """Drops freed buffers now: tensorstore's writer threads free into glibc arenas that
     otherwise keep the pages, so resident memory would creep up group after group."""
@@ -136,14 +123,6 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def _merge(dst: dict, src: dict) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = v
 
 
 def save_llama_config(out_dir: str, cfg: LlamaConfig, hf_config: dict | None = None) -> None:
@@ -189,16 +168,7 @@ class SubtreeCheckpoint:
         return self._metadata
 
     def leaf_paths(self) -> list[KeyPath]:
-        out = []
-
-        def walk(node, path):
-            if isinstance(node, dict):
-                for k in node:
-                    walk(node[k], path + (k,))
-            else:
-                out.append(path)
-        walk(self.metadata_tree(), ())
-        return out
+        return list(traverse_util.flatten_dict(self.metadata_tree()))
 
     def has(self, path: KeyPath) -> bool:
         node = self.metadata_tree()
@@ -210,28 +180,18 @@ class SubtreeCheckpoint:
 
     def read(self, paths: Sequence[KeyPath]) -> dict[KeyPath, np.ndarray]:
         """Restores only the given leaves (paths relative to the llm subtree) as numpy."""
-        item: dict = {}
-        args: dict = {}
-        for p in paths:
-            full = self.prefix + tuple(p)
-            _merge(item, _nest(full, 0))
-            _merge(args, _nest(full, ocp.RestoreArgs(restore_type=np.ndarray)))
+        full = [self.prefix + tuple(p) for p in paths]
+        item = traverse_util.unflatten_dict({f: 0 for f in full})
+        args = traverse_util.unflatten_dict(
+            {f: ocp.RestoreArgs(restore_type=np.ndarray) for f in full})
         restored = ocp.PyTreeCheckpointHandler().restore(
             epath.Path(self.pytree_dir), args=ocp.args.PyTreeRestore(item=item, restore_args=args,
                                                          partial_restore=True))
-        out = {}
-        for p in paths:
-            node = restored
-            for key in self.prefix + tuple(p):
-                node = node[key]
-            out[tuple(p)] = np.asarray(node)
-        return out
+        flat = traverse_util.flatten_dict(restored)
+        return {tuple(p): np.asarray(flat[self.prefix + tuple(p)]) for p in paths}
 
     def read_all(self) -> dict:
-        tree: dict = {}
-        for path, value in self.read(self.leaf_paths()).items():
-            _merge(tree, _nest(path, value))
-        return tree
+        return traverse_util.unflatten_dict(self.read(self.leaf_paths()))
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -330,15 +290,6 @@ def open_workdir_params(workdir: str, step: int | None = None) -> SubtreeCheckpo
     return SubtreeCheckpoint(pytree_dir, ("params",), step=step)
 
 
-def _flat_metadata(tree, path: KeyPath = ()) -> dict[KeyPath, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for key, node in tree.items():
-            out.update(_flat_metadata(node, path + (key,)))
-        return out
-    return {path: tree}
-
-
 def _names(paths: Sequence[KeyPath], prefix: KeyPath, limit: int = 6) -> str:
     shown = ", ".join("/".join(prefix + tuple(p)) for p in paths[:limit])
     return shown + (f" ... ({len(paths) - limit} more)" if len(paths) > limit else "")
@@ -385,7 +336,7 @@ def restore_sharded(pytree_dir: str, prefix: Sequence[str],
     prefix = tuple(prefix)
     where = f"{label}: " if label else ""
     try:
-        stored = _flat_metadata(SubtreeCheckpoint(pytree_dir, prefix).metadata_tree())
+        stored = traverse_util.flatten_dict(SubtreeCheckpoint(pytree_dir, prefix).metadata_tree())
     except KeyError:
         raise ValueError(f"{where}{'/'.join(prefix)} not found in {pytree_dir}") from None
     skipped = lambda path: any(tuple(path[:len(s)]) == tuple(s) for s in skip)
@@ -409,16 +360,13 @@ def restore_sharded(pytree_dir: str, prefix: Sequence[str],
     wanted = [p for p in targets if p in stored]
     if check_only or not wanted:
         return {}, lacking
-    item: dict = {}
-    args: dict = {}
     for p in wanted:
-        target = targets[p]
-        if not isinstance(getattr(target, "sharding", None), jax.sharding.Sharding):
+        if not isinstance(getattr(targets[p], "sharding", None), jax.sharding.Sharding):
             raise ValueError(f"{where}the target of {'/'.join(prefix + p)} carries no sharding")
-        full = prefix + tuple(p)
-        _merge(item, _nest(full, 0))
-        _merge(args, _nest(full, ocp.ArrayRestoreArgs(
-            sharding=target.sharding, global_shape=tuple(target.shape), dtype=target.dtype)))
+    item = traverse_util.unflatten_dict({prefix + p: 0 for p in wanted})
+    args = traverse_util.unflatten_dict({prefix + p: ocp.ArrayRestoreArgs(
+        sharding=targets[p].sharding, global_shape=tuple(targets[p].shape),
+        dtype=targets[p].dtype) for p in wanted})
     # orbax refuses a single read larger than its in-flight cap, and estimates a read by the
     # stored chunks it touches: the cap is at least the largest leaf in whole chunks.
     largest = max(_read_bound(stored[p]) for p in wanted) + (16 << 20)
@@ -429,13 +377,8 @@ def restore_sharded(pytree_dir: str, prefix: Sequence[str],
             item=item, restore_args=args, partial_restore=True))
     finally:
         handler.close()
-    out = {}
-    for p in wanted:
-        node = restored
-        for key in prefix + tuple(p):
-            node = node[key]
-        out[tuple(p)] = node
-    return out, lacking
+    flat = traverse_util.flatten_dict(restored)
+    return {p: flat[prefix + p] for p in wanted}, lacking
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -536,7 +479,7 @@ def restore_params(workdir: str, targets, step: int | None = None, *,
     ck = open_workdir_params(workdir, step)
     flat = traverse_util.flatten_dict(targets)
     if stored_dtypes:
-        stored = _flat_metadata(SubtreeCheckpoint(ck.pytree_dir, ck.prefix).metadata_tree())
+        stored = traverse_util.flatten_dict(ck.metadata_tree())
         flat = {p: t.update(dtype=stored[p].dtype) if p in stored else t
                 for p, t in flat.items()}
     restored, _ = restore_sharded(ck.pytree_dir, ck.prefix, flat,

@@ -96,10 +96,7 @@ class ModelConfig:
     # policy of earthgpt_jax/models/llama.REMAT_POLICIES (checked there, by run.py at start).
     remat_policy: str = "full"
     dtype: str = "bfloat16"  # compute dtype
-    # Attention of training and teacher-forced passes (models/layers.attention): einsum (any
-    # mask, fp32 scores), xla, cudnn (flash attention on NVIDIA GPUs, bf16), splash (Pallas
-    # flash attention on TPU, packed rows by segment ids), or auto: splash on TPU, cudnn on
-    # GPU, einsum elsewhere. Decoding with a KV cache always uses einsum.
+    # Attention kernel of training and teacher-forced passes: see models/layers.attention.
     attention_impl: str = "einsum"
     lora: LoraConfig = LoraConfig()
     # Bands the model reads (data/images.py keeps that many of each image): 3 = RGB as the
@@ -125,11 +122,7 @@ class DataConfig:
     # <workdir>/mini_mmrs1m, generated on first use.
     manual_dir: str = "~/tensorflow_datasets/downloads/manual/mmrs1m"
     synthetic: bool = False  # the generated miniature release (the demo)
-    # Training sources mixed by weight (earthgpt_jax/data/sources.py): comma-separated
-    # KIND:PATH[:WEIGHT], kinds mmrs1m (a release dir), coco (COCO Captions as downloaded),
-    # webdataset (img2dataset shards, streamed), llava (LLaVA/ShareGPT-style instruction JSON:
-    # llava:JSON[:IMAGE_ROOT][:WEIGHT], earthgpt_jax/data/llava.py). Empty: MMRS-1M from
-    # manual_dir.
+    # Training sources mixed by weight, KIND:PATH[:WEIGHT],...: see data/sources.py.
     sources: str = ""
     caption_prompts: tuple[str, ...] = CAPTION_PROMPTS
     # Size of the generated miniature release (images per split).

@@ -423,11 +423,17 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     assert saved and saved[-1] >= 3 and saved[-1] < 200
 
 
+def _visual_slot_index(is_visual: np.ndarray) -> np.ndarray:
+    """Index into the row's flattened visual tokens ([images_per_row * V]) of every position;
+    -1 where the position holds text: a numpy twin of the model's own computation."""
+    return np.where(is_visual, np.cumsum(is_visual, axis=-1) - 1, -1)
+
+
 def test_packed_rows_hold_whole_samples_apart(data):
     """Every segment of a packed row is exactly its sample's unpacked layout: BOS, V image
     placeholders, the sample's text tokens and loss mask; positions restart; image slots follow
     the segments; nothing but padding is left over."""
-    from earthgpt_jax.data import packing, pipeline
+    from earthgpt_jax.data import pipeline
     from earthgpt_jax.data.tokenizer import IMAGE_TOKEN
 
     config, tok = packed(data["config"]), data["tokenizer"]
@@ -469,7 +475,7 @@ def test_packed_rows_hold_whole_samples_apart(data):
                 seen += 1
             assert not batch["image"][r, count:].any()  # unused slots are blank
             assert (tokens[seg == 0] == 0).all() and not batch["loss_mask"][r][seg == 0].any()
-            assert packing.visual_slot_index(tokens).max() == count * v - 1
+            assert _visual_slot_index(tokens == IMAGE_TOKEN).max() == count * v - 1
     assert seen > 12  # more samples than rows: packing happened
     with pytest.raises(ValueError, match="pack_length=100 is shorter than one sample"):
         pipeline.train_dataset(data["train"], pre, batch_size=4, seed=0,

@@ -213,6 +213,7 @@ def test_convnext_download_folders_convert(convnext, layout, tmp_path):
     holding the whole CLIP model)."""
     import json
 
+    from earthgpt_jax import checkpoints as ckpt_lib
     from earthgpt_jax.convert import vision_io
     model, cfg, params = convnext
     folder = tmp_path / layout
@@ -235,9 +236,8 @@ def test_convnext_download_folders_convert(convnext, layout, tmp_path):
             {"model_cfg": {"vision_cfg": {"timm_model_name": "convnext_large"}}}))
     got = vision_io.convnext_to_orbax(str(folder), str(tmp_path / "out"))
     assert got == cfg
-    jax.tree_util.tree_map(np.testing.assert_array_equal,
-                           vision_io.load_tower_params(str(tmp_path / "out"), "convnext"),
-                           params)
+    stored = ckpt_lib.open_converted_part(str(tmp_path / "out"), "convnext").read_all()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, stored, params)
 
 
 def test_a_folder_without_weights_says_what_it_looked_for(tmp_path):

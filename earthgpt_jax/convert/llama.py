@@ -21,6 +21,7 @@ import shutil
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from flax import traverse_util
 
 from earthgpt_jax import checkpoints as ckpt_lib
 from earthgpt_jax.convert import lora as lora_lib
@@ -289,11 +290,8 @@ def open_hf(hf_dir: str, scan_layers: bool = True) -> tuple[HFCheckpoint, LlamaC
 def hf_to_params(hf_dir: str, scan_layers: bool = True) -> tuple[dict, LlamaConfig]:
     """The whole decoder in memory: {'embed_tokens': ..., 'layers': ..., ...} (numpy)."""
     reader, cfg = open_hf(hf_dir, scan_layers)
-    params: dict = {}
-    for group in iter_param_groups(reader, cfg):
-        for path, value in group:
-            ckpt_lib._merge(params, ckpt_lib._nest(path, value))
-    return params, cfg
+    flat = {path: value for group in iter_param_groups(reader, cfg) for path, value in group}
+    return traverse_util.unflatten_dict(flat), cfg
 
 
 def hf_to_orbax(hf_dir: str, out_dir: str, *, scan_layers: bool = True,
@@ -321,20 +319,9 @@ Getter = Callable[[Sequence[KeyPath]], dict]  # paths -> {path: array}
 
 
 def _dict_getter(params: dict) -> tuple[Getter, Callable[[KeyPath], bool]]:
-    def lookup(path):
-        node = params
-        for key in path:
-            node = node[key]
-        return node
-
-    def has(path):
-        try:
-            lookup(path)
-            return True
-        except (KeyError, TypeError):
-            return False
-
-    return (lambda paths: {tuple(p): np.asarray(lookup(p)) for p in paths}), has
+    flat = traverse_util.flatten_dict(params)
+    return (lambda paths: {tuple(p): np.asarray(flat[tuple(p)]) for p in paths},
+            lambda path: tuple(path) in flat)
 
 
 def _is_scanned(has) -> bool:
@@ -535,15 +522,6 @@ def load_llm_params(ckpt_dir: str, step: int | None = None) -> tuple[dict, Llama
     return params, cfg
 
 
-def _stored_dtypes(metadata) -> Iterator[np.dtype]:
-    """The dtypes of a checkpoint subtree's leaves, from its metadata (no data read)."""
-    if isinstance(metadata, dict):
-        for node in metadata.values():
-            yield from _stored_dtypes(node)
-    else:
-        yield np.dtype(metadata.dtype)
-
-
 def orbax_to_hf(ckpt_dir: str, out_dir: str, *, tokenizer: str | None = None,
                 max_shard_size="5GB", overwrite: bool = False, step: int | None = None,
                 bos_id: int | None = None, eos_id: int | None = None,
@@ -565,7 +543,7 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, *, tokenizer: str | None = None,
     # One dtype for the whole export, the widest stored: a training run stores what it froze
     # in bf16 (config.train.frozen_param_dtype) and what it trained in fp32; the merged linears
     # are fp32 then (_merged_linear), and the rest follows them.
-    stored = list(_stored_dtypes(ck.metadata_tree()))
+    stored = [np.dtype(m.dtype) for m in traverse_util.flatten_dict(ck.metadata_tree()).values()]
     export = np.result_type(*stored) if stored else None
     tensors = ((name, value if export is None else value.astype(export, copy=False))
                for name, value in iter_hf_tensors(get, has, cfg, attention_bias=attention_bias,
@@ -584,10 +562,8 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, *, tokenizer: str | None = None,
         lora_lib.write_adapter(os.path.join(out_dir, "lora"), adapter, cfg,
                                os.path.abspath(out_dir), overwrite)
     hf_src = ck.extra.get("hf_config") or {}
-    bos = bos_id if bos_id is not None else (ck.extra.get("bos_id") if ck.extra.get("bos_id")
-                                             is not None else 1)
-    eos = eos_id if eos_id is not None else (ck.extra.get("eos_id") if ck.extra.get("eos_id")
-                                             is not None else 2)
+    bos = next(i for i in (bos_id, ck.extra.get("bos_id"), 1) if i is not None)
+    eos = next(i for i in (eos_id, ck.extra.get("eos_id"), 2) if i is not None)
     hf_config = hf_config_from_llama(cfg, dtype=_TORCH_DTYPE.get(dtype, dtype),
                                      attention_bias=attention_bias, mlp_bias=mlp_bias,
                                      bos_id=bos, eos_id=eos,

@@ -99,8 +99,3 @@ def convnext_to_orbax(weights: str, out_dir: str, *, overwrite: bool = False):
            else vision.convnext_config_from_state(state))
     _write(out_dir, "convnext", vision.convnext_params_from_state(state, cfg), cfg, overwrite)
     return cfg
-
-
-def load_tower_params(ckpt_dir: str, tower: str) -> dict:
-    """The converted `tower` ('vit' or 'convnext') params as numpy arrays."""
-    return ckpt_lib.open_converted_part(ckpt_dir, tower).read_all()

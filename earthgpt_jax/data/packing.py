@@ -109,13 +109,6 @@ def pack(dataset: grain.IterDataset, options: PackingOptions, seed: int) -> grai
     return packed.map(_to_rows)
 
 
-def visual_slot_index(tokens: np.ndarray) -> np.ndarray:
-    """Index into the row's flattened visual tokens ([images_per_row * V]) of every position;
-    -1 where the position holds text. numpy twin of the model's own computation, for tests."""
-    is_visual = tokens == IMAGE_TOKEN
-    return np.where(is_visual, np.cumsum(is_visual, axis=-1) - 1, -1)
-
-
 def efficiency(batch: dict[str, np.ndarray]) -> dict[str, float]:
     """Share of positions that hold a sample (not padding), and of image slots that are used."""
     used = batch["segment_ids"] > 0

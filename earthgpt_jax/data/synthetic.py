@@ -25,6 +25,8 @@ import io
 import json
 import os
 import zlib
+from typing import Sequence
+
 import numpy as np
 from PIL import Image
 
@@ -171,7 +173,9 @@ def _noise(rng, h, w, std, channels=None):
     return rng.normal(0.0, std, size=shape)
 
 
-def _optical_background(rng: np.random.Generator, scene: str, w: int, h: int) -> np.ndarray:
+def _optical_image(rng: np.random.Generator, scene: str, w: int, h: int,
+                   objs: Sequence[Obj] = ()) -> np.ndarray:
+    """The scene's background with `objs` drawn over it (drawing draws no random numbers)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     if scene == "forest":
         base = np.array([34, 105, 40.0]) + _noise(rng, h, w, 22, 3) * np.array([0.6, 1.0, 0.6])
@@ -198,7 +202,10 @@ def _optical_background(rng: np.random.Generator, scene: str, w: int, h: int) ->
     else:
         raise ValueError(f"unknown scene {scene!r}")
     # Clip before the cast: a wrapped uint8 would scatter bright specks over the scene.
-    return np.clip(np.broadcast_to(base, (h, w, 3)), 0, 255).astype(np.uint8)
+    img = np.clip(np.broadcast_to(base, (h, w, 3)), 0, 255).astype(np.uint8)
+    for o in objs:
+        _draw_optical(img, o)
+    return img
 
 
 def _object_size(rng, cls: str, w: int, h: int) -> tuple[int, int]:
@@ -319,7 +326,7 @@ def _multispectral_pixels(rng, w: int, h: int, targets: int) -> tuple[np.ndarray
     (25-40% of the long side: they must survive the tiny model's 32-pixel view). R, G, B are
     drawn first and never touched again: they are the same whatever `targets` is."""
     scene = ("forest", "farmland")[int(rng.integers(2))]
-    rgb = _optical_background(rng, scene, w, h)
+    rgb = _optical_image(rng, scene, w, h)
     objs: list[Obj] = []
     for _ in range(targets):
         for _ in range(200):
@@ -437,10 +444,7 @@ def _scene_with_objects(rng, scene: str, w: int, h: int,
     for _ in range(n):
         _place(rng, objs, "ship" if scene == "sea" else "vehicle", w, h,
                colour="" if scene == "sea" else colour)
-    img = _optical_background(rng, scene, w, h)
-    for o in objs:
-        _draw_optical(img, o)
-    return img, objs
+    return _optical_image(rng, scene, w, h, objs), objs
 
 
 def _gen_classification(rng, src, split, i, out: _Writer, json_rel):
@@ -480,9 +484,7 @@ def _gen_vqa(rng, src, split, i, out, json_rel, present: bool):
             for _ in range(int(rng.integers(0, 3))):
                 _place(rng, objs, "vehicle" if asked == "ship" else "airplane", w, h,
                        colour=colour if asked == "ship" else "")
-        img = _optical_background(rng, scene, w, h)
-        for o in objs:
-            _draw_optical(img, o)
+        img = _optical_image(rng, scene, w, h, objs)
     elif src.sensor == "sar":
         asked = "ship"
         for _ in range(int(rng.integers(1, 5)) if present else 0):
@@ -531,9 +533,7 @@ def _gen_rsvg(rng, src, split, i, out, json_rel):
         for c in colours:
             _place(rng, objs, "vehicle", w, h, colour=str(c))
             phrases.append(f"The {c} vehicle")
-    img = _optical_background(rng, scene, w, h)
-    for o in objs:
-        _draw_optical(img, o)
+    img = _optical_image(rng, scene, w, h, objs)
     path = out.image(f"{src.image_dir}/{split}_{i:05d}.png", img)
     targets = rng.permutation(len(objs))[:2]
     pairs = [(phrases[t], boxes_to_text([pixel_to_norm(objs[t].box, w, h)])) for t in targets]
@@ -562,9 +562,7 @@ def _gen_detection(rng, src, split, i, out, json_rel):
         for k in range(max(n, len(classes)) if n else 0):
             cls = classes[k % len(classes)]
             _place(rng, objs, cls, w, h, colour=colour if cls == "vehicle" else "")
-        img = _optical_background(rng, scene, w, h)
-        for o in objs:
-            _draw_optical(img, o)
+        img = _optical_image(rng, scene, w, h, objs)
     elif src.name == "SSDD_mini":
         for _ in range(n):
             _place(rng, objs, "ship", w, h)
@@ -595,11 +593,6 @@ def _allocate(total: int, src: Source) -> int:
     if src.task == "vqa":
         n += n % 2  # presence answers are exactly half yes, half no
     return n
-
-
-def source_counts(num_images: int, sources: tuple[Source, ...] = SOURCES) -> dict[str, int]:
-    """Images per source for a split of about `num_images` images (each source gets >= 2)."""
-    return {s.name: _allocate(num_images, s) for s in sources}
 
 
 def write_release(root: str, *, seed: int = 0, num_train_images: int = 600,

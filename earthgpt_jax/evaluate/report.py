@@ -235,13 +235,11 @@ def _score_group(task: str, examples: Sequence[dict], stats: dict,
     elif task == "region_captioning":
         refs = [_reference(e) for e in examples]
         base = stats.get("phrase") or ""
-        model = metrics.exact_match_accuracy(preds, refs)
-        model.update(metrics.caption_scores(preds, [[r] for r in refs]))
-        model["exact_match"] = model.pop("accuracy")
-        baseline = metrics.exact_match_accuracy([base] * len(refs), refs)
-        baseline.update(metrics.caption_scores([base] * len(refs), [[r] for r in refs]))
-        baseline["exact_match"] = baseline.pop("accuracy")
-        out["model"], out["baseline"] = model, baseline
+        for side, answers in (("model", preds), ("baseline", [base] * len(refs))):
+            scores = metrics.exact_match_accuracy(answers, refs)
+            scores.update(metrics.caption_scores(answers, [[r] for r in refs]))
+            scores["exact_match"] = scores.pop("accuracy")
+            out[side] = scores
         out["details"]["majority_phrase"] = base
         out["n_malformed"] = sum(not parsers.simple_tokens(p) for p in preds)
     elif task == "grounding":
@@ -470,14 +468,11 @@ def draw_boxes_png(image, true_boxes_px, pred_boxes_px, labels, path, pred_label
                           for x, y in zip(b[0::2], b[1::2])]
                 draw.polygon(points, outline=colour, width=width)
                 x0, y0 = min(p[0] for p in points), min(p[1] for p in points)
-                if names is not None and k < len(names) and names[k]:
-                    draw.text((x0 + 2, max(float(LEGEND_HEIGHT), y0 - 11)), str(names[k]),
-                              fill=colour, font=font)
-                continue
-            x0, x1 = sorted((float(b[0]) * scale, float(b[2]) * scale))
-            y0, y1 = sorted((float(b[1]) * scale + LEGEND_HEIGHT,
-                             float(b[3]) * scale + LEGEND_HEIGHT))
-            draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
+            else:
+                x0, x1 = sorted((float(b[0]) * scale, float(b[2]) * scale))
+                y0, y1 = sorted((float(b[1]) * scale + LEGEND_HEIGHT,
+                                 float(b[3]) * scale + LEGEND_HEIGHT))
+                draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
             if names is not None and k < len(names) and names[k]:
                 draw.text((x0 + 2, max(float(LEGEND_HEIGHT), y0 - 11)), str(names[k]),
                           fill=colour, font=font)
@@ -534,14 +529,12 @@ def write_box_pictures(examples_with_images: Sequence[dict], out_dir: str,
             # Corners, so oriented boxes are drawn as they are; horizontal ones as rectangles.
             to_shape = lambda q: box_text.shape_to_pixel(  # noqa: E731
                 box_text.drawn_shape(q), width, height)
-            true_boxes, labels = [], []
-            for cls, _, bxs in _corner_groups(_reference(e)):
-                true_boxes += [to_shape(b) for b in bxs]
-                labels += [cls] * len(bxs)
-            pred_boxes, pred_labels = [], []
-            for cls, _, bxs in _corner_groups(pred_text):
-                pred_boxes += [to_shape(b) for b in bxs]
-                pred_labels += [cls] * len(bxs)
+            true_boxes, labels, pred_boxes, pred_labels = [], [], [], []
+            for text, shapes, names in ((_reference(e), true_boxes, labels),
+                                        (pred_text, pred_boxes, pred_labels)):
+                for cls, _, bxs in _corner_groups(text):
+                    shapes.extend(to_shape(b) for b in bxs)
+                    names.extend([cls] * len(bxs))
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(e.get("id", i)))
         path = os.path.join(out_dir, f"{task}_{_sensor(e)}_{name}.png")
         note = ("empty scene: every red box is a false positive"

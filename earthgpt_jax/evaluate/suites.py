@@ -28,6 +28,7 @@ import sys
 
 from earthgpt_jax.config import PAPER_SUITES  # the paper's tables, in the paper's order
 from earthgpt_jax.data.prepare import ReleaseNotFoundError
+from earthgpt_jax.evaluate.report import _json_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,11 +327,6 @@ def write_suite_report(per_suite: dict[str, dict], skipped: dict[str, str], out_
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table)
     return summary
-
-
-def _json_default(obj):
-    from earthgpt_jax.evaluate.report import _json_default as default
-    return default(obj)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -17,7 +17,7 @@ O(tokens * width), a few percent at most). A multiply-add is 2 FLOPs. N below is
     half of the pairs, S(S+1)/2 (a sample's keys, none of another packed sample's)
     + LM head 2 * d * vocab, only at the T text positions, whose logits the loss uses (ours
     runs the head there alone on padded rows; the PyTorch reference of benchmarks/ also
-    computes it at the 1 + V prefix positions and throws those away: `prefix_logits_flops`).
+    computes it at the 1 + V prefix positions and throws those away).
   - backward, activation gradients: one matmul per weight matmul (dX = dY W^T, as many FLOPs as
     its forward: 2N) and two per attention matmul (dS = dO V^T and dQ, dK, dV: 2x the
     attention forward). Every stage needs them through the whole decoder, because the
@@ -72,12 +72,17 @@ STAGE_TRAINED_MATMULS = {
 }
 
 
-def decoder_linears(llm) -> dict[str, int]:
-    """Weights of each per-layer decoder matmul ([in * out])."""
+def _linear_shapes(llm) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each per-layer decoder matmul."""
     d, q, kv = llm.hidden_size, llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim
     i = llm.intermediate_size
-    return {"q_proj": d * q, "k_proj": d * kv, "v_proj": d * kv, "o_proj": q * d,
-            "gate_proj": d * i, "up_proj": d * i, "down_proj": i * d}
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+
+
+def decoder_linears(llm) -> dict[str, int]:
+    """Weights of each per-layer decoder matmul ([in * out])."""
+    return {name: n_in * n_out for name, (n_in, n_out) in _linear_shapes(llm).items()}
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -133,21 +138,17 @@ def parameter_counts(model_cfg) -> dict[str, int]:
     """`parameter_summary`'s counts (no 'trainable') from the configs alone, no params built."""
     llm, vit, cnx = model_cfg.llm, model_cfg.vit, model_cfg.convnext
     d = llm.hidden_size
-    linears = decoder_linears(llm)
-    outs = {"q_proj": llm.num_heads * llm.head_dim, "k_proj": llm.num_kv_heads * llm.head_dim,
-            "v_proj": llm.num_kv_heads * llm.head_dim, "o_proj": d,
-            "gate_proj": llm.intermediate_size, "up_proj": llm.intermediate_size,
-            "down_proj": d}
-    per_layer = sum(linears.values()) + 2 * d
+    shapes = _linear_shapes(llm)
+    outs = {name: n_out for name, (_, n_out) in shapes.items()}
+    per_layer = sum(decoder_linears(llm).values()) + 2 * d
     if llm.attention_bias:
         per_layer += sum(outs[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     if llm.mlp_bias:
         per_layer += sum(outs[n] for n in ("gate_proj", "up_proj", "down_proj"))
     counts = {"llm": 2 * llm.vocab_size * d + d + llm.num_layers * per_layer,
               "adapters": 2 * llm.num_layers * sum(outs.values()) if llm.adapters else 0}
-    ins = {n: linears[n] // outs[n] for n in outs}
     counts["adapters"] += llm.num_layers * llm.lora_rank * sum(
-        ins[n] + outs[n] for n in llm.lora_targets)
+        sum(shapes[n]) for n in llm.lora_targets)
     h, m, p = vit.hidden_size, vit.mlp_dim, vit.patch_size
     vit_block = 4 * (h * h + h) + (h * m + m) + (m * h + h) + 2 * 2 * h + 2 * h
     counts["vit"] = (p * p * 3 * h + h + h + (1 + (vit.pretrain_image_size // p) ** 2) * h
@@ -238,12 +239,6 @@ def model_flops(model_cfg, stage: str, text_lengths) -> dict[str, float]:
                        head_positions=float(text.sum()), images=len(text))
 
 
-def samples_per_packed_row(model_cfg, text_len: int, packed_length: int,
-                           images_per_row: int) -> int:
-    """How many samples of `text_len` text tokens a row holds (at most one per image slot)."""
-    return min(images_per_row, packed_length // (1 + model_cfg.num_visual_tokens + text_len))
-
-
 def train_step_flops(model_cfg, batch: int, text_len: int, stage: str, *,
                      packed_length: int | None = None, images_per_row: int = 1,
                      samples_per_row: int | None = None) -> dict[str, float]:
@@ -256,9 +251,9 @@ def train_step_flops(model_cfg, batch: int, text_len: int, stage: str, *,
     batches have mixed lengths: count them with `batch_model_flops`.
     """
     if packed_length is not None:
-        if samples_per_row is None:
-            samples_per_row = samples_per_packed_row(model_cfg, text_len, packed_length,
-                                                     images_per_row)
+        if samples_per_row is None:  # as many as fit, at most one per image slot
+            samples_per_row = min(images_per_row,
+                                  packed_length // (1 + model_cfg.num_visual_tokens + text_len))
         batch *= samples_per_row
     return model_flops(model_cfg, stage, [text_len] * batch)
 
@@ -389,15 +384,6 @@ def flops_for_spec(spec: dict) -> tuple[dict[str, float], dict[str, float]]:
     hardware = executed_train_step_flops(cfg, rows, text_len, stage, packed_length=pack,
                                          images_per_row=images)
     return model, hardware
-
-
-def prefix_logits_flops(model_cfg, batch: int, stage: str) -> float:
-    """FLOPs the PyTorch reference (benchmarks/torch_reference.py) spends on LM-head logits at
-    the 1 + V prefix positions, which no loss uses: forward, input gradient, and the weight
-    gradient when the head trains. Ours runs the head at the text positions only."""
-    per_position = 2.0 * model_cfg.llm.hidden_size * model_cfg.llm.vocab_size
-    passes = 3 if "lm_head" in STAGE_TRAINED_MATMULS[stage] else 2
-    return passes * per_position * batch * (1 + model_cfg.num_visual_tokens)
 
 
 # ----------------------------------------------------------------------------- executed FLOPs

@@ -62,12 +62,7 @@ class LlamaConfig:
     # Layers stacked under nn.scan (params `layers/...` with a leading [num_layers] axis) or
     # unrolled (params `layers_0/...`, `layers_1/...`).
     scan_layers: bool = True
-    # Attention of cache-less passes (training, teacher-forced eval): "einsum" (ours, any mask),
-    # jax.nn.dot_product_attention with implementation "xla" or "cudnn" (flash attention on
-    # NVIDIA GPUs; needs bf16/fp16), "splash" (TPU Pallas flash kernel), or "auto"
-    # (resolve_attention_impl: the platform's flash kernel, einsum on CPU). xla/cudnn need
-    # unpacked rows' valid keys to be a prefix (right padding, as in training batches).
-    # Decoding with a KV cache always uses "einsum".
+    # Attention kernel of cache-less passes, one of ATTENTION_IMPLS: see layers.attention.
     attention_impl: str = "einsum"
     # LoRA on the decoder linears named in lora_targets (a subset of LORA_MODULES): rank 0 is
     # none. y = x W + (alpha / rank) * x A B with A [in, rank], B [rank, out] (PEFT's form).

@@ -51,6 +51,7 @@ boxes the GeoJSON holds, downloads: {kind: url}}, `error` {message} or `cancelle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 
@@ -81,16 +82,23 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _read_limited(request: Request, limit: int, what: str) -> bytes:
+async def _read_limited(request: Request, limit: int, what: str, path: str | None = None,
+                        scope: str = "", hint: str = "") -> bytes:
+    """The request body; with `path`, written there chunk by chunk instead (a scene may be
+    gigabytes: it is never held whole) and b"" returned. ApiError 413 naming `what` as soon as
+    it passes `limit`; `scope` and `hint` go into that message (" for scenes", a flag)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"{what} is {int(declared)} bytes; the limit is {limit} bytes")
+        raise ApiError(413, f"{what} is {int(declared)} bytes; the limit{scope} is {limit} "
+                            f"bytes{hint}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"{what} is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    with open(path, "wb") if path else contextlib.nullcontext() as f:
+        keep = f.write if path else chunks.append
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"{what} is over the limit{scope} of {limit} bytes{hint}")
+            keep(chunk)
     return b"".join(chunks)
 
 
@@ -104,24 +112,6 @@ async def _json_object(request: Request, limit: int, what: str) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, f"{what} must be a JSON object")
     return body
-
-
-async def _stream_to_file(request: Request, path: str, limit: int, name: str) -> int:
-    """The request body, written to `path` chunk by chunk (a scene may be gigabytes: it is
-    never held whole); ApiError 413 as soon as it passes `limit`."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"{name} is {int(declared)} bytes; the limit for scenes is "
-                            f"{limit} bytes (--max_scene_mb)")
-    size = 0
-    with open(path, "wb") as f:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"{name} is over the limit for scenes of {limit} bytes "
-                                    "(--max_scene_mb)")
-            f.write(chunk)
-    return size
 
 
 def _scene_routes(service: ChatService) -> list:
@@ -139,7 +129,8 @@ def _scene_routes(service: ChatService) -> list:
         scene_id, folder = scenes.new_folder()
         path = scenes.upload_path(folder, name)
         try:
-            await _stream_to_file(request, path, scenes.limits.max_scene_bytes, name)
+            await _read_limited(request, scenes.limits.max_scene_bytes, name, path,
+                                scope=" for scenes", hint=" (--max_scene_mb)")
         except BaseException:
             import shutil
             shutil.rmtree(folder, ignore_errors=True)
