@@ -57,23 +57,18 @@ def _argmax_token(logits, rng):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def _decode_loop(decode, embed_tokens, embeds, prefix_valid, cache, *, max_new_tokens, eos_id,
-                 pad_id, pick=_argmax_token, rng=None):
-    """Prefill `embeds`, then one token per step; shared by every model that decodes text and
-    by greedy decoding and sampling, which differ only in `pick`.
+def _decode_loop(decode, embed_tokens, logits, cache, key_valid, last_position, prefill_len, *,
+                 max_new_tokens, eos_id, pad_id, pick=_argmax_token, rng=None):
+    """One token per step after a prefill (`_prefill_state`'s outputs); greedy decoding and
+    sampling differ only in `pick`.
 
     decode(embeddings, positions, key_valid, cache, cache_index) -> (logits, cache);
     embed_tokens(ids [B, 1]) -> embeddings; pick(logits [B, V], rng) -> ids [B].
     """
     rng = jax.random.key(0) if rng is None else rng
-    batch, prefill_len = prefix_valid.shape
-    total = prefill_len + max_new_tokens
-    key_valid = jnp.zeros((batch, total), bool).at[:, :prefill_len].set(prefix_valid)
-    positions = jnp.cumsum(prefix_valid, axis=1) - 1
-    logits, cache = decode(embeds, positions, key_valid, cache, 0)
+    batch = key_valid.shape[0]
     rng, sub = jax.random.split(rng)
-    first = pick(logits[:, -1].astype(jnp.float32), sub)
-    last_position = positions[:, -1]
+    first = pick(logits, sub)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
 
     def cond(carry):
@@ -96,50 +91,45 @@ def _decode_loop(decode, embed_tokens, embeds, prefix_valid, cache, *, max_new_t
     return jax.lax.while_loop(cond, body, carry)[4]
 
 
-def _image_prompt(model: EarthGPT, params, images, prompt_tokens, prompt_valid,
-                  max_new_tokens: int):
-    """(decode, embed_tokens, embeds, prefix_valid, cache): `_decode_loop`'s inputs for EarthGPT."""
+def _model_fns(model: EarthGPT, params):
+    """(decode, embed_tokens) of `_decode_loop` for EarthGPT."""
     variables = {"params": params}
-    embeds = model.apply(variables, images, prompt_tokens, method=EarthGPT.embed_prompt)
-    prefix_valid = model.apply(variables, prompt_valid, method=EarthGPT.prefix_valid)
-    cache = init_cache(model.cfg.llm, prompt_tokens.shape[0],
-                       embeds.shape[1] + max_new_tokens, jnp.dtype(model.cfg.dtype))
     return (functools.partial(model.apply, variables, method=EarthGPT.decode),
-            functools.partial(model.apply, variables, method=EarthGPT.embed_tokens),
-            embeds, prefix_valid, cache)
+            functools.partial(model.apply, variables, method=EarthGPT.embed_tokens))
 
-
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))
-def greedy_generate(model: EarthGPT, params, images, prompt_tokens, prompt_valid, *,
-                    max_new_tokens: int, eos_id: int, pad_id: int):
-    """Image + left-padded prompt -> generated ids [B, max_new_tokens]; `pad_id` after `</s>`."""
-    return _decode_loop(*_image_prompt(model, params, images, prompt_tokens, prompt_valid,
-                                       max_new_tokens),
-                        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
-
-
-# ----------------------------------------------------------------------------- beam search,
-# top-p sampling, step-wise decoding for streaming, stop strings.
 
 def _prefill_state(model: EarthGPT, params, images, prompt_tokens, prompt_valid, new_tokens: int,
                    repeat: int = 1):
-    """Prefill once per prompt; the cache is then repeated `repeat` times per row (beams)."""
+    """Prefill once per prompt -> (last logits [B, V] fp32, cache, key_valid, last position,
+    prefill_len); the cache is then repeated `repeat` times per row (beams)."""
     variables = {"params": params}
     embeds = model.apply(variables, images, prompt_tokens, method=EarthGPT.embed_prompt)
     prefix_valid = model.apply(variables, prompt_valid, method=EarthGPT.prefix_valid)
     batch, prefill_len = prefix_valid.shape
     cache = init_cache(model.cfg.llm, batch, prefill_len + new_tokens,
                        jnp.dtype(model.cfg.dtype))
-    decode = functools.partial(model.apply, variables, method=EarthGPT.decode)
     positions = jnp.cumsum(prefix_valid, axis=1) - 1
     key_valid = jnp.zeros((batch, prefill_len + new_tokens), bool)
     key_valid = key_valid.at[:, :prefill_len].set(prefix_valid)
-    logits, cache = decode(embeds, positions, key_valid, cache, 0)
+    logits, cache = _model_fns(model, params)[0](embeds, positions, key_valid, cache, 0)
     if repeat > 1:
         cache = select_cache_rows(model.cfg.llm, cache, jnp.repeat(jnp.arange(batch), repeat))
         key_valid = jnp.repeat(key_valid, repeat, axis=0)
     return logits[:, -1].astype(jnp.float32), cache, key_valid, positions[:, -1], prefill_len
 
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))
+def greedy_generate(model: EarthGPT, params, images, prompt_tokens, prompt_valid, *,
+                    max_new_tokens: int, eos_id: int, pad_id: int):
+    """Image + left-padded prompt -> generated ids [B, max_new_tokens]; `pad_id` after `</s>`."""
+    return _decode_loop(*_model_fns(model, params),
+                        *_prefill_state(model, params, images, prompt_tokens, prompt_valid,
+                                        max_new_tokens),
+                        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+
+
+# ----------------------------------------------------------------------------- beam search,
+# top-p sampling, step-wise decoding for streaming, stop strings.
 
 def nucleus_filter(logits, top_p):
     """Logits outside the smallest set of tokens whose probability reaches `top_p` -> -inf.
@@ -178,7 +168,8 @@ def sample_generate(model: EarthGPT, params, images, prompt_tokens, prompt_valid
     (default `jax.random.key(0)`), so a fixed key gives the same tokens every time.
     """
     return _decode_loop(
-        *_image_prompt(model, params, images, prompt_tokens, prompt_valid, max_new_tokens),
+        *_model_fns(model, params),
+        *_prefill_state(model, params, images, prompt_tokens, prompt_valid, max_new_tokens),
         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
         pick=lambda logits, key: _sample_token(logits, key, temperature, top_p), rng=rng)
 
@@ -202,9 +193,7 @@ def beam_search_generate(model: EarthGPT, params, images, prompt_tokens, prompt_
     logits, cache, key_valid, last_position, prefill_len = _prefill_state(
         model, params, images, prompt_tokens, prompt_valid, max_new_tokens, repeat=k)
     vocab = logits.shape[-1]
-    variables = {"params": params}
-    decode = functools.partial(model.apply, variables, method=EarthGPT.decode)
-    embed = functools.partial(model.apply, variables, method=EarthGPT.embed_tokens)
+    decode, embed = _model_fns(model, params)
     # Every beam starts as the same prompt; only beam 0 is live so the first top-k is distinct.
     logprobs = jnp.repeat(jax.nn.log_softmax(logits, axis=-1)[:, None], k, axis=1)  # [B,K,V]
     scores = jnp.full((batch, k), -jnp.inf, jnp.float32).at[:, 0].set(0.0)

@@ -90,12 +90,16 @@ def greedy_generate_text(decoder, params, prompt_tokens, prompt_valid, *, max_ne
     """Text-only greedy decoding with the decoder alone: generate's loop and KV cache."""
     variables = {"params": params}
     embed = functools.partial(decoder.apply, variables, method=LlamaDecoder.embed)
-    cache = init_cache(decoder.cfg, prompt_tokens.shape[0],
-                       prompt_tokens.shape[1] + max_new_tokens, decoder.dtype)
     # head_from=-1: the LM head at the last position only (the prefill needs no other logits).
-    return _decode_loop(functools.partial(decoder.apply, variables, head_from=-1), embed,
-                        embed(prompt_tokens), prompt_valid, cache,
-                        max_new_tokens=max_new_tokens, eos_id=-1, pad_id=0)
+    decode = functools.partial(decoder.apply, variables, head_from=-1)
+    batch, prefill_len = prompt_tokens.shape
+    cache = init_cache(decoder.cfg, batch, prefill_len + max_new_tokens, decoder.dtype)
+    key_valid = jnp.zeros((batch, prefill_len + max_new_tokens), bool)
+    key_valid = key_valid.at[:, :prefill_len].set(prompt_valid)
+    positions = jnp.cumsum(prompt_valid, axis=1) - 1
+    logits, cache = decode(embed(prompt_tokens), positions, key_valid, cache, 0)
+    return _decode_loop(decode, embed, logits[:, -1], cache, key_valid, positions[:, -1],
+                        prefill_len, max_new_tokens=max_new_tokens, eos_id=-1, pad_id=0)
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])  # the two KV-cache layouts
