@@ -190,6 +190,8 @@ def test_every_committed_result_matches_the_formula():
     assert checked["recipe_cost.json"] == 8  # 2 sizes x (3 stage-A epochs + 1 stage-B)
     # 7B and 13B stage B on v5e:2x2, one report per per-chip batch that compiled
     assert checked["2026-12-05_aot_v5e_2x2_stage_b.json"] >= 6
+    # stage A on v5e, stage B with the overlap flags, splash, and plain data parallelism
+    assert checked["2026-12-05_aot_stage_a_dp_splash.json"] == 8
 
 
 def test_remat_policies_give_no_remats_gradients():
