@@ -67,6 +67,13 @@ def test_wider_beam_scores_at_least_greedy(setup):
     # The search's own running score is the full forward's log-prob of what it returns.
     np.testing.assert_allclose(np.asarray(scores), beam_lp, rtol=1e-4, atol=1e-4)
     assert np.all(beam_lp >= greedy_lp - 1e-4), (beam_lp, greedy_lp)
+    # Unrolled layers (what a restored session decodes with) keep one cache per layer: the
+    # beams' parents are picked from each, giving the same beams.
+    from earthgpt_jax.generate import unrolled_for_decoding
+    unrolled, unrolled_params = unrolled_for_decoding(model, params)
+    np.testing.assert_array_equal(np.asarray(beam_search_generate(
+        unrolled, unrolled_params, images, tokens, valid, beam_width=4, max_new_tokens=STEPS,
+        eos_id=-1, pad_id=0)), beams)
 
 
 def test_tiny_top_p_is_greedy_and_fixed_rng_is_deterministic(setup):
