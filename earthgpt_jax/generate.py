@@ -23,9 +23,11 @@ def unrolled_for_decoding(model: EarthGPT, params) -> tuple[EarthGPT, dict]:
     """The same model with its decoder layers unrolled (`layers_0`, `layers_1`, ...).
 
     Training stacks layers under `nn.scan`; decoding that layout reads each step's weights
-    through a dynamic slice of the stacked arrays, which XLA on GPU materialises as a copy, so
-    every generated token moves the weights about three times instead of once. Serving and
-    benchmarks call this once and decode with the result (same maths, same tokens).
+    through a dynamic slice of the stacked arrays, which XLA (GPU and CPU) materialises as a
+    copy, so every generated token moves the weights about three times instead of once, and
+    each layer's KV cache is a slice of a stacked one. `InferenceSession.from_workdir` (eval,
+    chat, web chat, scenes) and the benchmarks call this once and decode with the result (same
+    maths, same tokens).
     """
     cfg = model.cfg
     if not cfg.llm.scan_layers:

@@ -350,3 +350,19 @@ def test_oriented_boxes_come_back_as_corners_beside_their_enclosing_box():
     (box,) = answer_boxes("[0.5,0.5,0.4,0.1,45]", 64, 48)
     assert len(box["corner_pixels"]) == 8 and box["label"] is None
     assert min(box["corner_pixels"][1::2]) >= 0 and max(box["corner_pixels"][1::2]) <= 48
+
+
+def test_evict_idle_drops_the_least_recently_used_idle_entries_only():
+    """Conversations and scenes are bounded by one rule: the oldest entries without work in
+    flight go first; busy ones are kept even past the limit."""
+    import collections
+    import types
+    from earthgpt_jax.serve.service import evict_idle
+
+    entries = collections.OrderedDict(
+        (k, types.SimpleNamespace(busy=busy)) for k, busy in
+        (("a", True), ("b", False), ("c", True), ("d", False), ("e", False)))
+    dropped = evict_idle(entries, 3)
+    assert list(entries) == ["a", "c", "e"] and len(dropped) == 2
+    last = entries["e"]
+    assert evict_idle(entries, 1) == [last] and list(entries) == ["a", "c"]  # both busy: kept

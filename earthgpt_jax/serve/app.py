@@ -51,7 +51,6 @@ boxes the GeoJSON holds, downloads: {kind: url}}, `error` {message} or `cancelle
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 
@@ -82,24 +81,26 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _read_limited(request: Request, limit: int, what: str, path: str | None = None,
-                        scope: str = "", hint: str = "") -> bytes:
-    """The request body; with `path`, written there chunk by chunk instead (a scene may be
-    gigabytes: it is never held whole) and b"" returned. ApiError 413 naming `what` as soon as
-    it passes `limit`; `scope` and `hint` go into that message (" for scenes", a flag)."""
+async def _limited_chunks(request: Request, limit: int, what: str, scope: str = "",
+                          hint: str = ""):
+    """The request body's chunks; ApiError 413 naming `what` before reading when its declared
+    length passes `limit`, else as soon as what arrived does. `scope` and `hint` go into that
+    message (" for scenes", a flag)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"{what} is {int(declared)} bytes; the limit{scope} is {limit} "
                             f"bytes{hint}")
-    chunks, size = [], 0
-    with open(path, "wb") if path else contextlib.nullcontext() as f:
-        keep = f.write if path else chunks.append
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"{what} is over the limit{scope} of {limit} bytes{hint}")
-            keep(chunk)
-    return b"".join(chunks)
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"{what} is over the limit{scope} of {limit} bytes{hint}")
+        yield chunk
+
+
+async def _read_limited(request: Request, limit: int, what: str) -> bytes:
+    """The whole request body, at most `limit` bytes (`_limited_chunks`)."""
+    return b"".join([chunk async for chunk in _limited_chunks(request, limit, what)])
 
 
 async def _json_object(request: Request, limit: int, what: str) -> dict:
@@ -129,8 +130,11 @@ def _scene_routes(service: ChatService) -> list:
         scene_id, folder = scenes.new_folder()
         path = scenes.upload_path(folder, name)
         try:
-            await _read_limited(request, scenes.limits.max_scene_bytes, name, path,
-                                scope=" for scenes", hint=" (--max_scene_mb)")
+            # A scene may be gigabytes: written as it arrives, never held whole.
+            with open(path, "wb") as f:
+                async for chunk in _limited_chunks(request, scenes.limits.max_scene_bytes, name,
+                                                   scope=" for scenes", hint=" (--max_scene_mb)"):
+                    f.write(chunk)
         except BaseException:
             import shutil
             shutil.rmtree(folder, ignore_errors=True)

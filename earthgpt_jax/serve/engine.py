@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from earthgpt_jax.generate import sampling_logits, unrolled_for_decoding
+from earthgpt_jax.generate import sampling_logits
 from earthgpt_jax.inference import PROMPT_BUCKET, InferenceSession, answer_text
 
 NEW_TOKENS_BUCKET = 64
@@ -109,8 +109,8 @@ class Engine:
     def __init__(self, session: InferenceSession, *, max_batch: int = 8, max_groups: int = 4,
                  max_pending: int = 64, batch_window_s: float = 0.01):
         self.session = session
-        # Decoding reads every weight once per token; unrolled layers read them in place.
-        self.model, self.params = unrolled_for_decoding(session.model, session.params)
+        # The session's layout: one restored from a workdir decodes unrolled layers.
+        self.model, self.params = session.model, session.params
         self.tok = session.tokenizer
         self.max_batch, self.max_groups = max_batch, max_groups
         # An idle worker waits this long after the first request so that requests sent together

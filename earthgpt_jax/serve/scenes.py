@@ -34,7 +34,7 @@ from earthgpt_jax.data.images import TooFewBandsError, kept_bands
 from earthgpt_jax.scene import TASKS, SceneError, SessionAnswerer, run_scene, task_prompt
 from earthgpt_jax.scene.outputs import overview_path, scene_crs_path
 from earthgpt_jax.scene.raster import SceneReader
-from earthgpt_jax.serve.service import ApiError
+from earthgpt_jax.serve.service import ApiError, evict_idle
 
 # Terminal events of a job: the page closes its event stream after one of them.
 FINAL = ("done", "error", "cancelled")
@@ -164,12 +164,8 @@ class SceneJobs:
                       (image.shape[1], image.shape[0]))
         with self._lock:
             self._scenes[scene_id] = scene
-            while len(self._scenes) > self.limits.max_scenes:
-                idle = next((k for k, s in self._scenes.items()
-                             if not s.busy), None)
-                if idle is None:
-                    break
-                shutil.rmtree(self._scenes.pop(idle).folder, ignore_errors=True)
+            for old in evict_idle(self._scenes, self.limits.max_scenes):
+                shutil.rmtree(old.folder, ignore_errors=True)
         return scene
 
     def get(self, scene_id: str) -> Scene:

@@ -49,6 +49,18 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
+def evict_idle(entries: collections.OrderedDict, limit: int) -> list:
+    """Drops the least recently used entries that are not `busy` until at most `limit` remain
+    (or only busy ones are left); returns the dropped values."""
+    dropped = []
+    while len(entries) > limit:
+        idle = next((k for k, v in entries.items() if not v.busy), None)
+        if idle is None:
+            break
+        dropped.append(entries.pop(idle))
+    return dropped
+
+
 @dataclasses.dataclass
 class Conversation:
     id: str
@@ -147,11 +159,7 @@ class ChatService:
         conv = Conversation(secrets.token_urlsafe(12), name, image, pixels, bands)
         with self._lock:
             self._conversations[conv.id] = conv
-            while len(self._conversations) > self.limits.max_conversations:
-                idle = next((k for k, c in self._conversations.items() if not c.busy), None)
-                if idle is None:
-                    break
-                del self._conversations[idle]  # least recently used first
+            evict_idle(self._conversations, self.limits.max_conversations)
         return conv
 
     def get(self, conversation_id: str) -> Conversation:
