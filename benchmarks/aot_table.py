@@ -36,10 +36,11 @@ from earthgpt_jax.aot import parse_topology  # noqa: E402
 
 def compile_one(size: str, stage: str, topology: str, per_chip_batch: int, text_len: int,
                 remat: str, workdir: str, pack_length: int = 0, images_per_pack: int = 7,
-                frozen_dtype: str = "bfloat16", attention_impl: str = "") -> dict:
+                frozen_dtype: str = "bfloat16", attention_impl: str = "",
+                loss_chunk: int = 0) -> dict:
     topo = parse_topology(topology)
-    report_json = os.path.join(
-        workdir, f"{size}_{stage}_{topology}_{remat}_{per_chip_batch}_{frozen_dtype}.json")
+    report_json = os.path.join(workdir, f"{size}_{stage}_{topology}_{remat}_{per_chip_batch}_"
+                                        f"{frozen_dtype}_{attention_impl}_{loss_chunk}.json")
     cmd = [sys.executable, "main.py", f"--config=configs/mmrs.py:size={size},stage={stage}",
            f"--workdir={workdir}", "--mode=compile",
            f"--config.compile.topology={topology}",
@@ -47,6 +48,7 @@ def compile_one(size: str, stage: str, topology: str, per_chip_batch: int, text_
            f"--config.train.batch_size={per_chip_batch * topo.chips}",
            f"--config.train.frozen_param_dtype={frozen_dtype}",
            f"--config.data.max_text_len={text_len}", f"--config.model.remat_policy={remat}",
+           f"--config.train.loss_chunk={loss_chunk}",
            f"--config.data.packing={bool(pack_length)}"]
     if attention_impl:
         cmd.append(f"--config.model.attention_impl={attention_impl}")
@@ -94,6 +96,8 @@ def main() -> None:
     p.add_argument("--frozen_dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--attention_impl", default="", help="empty: the config's default")
     p.add_argument("--pack_length", type=int, default=0, help="0: padded rows")
+    p.add_argument("--loss_chunk", type=int, default=0,
+                   help="config.train.loss_chunk: LM head + cross-entropy positions per chunk")
     p.add_argument("--images_per_pack", type=int, default=7)
     p.add_argument("--out", default="benchmarks/results/aot_table.md")
     p.add_argument("--json_out", default="", help="every report, as JSON (none if empty)")
@@ -120,7 +124,7 @@ def main() -> None:
             for batch in batches:
                 r = compile_one(size, stage, topology, batch, args.text_len, remat, workdir,
                                 args.pack_length, args.images_per_pack, args.frozen_dtype,
-                                args.attention_impl)
+                                args.attention_impl, args.loss_chunk)
                 done_jobs += 1
                 lines.append(row(size, stage, topology, r, remat, batch))
                 record["reports"].append({"size": size, "stage": stage, "topology": topology,

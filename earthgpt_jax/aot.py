@@ -1,9 +1,8 @@
 """Ahead-of-time compilation of the real train step for a TPU topology, on any host.
 
-libtpu describes a TPU topology (chips, hosts, slices) without the chips being there, so the
-train step can be lowered and compiled for, say, a v5p-128 from a laptop: XLA then tells how much
-HBM each chip needs (arguments, temporaries, code) and whether the configuration fits, before any
-TPU time is paid for. This is MaxText's `train_compile` idea applied to this trainer.
+libtpu describes a TPU topology without the chips being there, so the train step compiles for,
+say, a v5p-128 from a laptop: XLA then tells how much HBM each chip needs and whether the
+configuration fits, before any TPU time is paid for (MaxText's `train_compile` idea).
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from earthgpt_jax.models.flops import device_peak_flops, train_step_flops
 
 # Cloud TPU accelerator types count TensorCores for v4/v5p (2 per chip) and chips for v5e/v6e.
 CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
-# HBM per chip (GiB); the `jax.Device.device_kind` of each generation's chips, under which
-# models/flops.py's datasheet table gives their peak bf16 FLOP/s.
+# HBM per chip (GiB); each generation's `jax.Device.device_kind`, the key of flops.py's peaks.
 HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}
 DEVICE_KIND = {"v4": "TPU v4", "v5p": "TPU v5", "v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
@@ -46,10 +44,8 @@ def _grid(chips: int, dims: int) -> tuple[int, ...]:
     if chips & (chips - 1):
         raise ValueError(f"{chips} chips is not a power of two; give the shape, e.g. v5p:4x4x8")
     shape = [1] * dims
-    i = 0
-    while math.prod(shape) < chips:
+    for i in range(chips.bit_length() - 1):
         shape[i % dims] *= 2
-        i += 1
     # Ascending like Cloud TPU's names (v4-32 is 2x2x4), but a unit axis goes last: a 4-chip
     # slice is 2x2x1, which is what libtpu's 2x2x1 chips-per-host bounds divide.
     return tuple(sorted(shape, key=lambda d: (d == 1, d)))
@@ -63,7 +59,8 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     if not (explicit or typed):
         raise ValueError(f"unknown TPU topology {name!r}: use an accelerator type such as "
                          f"v4-32, v5e-64, v5p-128, or a chip grid such as v5e:4x4")
-    generation = _ALIASES.get((explicit or typed).group(1), (explicit or typed).group(1))
+    generation = (explicit or typed).group(1)
+    generation = _ALIASES.get(generation, generation)
     if generation not in CORES_PER_CHIP:
         raise ValueError(f"unknown TPU generation {generation!r}; known: "
                          f"{', '.join(CORES_PER_CHIP)}")
@@ -85,8 +82,7 @@ class LibtpuBusyError(RuntimeError):
 
 
 def _lock_holders(path: str = LIBTPU_LOCKFILE) -> list[str]:
-    """'PID (command)' of each process with `path` open, read from /proc (Linux; [] elsewhere
-    or where another user's processes cannot be read)."""
+    """'PID (command)' of each process with `path` open, from /proc (Linux; [] elsewhere)."""
     holders = []
     pids = os.listdir("/proc") if os.path.isdir("/proc") else []
     # This process opened the file too, before failing to lock it.
@@ -128,23 +124,21 @@ def topology_devices(topo: Topology):
 def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) -> dict:
     """Compiles the train step for `topology`; returns the per-chip memory/FLOP report."""
     from earthgpt_jax import parallel, train as trainer_lib
-    from earthgpt_jax.train import Trainer
 
     topo = parse_topology(topology, num_slices)
-    devices = topology_devices(topo)
-    mesh = parallel.build_mesh(config.mesh, devices)
-    trainer = Trainer.for_run(config, model_cfg, mesh)
-    batch = config.train.batch_size
+    mesh = parallel.build_mesh(config.mesh, topology_devices(topo))
+    trainer = trainer_lib.Trainer.for_run(config, model_cfg, mesh)
+    batch, data = config.train.batch_size, config.data
     parallel.check_batch_divides(batch, mesh)
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_shardings[k])
                       for k, (shape, dtype) in trainer.batch_shapes.items()}
-    data = config.data
     images_per_row = trainer_lib.images_per_pack(data, model_cfg) if data.packing else 1
+    packed_length = data.pack_length if data.packing else None
+    attention_impl = trainer.model.cfg.llm.attention_impl
     report = {"topology": topo.name, "num_slices": topo.num_slices,
               "chips": topo.chips * topo.num_slices, "mesh": dict(mesh.shape),
               "global_batch": batch, "hbm_gib_per_chip": HBM_GIB[topo.generation],
-              "remat_policy": model_cfg.remat_policy,
-              "attention_impl": trainer.model.cfg.llm.attention_impl,
+              "remat_policy": model_cfg.remat_policy, "attention_impl": attention_impl,
               "frozen_param_dtype": config.train.frozen_param_dtype,
               "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
               "parameters": trainer.summary,
@@ -152,10 +146,10 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
               # them; tests/test_flops.py does for every committed result file).
               "flops_spec": {"size": config.model.size, "stage": config.train.stage,
                              "rows": batch, "text_len": data.max_text_len,
-                             "pack_length": data.pack_length if data.packing else 0,
-                             "images_per_row": images_per_row,
-                             "attention_impl": trainer.model.cfg.llm.attention_impl,
-                             "remat_policy": model_cfg.remat_policy}}
+                             "pack_length": packed_length or 0, "images_per_row": images_per_row,
+                             "attention_impl": attention_impl,
+                             "remat_policy": model_cfg.remat_policy,
+                             "loss_chunk": config.train.loss_chunk}}
     with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
         lowered = trainer._train_step.lower(trainer.abstract_state, abstract_batch,
                                             jax.ShapeDtypeStruct((), jnp.float32))
@@ -181,16 +175,14 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
     # Model FLOPs of a step whose samples all have max_text_len text tokens (as many per packed
     # row as fit): the real mix of lengths is unknown here. Hardware FLOPs beside it.
     flops = train_step_flops(model_cfg, batch, data.max_text_len, config.train.stage,
-                             packed_length=data.pack_length if data.packing else None,
+                             packed_length=packed_length,
                              images_per_row=images_per_row)["total"]
-    chips = report["chips"]
     chip_peak = device_peak_flops(DEVICE_KIND[topo.generation])
     return report | {
         "fits": True, "per_chip": per_chip, "xla_peak_gib": peak,
         "model_tflops_per_step": flops / 1e12,
         "hardware_tflops_per_step": trainer.executed_flops / 1e12,
-        # Step time at 50% MFU; and the MFU a given step time would mean.
-        "step_seconds_at_50pct_mfu": flops / (0.5 * chip_peak * chips),
+        "step_seconds_at_50pct_mfu": flops / (0.5 * chip_peak * report["chips"]),
     }
 
 
@@ -204,5 +196,6 @@ def format_report(r: dict) -> str:
     return (f"{head}\n  per chip: arguments {m['arguments_gib']:.2f} GiB, temporaries "
             f"{m['temporaries_gib']:.2f} GiB, code {m['code_gib']:.3f} GiB, total "
             f"{m['total_gib']:.2f} GiB of {r['hbm_gib_per_chip']} GiB HBM (XLA peak "
-            f"{r['xla_peak_gib']:.2f} GiB)\n  model FLOPs per step {r['model_tflops_per_step']:.1f} "
-            f"TFLOP; {r['step_seconds_at_50pct_mfu']:.3f} s/step at 50% MFU")
+            f"{r['xla_peak_gib']:.2f} GiB)\n  model FLOPs per step "
+            f"{r['model_tflops_per_step']:.1f} TFLOP; {r['step_seconds_at_50pct_mfu']:.3f} s/step "
+            f"at 50% MFU")

@@ -3,18 +3,14 @@
     python -m earthgpt_jax.chat --ckpt_dir=/tmp/earthgpt_demo --image=scene.png
 
 `--ckpt_dir` is a training workdir: `model_config.json`, `tokenizer.model` (or `--tokenizer`)
-and `checkpoints/` (the latest step is loaded; only its params are read). Each line on stdin is
-one user turn; the answer is streamed token by token (host loop over a jitted single-step
-decode with the KV cache; each turn re-prefills the image and the whole dialogue, laid out by
+and `checkpoints/` (the latest step's params). Each line on stdin is one user turn; the answer
+is streamed token by token (each turn re-prefills the image and the whole dialogue, laid out by
 the training chat template). Commands: `/image PATH` switches the image and clears the history,
-`/reset` clears the history, `/quit` (or end of input) exits. When an answer holds boxes
-(grounding or detection), they are drawn into a PNG next to the image (into the workdir when
-that folder is not writable) and its path is printed.
+`/reset` clears the history, `/quit` (or end of input) exits. Boxes in an answer (grounding or
+detection) are drawn into a PNG next to the image (or into the workdir) and its path printed.
 
-Images are decoded as training decodes them (`earthgpt_jax/inference.py`, `data/images.py`):
-1 band (SAR, infrared) replicated to 3, the first three of more bands, 16-bit and float bands
-stretched to 8 bits. Errors (missing checkpoint, unreadable image) are one line on stderr and
-exit code 2.
+Images are decoded as training decodes them (`earthgpt_jax/inference.py`). Errors (missing
+checkpoint, unreadable image) are one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -31,26 +27,23 @@ from earthgpt_jax.inference import (InferenceError, InferenceSession, answer_box
                                     load_image)
 
 
-def picture_path(image_path: str, workdir: str, turn: int) -> str:
-    stem = os.path.splitext(os.path.basename(image_path))[0]
-    name = f"{stem}.earthgpt_turn{turn}.png"
-    folder = os.path.dirname(os.path.abspath(image_path))
-    return os.path.join(folder if os.access(folder, os.W_OK) else workdir, name)
-
-
 def draw_answer(image: np.ndarray, image_path: str, answer: str, workdir: str, turn: int):
+    """The PNG of the answer's boxes beside the image (in the workdir where that folder is not
+    writable), or None when the answer has none."""
     from earthgpt_jax.evaluate.report import draw_boxes_png
     found, labels = answer_boxes(answer)
     if not found:
         return None
     h, w = image.shape[:2]
     pixel = [box_text.shape_to_pixel(b, w, h) for b in found]
-    path = picture_path(image_path, workdir, turn)
+    name = f"{os.path.splitext(os.path.basename(image_path))[0]}.earthgpt_turn{turn}.png"
+    folder = os.path.dirname(os.path.abspath(image_path))
+    path = os.path.join(folder if os.access(folder, os.W_OK) else workdir, name)
     try:
         return draw_boxes_png(image, [], pixel, None, path, pred_labels=labels)
     except OSError:
-        path = os.path.join(workdir, os.path.basename(path))
-        return draw_boxes_png(image, [], pixel, None, path, pred_labels=labels)
+        return draw_boxes_png(image, [], pixel, None, os.path.join(workdir, name),
+                              pred_labels=labels)
 
 
 # ----------------------------------------------------------------------------- the dialogue

@@ -21,16 +21,15 @@ one ordinary PyTree checkpoint (OCDBT + zarr3) that `ocp.PyTreeCheckpointer` rea
 uses `PyTreeRestore(partial_restore=True)` with a tree holding only the wanted leaf, so a
 training checkpoint's optimizer state (2x the parameters) is never read.
 
-Two ways to read: `SubtreeCheckpoint.read` gives numpy leaves (the converters, which stream
-leaf by leaf); `restore_sharded` restores a subtree straight into the shardings of a running
-model (`config.init.*`, `restore_params`), each process reading only its own shards.
-Training runs: `checkpoint_manager` (the train loop's saves and resume), `restore_params`
-(params only, for evaluation and chat), `restore_part` / `restore_from_workdir` (what
-`config.init` names).
+`SubtreeCheckpoint.read` gives numpy leaves (the converters); `restore_sharded` restores a
+subtree straight into a running model's shardings, each process reading only its own shards:
+`restore_part` / `restore_from_workdir` (what `config.init` names) and `restore_params` (params
+only, for evaluation and chat). `checkpoint_manager`: the train loop's saves and resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -62,24 +61,18 @@ KeyPath = tuple[str, ...]
 # ----------------------------------------------------------------------------- writing
 
 
-def checkpoint_exists(out_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(out_dir, p))
-               for p in (PARAMS_DIR, MODEL_CONFIG, HF_CONFIG))
-
-
 def prepare_out_dir(out_dir: str, overwrite: bool) -> None:
     """Refuse to clobber an existing checkpoint unless `overwrite`; clear stale partial saves."""
-    if checkpoint_exists(out_dir):
-        if not overwrite:
-            raise FileExistsError(
-                f"{out_dir} already holds a checkpoint ({PARAMS_DIR}/ or {MODEL_CONFIG}); "
-                f"pass --overwrite to replace it")
-        for name in (PARAMS_DIR, MODEL_CONFIG, HF_CONFIG):
-            path = os.path.join(out_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+    existing = [os.path.join(out_dir, name) for name in (PARAMS_DIR, MODEL_CONFIG, HF_CONFIG)
+                if os.path.exists(os.path.join(out_dir, name))]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a checkpoint ({PARAMS_DIR}/ or "
+                              f"{MODEL_CONFIG}); pass --overwrite to replace it")
+    for path in existing:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # an interrupted earlier run's pending directories
         if name.startswith(PARAMS_DIR + PARTIAL_SUFFIX):
@@ -119,18 +112,24 @@ def _release_memory() -> None:
     """Drops freed buffers now: tensorstore's writer threads free into glibc arenas that
     otherwise keep the pages, so resident memory would creep up group after group."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
 
 
 def save_llama_config(out_dir: str, cfg: LlamaConfig, hf_config: dict | None = None) -> None:
-    with open(os.path.join(out_dir, MODEL_CONFIG), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    write_json(os.path.join(out_dir, MODEL_CONFIG), dataclasses.asdict(cfg))
     if hf_config is not None:
-        with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
-            json.dump(hf_config, f, indent=2)
+        write_json(os.path.join(out_dir, HF_CONFIG), hf_config)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -146,6 +145,28 @@ def _llama_config_from_dict(d: dict) -> LlamaConfig:
     return LlamaConfig(**_tuples({k: v for k, v in d.items() if k in names}))
 
 
+def _subtree(tree, path: Sequence[str]):
+    """The node at `path` in a nested dict, or None where there is none."""
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _partial_restore(pytree_dir: str, restore_args: dict[KeyPath, Any],
+                     concurrent_gb: float | None = None) -> dict:
+    """Restores only the leaves named in `restore_args` ({full path: RestoreArgs}); flat."""
+    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=concurrent_gb)
+    try:
+        restored = handler.restore(epath.Path(pytree_dir), args=ocp.args.PyTreeRestore(
+            item=traverse_util.unflatten_dict(dict.fromkeys(restore_args, 0)),
+            restore_args=traverse_util.unflatten_dict(restore_args), partial_restore=True))
+    finally:
+        handler.close()
+    return traverse_util.flatten_dict(restored)
+
+
 @dataclasses.dataclass
 class SubtreeCheckpoint:
     """One subtree of the params inside an orbax PyTree checkpoint, read leaf by leaf."""
@@ -156,42 +177,26 @@ class SubtreeCheckpoint:
     _metadata: Any = dataclasses.field(default=None, init=False, repr=False)
 
     def metadata_tree(self) -> dict:
-        """{name: ...} nested dict of ArrayMetadata of the llm subtree (no array data read)."""
+        """The subtree's nested dict of ArrayMetadata (no array data read)."""
         if self._metadata is None:
             meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.pytree_dir))
-            tree = getattr(meta, "tree", meta)
-            for key in self.prefix:
-                if not isinstance(tree, dict) or key not in tree:
-                    raise KeyError(f"{'/'.join(self.prefix)} not found in {self.pytree_dir}")
-                tree = tree[key]
-            self._metadata = tree
+            self._metadata = _subtree(getattr(meta, "tree", meta), self.prefix)
+            if self._metadata is None:
+                raise KeyError(f"{'/'.join(self.prefix)} not found in {self.pytree_dir}")
         return self._metadata
 
-    def leaf_paths(self) -> list[KeyPath]:
-        return list(traverse_util.flatten_dict(self.metadata_tree()))
-
     def has(self, path: KeyPath) -> bool:
-        node = self.metadata_tree()
-        for key in path:
-            if not isinstance(node, dict) or key not in node:
-                return False
-            node = node[key]
-        return True
+        return _subtree(self.metadata_tree(), path) is not None
 
     def read(self, paths: Sequence[KeyPath]) -> dict[KeyPath, np.ndarray]:
-        """Restores only the given leaves (paths relative to the llm subtree) as numpy."""
-        full = [self.prefix + tuple(p) for p in paths]
-        item = traverse_util.unflatten_dict({f: 0 for f in full})
-        args = traverse_util.unflatten_dict(
-            {f: ocp.RestoreArgs(restore_type=np.ndarray) for f in full})
-        restored = ocp.PyTreeCheckpointHandler().restore(
-            epath.Path(self.pytree_dir), args=ocp.args.PyTreeRestore(item=item, restore_args=args,
-                                                         partial_restore=True))
-        flat = traverse_util.flatten_dict(restored)
+        """Restores only the given leaves (paths below the prefix) as numpy."""
+        flat = _partial_restore(self.pytree_dir, {
+            self.prefix + tuple(p): ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
         return {tuple(p): np.asarray(flat[self.prefix + tuple(p)]) for p in paths}
 
     def read_all(self) -> dict:
-        return traverse_util.unflatten_dict(self.read(self.leaf_paths()))
+        return traverse_util.unflatten_dict(
+            self.read(list(traverse_util.flatten_dict(self.metadata_tree()))))
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -228,13 +233,10 @@ def open_llm_checkpoint(ckpt_dir: str, step: int | None = None) -> LlmCheckpoint
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: {ckpt_dir} is neither a converted "
                                 f"checkpoint nor a training workdir")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_json(config_path)
     if os.path.isdir(os.path.join(ckpt_dir, PARAMS_DIR)):  # converted
-        hf_config = {}
-        if os.path.exists(os.path.join(ckpt_dir, HF_CONFIG)):
-            with open(os.path.join(ckpt_dir, HF_CONFIG)) as f:
-                hf_config = json.load(f)
+        hf_path = os.path.join(ckpt_dir, HF_CONFIG)
+        hf_config = read_json(hf_path) if os.path.exists(hf_path) else {}
         return LlmCheckpoint(pytree_dir=os.path.join(ckpt_dir, PARAMS_DIR, PYTREE_ITEM),
                              prefix=("llm",), cfg=_llama_config_from_dict(config),
                              extra={"hf_config": hf_config,
@@ -254,14 +256,12 @@ def save_model_config(cfg: EarthGPTConfig, workdir: str) -> None:
     """A training run's W/model_config.json (its EarthGPTConfig), written beside the
     checkpoints so that evaluation, chat and serving load them with no flags."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, MODEL_CONFIG), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        write_json(os.path.join(workdir, MODEL_CONFIG), dataclasses.asdict(cfg))
 
 
 def load_model_config(path: str) -> EarthGPTConfig:
     """The EarthGPTConfig a `save_model_config` file holds (JSON lists back to tuples)."""
-    with open(path) as f:
-        raw = json.load(f)
+    raw = read_json(path)
     top = {k: v for k, v in raw.items() if k not in ("llm", "vit", "convnext")}
     return EarthGPTConfig(llm=LlamaConfig(**_tuples(raw["llm"])),
                           vit=ViTConfig(**_tuples(raw["vit"])),
@@ -313,25 +313,21 @@ def restore_sharded(pytree_dir: str, prefix: Sequence[str],
                     skip: Sequence[KeyPath] = (), label: str = "",
                     inflight_bytes: int | None = None, check_only: bool = False
                     ) -> tuple[dict[KeyPath, jax.Array], list[KeyPath]]:
-    """Restores the subtree `prefix` of the orbax PyTree checkpoint in `pytree_dir` straight into
-    `targets` ({path below prefix: ShapeDtypeStruct carrying the target sharding}).
+    """Restores the subtree `prefix` of the PyTree checkpoint in `pytree_dir` straight into
+    `targets` ({path below prefix: ShapeDtypeStruct carrying the target sharding}). Returns
+    ({path: jax.Array on its sharding, in its target dtype}, [target paths the checkpoint lacks]).
 
-    Returns ({path: jax.Array on its target sharding, cast to its target dtype}, [target paths
-    the checkpoint lacks]). Names and shapes are checked against the checkpoint's metadata
-    before any data is read: a stored leaf with no target, a target leaf the checkpoint lacks
-    (unless `may_lack(path)`), or a shape that differs is a ValueError naming the tensor.
-    Subtrees in `skip` (paths below prefix) are neither read nor checked, on either side.
-    `check_only`: the checks alone, nothing read (returns ({}, lacking)).
+    Names and shapes are checked from the metadata before any data is read: a stored leaf with
+    no target, a target the checkpoint lacks (unless `may_lack(path)`) or a differing shape is a
+    ValueError naming the tensor. Subtrees in `skip` are neither read nor checked, on either
+    side; `check_only`: the checks alone (returns ({}, lacking)).
 
-    Memory: each process reads only the shards its devices hold (`ArrayRestoreArgs` with the
-    target sharding; orbax reads one shard, casts it on the host and puts it on its devices).
-    The host bytes in flight are capped at `inflight_bytes`, by default the larger of the
-    largest stored tensor and 4 GB (`INFLIGHT_FLOOR`): no host holds more than its own shards
-    plus that. A cap of exactly one tensor is allowed but can serialise the reads: orbax
-    charges each shard read with every stored chunk it touches, and a converted checkpoint's
-    chunks (split along the layers axis) rarely line up with FSDP shards
-    (benchmarks/init_restore_memory.py measures both). Nothing outside the requested
-    leaves is read (`partial_restore`): a training checkpoint's optimizer state stays on disk.
+    Memory: each process reads only the shards its devices hold, and the host bytes in flight
+    are capped at `inflight_bytes`, by default the larger of the largest stored tensor and 4 GB
+    (`INFLIGHT_FLOOR`). A cap of exactly one tensor can serialise the reads: orbax charges each
+    shard read with every stored chunk it touches, and a converted checkpoint's chunks (split
+    along the layers axis) rarely line up with FSDP shards (benchmarks/init_restore_memory.py
+    measures both). A training checkpoint's optimizer state stays on disk.
     """
     prefix = tuple(prefix)
     where = f"{label}: " if label else ""
@@ -363,21 +359,13 @@ def restore_sharded(pytree_dir: str, prefix: Sequence[str],
     for p in wanted:
         if not isinstance(getattr(targets[p], "sharding", None), jax.sharding.Sharding):
             raise ValueError(f"{where}the target of {'/'.join(prefix + p)} carries no sharding")
-    item = traverse_util.unflatten_dict({prefix + p: 0 for p in wanted})
-    args = traverse_util.unflatten_dict({prefix + p: ocp.ArrayRestoreArgs(
-        sharding=targets[p].sharding, global_shape=tuple(targets[p].shape),
-        dtype=targets[p].dtype) for p in wanted})
     # orbax refuses a single read larger than its in-flight cap, and estimates a read by the
     # stored chunks it touches: the cap is at least the largest leaf in whole chunks.
     largest = max(_read_bound(stored[p]) for p in wanted) + (16 << 20)
     cap = max(largest, INFLIGHT_FLOOR if inflight_bytes is None else inflight_bytes)
-    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=cap / 1e9)
-    try:
-        restored = handler.restore(epath.Path(pytree_dir), args=ocp.args.PyTreeRestore(
-            item=item, restore_args=args, partial_restore=True))
-    finally:
-        handler.close()
-    flat = traverse_util.flatten_dict(restored)
+    flat = _partial_restore(pytree_dir, {prefix + p: ocp.ArrayRestoreArgs(
+        sharding=targets[p].sharding, global_shape=tuple(targets[p].shape),
+        dtype=targets[p].dtype) for p in wanted}, concurrent_gb=cap / 1e9)
     return {p: flat[prefix + p] for p in wanted}, lacking
 
 
@@ -418,13 +406,9 @@ def _log_fresh(source: str, lacking: list[tuple], prefix: tuple = ()) -> None:
 def restore_part(part: str, ckpt_dir: str, targets: dict, check_only: bool = False) -> dict:
     """`config.init.<part>`: the `part` ('llm', 'vit', 'convnext') of a converted checkpoint
     (or, for 'llm', of a training workdir too), restored onto `targets` (that part's abstract
-    params, ShapeDtypeStructs with shardings). Returns {path below part: sharded jax.Array}.
-
-    Leaves the checkpoint lacks are allowed only for the stage-B adapters (they start as the
-    identity); any other missing, extra or differently shaped tensor is an error naming it.
-    """
-    ck = (open_llm_checkpoint(ckpt_dir) if part == "llm"
-          else open_converted_part(ckpt_dir, part))
+    params, with shardings). Returns {path below part: sharded jax.Array}. Only the adapters
+    may be missing (they start as the identity); any other mismatch is an error naming it."""
+    ck = open_llm_checkpoint(ckpt_dir) if part == "llm" else open_converted_part(ckpt_dir, part)
     restored, lacking = restore_sharded(
         ck.pytree_dir, ck.prefix, traverse_util.flatten_dict(targets), may_lack=_is_adapter,
         label=f"config.init.{part}={ckpt_dir}", check_only=check_only)
@@ -437,15 +421,10 @@ def restore_part(part: str, ckpt_dir: str, targets: dict, check_only: bool = Fal
 
 def restore_from_workdir(workdir: str, targets: dict, skip=(),
                          check_only: bool = False) -> dict:
-    """`config.init.from_workdir`: the params of a training run's latest checkpoint (every part:
-    decoder, towers, projector, adapters where present) restored onto `targets` (the abstract
-    params, ShapeDtypeStructs with shardings); the parts in `skip` are neither read nor checked.
-    Returns {full param path: sharded jax.Array}. Its optimizer state and step are never read.
-
-    Parameters the run lacks are allowed only for the stage-B adapters (a stage-A run has
-    none): they keep their usual init (the identity) and are listed in the log. Any other
-    missing, extra or differently shaped tensor is an error naming it.
-    """
+    """`config.init.from_workdir`: every param of a training run's latest checkpoint restored
+    onto `targets` (the abstract params, with shardings), except the parts in `skip` (neither
+    read nor checked). Returns {full param path: sharded jax.Array}. As in `restore_part`, only
+    the adapters may be missing (a stage-A run has none); they are listed in the log."""
     ck = open_workdir_params(workdir)
     label = f"config.init.from_workdir={workdir}"
     restored, lacking = restore_sharded(
@@ -470,12 +449,11 @@ def checkpoint_manager(workdir: str, checkpoint) -> ocp.CheckpointManager:
 
 def restore_params(workdir: str, targets, step: int | None = None, *,
                    stored_dtypes: bool = False):
-    """(params, step): the params only of a training workdir's latest (or given) checkpoint,
-    restored onto `targets` (the abstract params: ShapeDtypeStructs carrying the shardings to
-    restore onto). Evaluation, the terminal chat and the web chat read runs through here; the
-    optimizer state stays on disk. `stored_dtypes`: each leaf in the dtype it was saved in
-    (a run's frozen weights in train.frozen_param_dtype) instead of its target's, so serving
-    holds bf16-frozen weights at half their fp32 size."""
+    """(params, step): the params of a training workdir's latest (or given) checkpoint restored
+    onto `targets` (the abstract params, with shardings), for evaluation and the chats.
+    `stored_dtypes`: each leaf in the dtype it was saved in (a run's frozen weights in
+    train.frozen_param_dtype) instead of its target's, so serving holds bf16-frozen weights at
+    half their fp32 size."""
     ck = open_workdir_params(workdir, step)
     flat = traverse_util.flatten_dict(targets)
     if stored_dtypes:

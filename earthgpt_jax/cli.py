@@ -24,14 +24,13 @@ class UsageError(Exception):
 
 
 def fail(message: str, code: int = 2):
-    """Print `error: message` on stderr as one line and exit."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
 def quiet_library_logs() -> None:
-    """This project logs its progress through the standard root logger at INFO; libraries that
-    log through absl (orbax, TFDS) are kept to warnings so those lines stay readable."""
+    """Our progress at INFO on the root logger; absl's (orbax, TFDS) kept to warnings so those
+    lines stay readable."""
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
 
@@ -103,10 +102,9 @@ def config_flag_error(argv: list[str], name: str) -> str | None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's `flags_parser` for `app.run`: a config file that is missing or refuses its
-    argument, an override of a key the config lacks, or any other flag error is one line and
-    exit 1 (absl's status for flag errors) before main() runs; ml_collections would print a
-    traceback for most of them."""
+    """absl's `flags_parser` for `app.run`: a bad config file, argument or override key, or any
+    other flag error, is one line and exit 1 (absl's status for flag errors) before main()
+    runs, where ml_collections would print a traceback for most of them."""
     fv = flags.FLAGS
     for name in list(fv):
         if isinstance(fv[name].parser, config_flags.ConfigFileFlagParser):

@@ -2,11 +2,9 @@
 checkpoint, mesh, distributed, compile, eval), each field with its type, its default and why.
 
 The defaults are the paper's run (EarthGPT-13B, stage B, on MMRS-1M). `configs/mmrs.py` turns
-these into the `ml_collections.ConfigDict` that `--config.<key>=<value>` overrides, with its
-presets (the demo, 7b/13b, stage a/b) as a few replaced fields; `from_config_dict` turns the
-overridden ConfigDict back into these types once, at the entry point, and each part of the code
-then gets only the part it reads. Imports nothing heavy (no JAX, no ml_collections), so
-`main.py` validates a config before anything slow starts and bare GPU images can build one.
+them into the ConfigDict that `--config.<key>=<value>` overrides (its presets replace a few
+fields); `from_config_dict` turns that back into these types once, at the entry point. Imports
+nothing heavy (no JAX, no ml_collections): `main.py` validates a config before anything slow.
 """
 
 from __future__ import annotations
@@ -18,9 +16,9 @@ from typing import Any
 from earthgpt_jax.models.presets import (ATTENTION_IMPLS, LORA_MODULES, band_init_rows,
                                          lora_modules_matching)
 
-# Training stages (earthgpt_jax/optim.STAGE_TRAINABLE says what each trains): `all` for the
-# demo from scratch, `a` (cross-modal mutual comprehension), `b` (unified instruction tuning),
-# `lora` (LoRA on the decoder linears, config.model.lora; everything else frozen).
+# Training stages (optim.STAGE_TRAINABLE says what each trains): `all` (the demo from scratch),
+# `a` (cross-modal mutual comprehension), `b` (unified instruction tuning), `lora` (LoRA on the
+# decoder linears, config.model.lora; everything else frozen).
 STAGES = ("all", "a", "b", "lora")
 MODEL_SIZES = ("tiny", "demo", "7b", "13b")
 DTYPES = ("float32", "bfloat16")
@@ -28,20 +26,13 @@ DTYPES = ("float32", "bfloat16")
 # Logical parameter/activation axes -> mesh axes. FSDP shards the embedding dimension inside a
 # slice; tensor parallelism splits heads and MLP; the vision towers are replicated.
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("fused", None),
+    ("batch", ("data", "fsdp")), ("length", None), ("embed", "fsdp"),
+    ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
+    ("layers", None), ("fused", None),
 )
 
-# The caption prompts of stage A (and of caption sources in any stage): a prompt picked per
-# sample (hash of its key and the seed) answered by the caption. The paper's prompts are
-# unknown; these are ours, in the style of LLaVA's brief-description prompts.
+# Caption sources' prompts (stage A): one picked per sample by a hash of its key and the seed.
+# The paper's are unknown; these are ours, in the style of LLaVA's brief-description prompts.
 CAPTION_PROMPTS = (
     "Describe the image concisely.",
     "Provide a brief description of the given image.",
@@ -65,9 +56,7 @@ class LoraConfig:
     """LoRA of stage `lora` (train.stage=lora; other stages have none and ignore this)."""
     rank: int = 16  # must be > 0 with stage lora
     alpha: float = 32.0  # the product is scaled by alpha / rank, as PEFT's lora_alpha
-    # Only 0: the train step carries no random key, so there is nothing to draw a dropout mask
-    # from (a nonzero value is refused rather than silently ignored).
-    dropout: float = 0.0
+    dropout: float = 0.0  # only 0: the train step has no random key to draw a dropout mask
     # Comma-separated regexes, each full-matched against the decoder linears' names (q_proj,
     # k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); default: attention + MLP.
     targets: str = ",".join(LORA_MODULES)
@@ -99,11 +88,11 @@ class ModelConfig:
     # Attention kernel of training and teacher-forced passes: see models/layers.attention.
     attention_impl: str = "einsum"
     lora: LoraConfig = LoraConfig()
-    # Bands the model reads (data/images.py keeps that many of each image): 3 = RGB as the
-    # towers were trained; other counts (e.g. 4 for R,G,B,NIR) add a learned 1x1 band adapter
-    # before the towers (models/bands.py), trained in stages all, a and b. band_init: which
-    # bands it starts from, "r,g,b" 0-based indices or "mean"; "" = the first three (grey
-    # below three). Set with 3 bands it adds the adapter too (e.g. "2,1,0" for BGR files).
+    # Bands the model reads: 3 = RGB as the towers were trained; other counts (e.g. 4 for
+    # R,G,B,NIR) add a learned 1x1 band adapter before the towers (models/bands.py), trained in
+    # stages all, a and b. band_init: the bands it starts from, "r,g,b" 0-based indices or
+    # "mean"; "" = the first three (grey below three); set, it adds the adapter to 3 bands too
+    # (e.g. "2,1,0" for BGR files).
     input_bands: int = 3
     band_init: str = ""
 
@@ -125,8 +114,7 @@ class DataConfig:
     # Training sources mixed by weight, KIND:PATH[:WEIGHT],...: see data/sources.py.
     sources: str = ""
     caption_prompts: tuple[str, ...] = CAPTION_PROMPTS
-    # Size of the generated miniature release (images per split).
-    synthetic_train_images: int = 2400
+    synthetic_train_images: int = 2400  # images per split of the generated miniature release
     synthetic_test_images: int = 400
     tfds_dir: str = ""  # empty: <workdir>/tfds
     seed: int = 0
@@ -137,16 +125,14 @@ class DataConfig:
     # ~60-470 samples/s per 2 cores (benchmarks/), against ~34 one H100 consumes at 7B stage B.
     num_workers: int = 4
     max_bad_fraction: float = 0.01
-    # Held-out validation slice, chosen by a hash of the image path.
-    validation_fraction: float = 0.01
+    validation_fraction: float = 0.01  # held out by a hash of the image path
     # File listing evaluation-test images to keep out of training (overlap removal); "" = none.
     exclude_images: str = ""
-    # Sequence packing (earthgpt_jax/data/packing.py): whole samples, each with its image, share
-    # rows of pack_length positions (BOS + visual + text tokens); attention stays inside each
-    # sample. A row holds at most images_per_pack samples (image slots the towers encode), and
-    # train.batch_size then counts rows. pack_bins: rows filled at once (first fit).
-    # images_per_pack 0: as many as a row can ever hold, pack_length // (BOS + visual tokens +
-    # 1 text token): 7 for 2048 positions and 256 visual tokens (more could never be filled).
+    # Sequence packing (data/packing.py): whole samples, each with its image, share rows of
+    # pack_length positions; attention stays inside each sample; train.batch_size counts rows.
+    # images_per_pack: samples (image slots the towers encode) per row at most; 0: as many as a
+    # row can hold, pack_length // (BOS + visual tokens + 1 text token): 7 for 2048 positions
+    # and 256 visual tokens. pack_bins: rows filled at once (first fit).
     packing: bool = True
     pack_length: int = 2048
     images_per_pack: int = 0
@@ -159,8 +145,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
-    # A LLaMA-2 tokenizer.model for real runs; the demo trains its own (vocab_size pieces) on
-    # the training text.
+    # A LLaMA-2 tokenizer.model for real runs; the demo trains its own of vocab_size pieces.
     path: str = ""
     vocab_size: int = 640
 
@@ -180,35 +165,40 @@ class TrainConfig:
     b2: float = 0.95
     weight_decay: float = 0.05
     grad_clip_norm: float = 1.0
-    # Microbatches per step (summed gradients): the same update with 1/N of the activations.
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = 1  # microbatches per step: the same update, 1/N of the activations
     # Stop after this many non-finite steps in a row (each one is skipped and counted).
     max_nonfinite_steps_in_row: int = 10
     # 'tokens': mean over all answer tokens of the batch; 'examples': mean of per-conversation
     # means, so short answers (classes, yes/no) weigh as much as long detection answers.
     loss_normalization: str = "tokens"
+    # Positions per chunk of the LM head + cross-entropy (0: whole rows at once). Chunks keep
+    # only [batch, chunk, vocab] fp32 logits alive instead of [batch, length, vocab] and its
+    # gradient; the backward pass recomputes each chunk's LM head (executed, not model, FLOPs).
+    # Off: with LLaMA-2's vocabulary it barely lowers the peak (README, "Will it fit?").
+    loss_chunk: int = 0
     seed: int = 0
     log_every_steps: int = 10
     # Datasheet bf16 FLOP/s of one device for the logged MFU; 0 = known from the device kind
     # (TPU v4/v5e/v5p/v6e, H100/H200/A100/B200), no MFU where unknown (CPU).
     peak_flops_per_device: float = 0.0
-    # Storage dtype of the weights the stage freezes (stage B: the whole decoder and both
-    # towers): created, restored and checkpointed in it. bfloat16 halves their memory (they
-    # are read in the compute dtype anyway, and LLaMA-2/DINOv2 ship in 16 bits); trainable
-    # leaves always keep fp32 masters. Stage `all` freezes nothing.
+    # Storage dtype of the weights the stage freezes (created, restored and checkpointed in
+    # it): bfloat16 halves their memory (they are read in the compute dtype anyway, and
+    # LLaMA-2/DINOv2 ship in 16 bits). Trainable leaves always keep fp32 masters.
     frozen_param_dtype: str = "bfloat16"
 
     def __post_init__(self):
         _one_of("train", "stage", self.stage, STAGES)
         _one_of("train", "loss_normalization", self.loss_normalization, ("tokens", "examples"))
         _one_of("train", "frozen_param_dtype", self.frozen_param_dtype, DTYPES)
+        if self.loss_chunk < 0:
+            raise ValueError(f"config.train.loss_chunk={self.loss_chunk} must be >= 0 "
+                             "(0: no chunking)")
         if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
             raise ValueError(f"config.train.batch_size={self.batch_size} must divide by "
                              f"grad_accum_steps={self.grad_accum_steps} (>= 1)")
 
     @property
     def decay_steps(self) -> int:
-        """Warmup + cosine length of the learning-rate schedule."""
         return max(self.lr_decay_steps or self.num_steps, self.warmup_steps + 1)
 
 
@@ -219,15 +209,13 @@ class InitConfig:
     llm: str = ""
     vit: str = ""
     convnext: str = ""
-    # A training workdir to start from (stage B: stage A's): every part of its latest params
-    # (decoder, towers, projector, adapters where present) with a fresh optimizer at step 0;
-    # parameters it lacks (stage B's adapters after stage A) start as the identity. llm/vit/
-    # convnext, when also set, replace their part. A checkpoint in this run's own workdir wins
-    # over both (a restarted run resumes).
+    # A training workdir to start from (stage B: stage A's): all of its latest params, a fresh
+    # optimizer at step 0; parameters it lacks (stage B's adapters) start as the identity.
+    # llm/vit/convnext, when also set, replace their part. A checkpoint in this run's own
+    # workdir wins over both (a restarted run resumes).
     from_workdir: str = ""
 
     def named(self) -> dict[str, str]:
-        """{field: path} of the sources that are set."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v}
 
 
@@ -288,8 +276,7 @@ class EvalConfig:
     suites: str = PAPER_SUITES
     # Where the suites' TFDS sets are prepared; empty: data.tfds_dir (or <workdir>/tfds).
     suites_data_dir: str = ""
-    # Optional folder holding each suite's raw download as <suite name>/: a set not prepared yet
-    # is prepared from it during the run.
+    # Optional folder of each suite's raw download as <suite name>/, to prepare it from.
     suites_manual_dir: str = ""
     # Largest fraction of skipped records per split when preparing a suite (the builders' 1%).
     suites_max_bad_fraction: float = 0.01
@@ -326,7 +313,7 @@ class RunConfig:
 
 
 def to_dict(run: RunConfig) -> dict:
-    """Plain nested dict (the form configs/mmrs.py hands ml_collections)."""
+    """The nested dict configs/mmrs.py hands ml_collections."""
     return dataclasses.asdict(run)
 
 
@@ -345,26 +332,24 @@ def from_config_dict(config) -> RunConfig:
     """The typed RunConfig of an (overridden) ConfigDict or nested dict. A key no section has,
     or a value a section refuses, is a ValueError naming `config.<section>.<key>`."""
     config = _plain(config)
-    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    sections = {f.name: type(f.default) for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(config) - set(sections))
     if unknown:
         raise ValueError(f"config.{unknown[0]}: no such section; the sections are "
                          f"{', '.join(sections)}")
-    return RunConfig(**{field.name: _build(type(field.default), config.get(field.name, {}),
-                                           field.name)
-                        for field in dataclasses.fields(RunConfig)})
+    return RunConfig(**{name: _build(cls, config.get(name, {}), name)
+                        for name, cls in sections.items()})
 
 
 def _build(cls, given: dict, where: str):
     """cls(**given), its nested sections (fields whose default is a dataclass, such as
     model.lora) built from their dicts the same way; an unknown key names the closest field."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for key in given:
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.6)
             hint = f"; did you mean {where}.{close[0]}?" if close else ""
             raise ValueError(f"config.{where}.{key}: no such field{hint}")
-    given = {key: _build(type(fields[key].default), value, f"{where}.{key}")
-             if dataclasses.is_dataclass(fields[key].default) and isinstance(value, dict)
-             else value for key, value in given.items()}
-    return cls(**given)
+    return cls(**{key: _build(type(defaults[key]), value, f"{where}.{key}")
+                  if dataclasses.is_dataclass(defaults[key]) and isinstance(value, dict)
+                  else value for key, value in given.items()})

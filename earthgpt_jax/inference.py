@@ -1,15 +1,12 @@
 """One inference session: model, params, tokenizer, mesh and rules, with training's own image
 preprocessing; the terminal chat (chat.py), the web chat (serve/) and evaluation
-(evaluate/runner.py) all decode through it.
+(evaluate/runner.py) all decode through it. Built from a training workdir (`from_workdir`) or
+from the parts a run already holds (training's end-of-run evaluation).
 
-Built from a training workdir (`InferenceSession.from_workdir`: `model_config.json`,
-`tokenizer.model`, the latest params restored sharded by `checkpoints.restore_params`) or from
-the parts a run already holds (`InferenceSession(model, params, tokenizer, mesh, rules)`, as
-training's end-of-run evaluation has them). Images are decoded by `data/images.decode_image` and
-resized by `square_and_resize`, the calls the training pipeline makes, so every entry point
-sees an image (band choice, bit-depth stretch, TIFF layout, orientation) exactly as training did.
-A model of N input bands (config.model.input_bands) decodes N: use the session's `load_image`
-and `decode`, which pass the model's band count.
+Images go through `data/images.decode_image` and `square_and_resize`, the calls the training
+pipeline makes, so every entry point sees an image (band choice, bit-depth stretch, TIFF layout,
+orientation) exactly as training did. Use the session's `load_image` and `decode`: they pass
+the model's band count (config.model.input_bands).
 """
 
 from __future__ import annotations
@@ -38,8 +35,7 @@ class InferenceError(Exception):
 
 
 def load_image(path: str, bands: int = 3) -> np.ndarray:
-    """An image file -> uint8 [H, W, bands], decoded as training decodes it for a model of
-    `bands` input bands; InferenceError else."""
+    """An image file -> uint8 [H, W, bands], decoded as training decodes it (or InferenceError)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -87,7 +83,7 @@ class InferenceSession:
     @classmethod
     def from_workdir(cls, workdir: str, tokenizer_path: str = "", *, mesh=None, rules=()
                      ) -> "InferenceSession":
-        """A training workdir (or its checkpoints/ folder): its model, tokenizer and latest
+        """A training workdir's (or its checkpoints/ folder's) model, tokenizer and latest
         params, restored sharded onto `mesh` by `rules` (default: the first device)."""
         from earthgpt_jax import checkpoints, parallel
         from earthgpt_jax.models.earthgpt import abstract_params
@@ -130,7 +126,6 @@ class InferenceSession:
             yield
 
     def load_image(self, path: str) -> np.ndarray:
-        """An image file decoded with this model's bands (`load_image`)."""
         return load_image(path, self.model.cfg.input_bands)
 
     def decode(self, data: bytes, name: str, **options) -> np.ndarray:

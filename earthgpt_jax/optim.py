@@ -1,9 +1,8 @@
 """The optimizer and the trainable sets of the paper's stages, as masks over the params tree.
 
-Frozen parameters get `optax.set_to_zero()`, which keeps no state: optimizer memory is spent on
-trainable parameters only. Weight decay pulls only matrices (linear kernels, embeddings) toward
-zero, as big_vision and MaxText do: decaying a norm scale or an adapter scale pulls it toward 0,
-not toward its neutral value 1, so a stage-B run would shrink everything it trains.
+Frozen parameters get `optax.set_to_zero()`, which keeps no state. Weight decay pulls only
+matrices toward zero, as big_vision and MaxText do: decaying a norm or adapter scale pulls it
+toward 0, not its neutral 1, so a stage-B run would shrink everything it trains.
 """
 
 from __future__ import annotations
@@ -20,10 +19,9 @@ from earthgpt_jax.config import STAGES, TrainConfig
 STAGE_TRAINABLE = {
     # Demo from scratch: nothing is pre-trained, so everything learns.
     "all": (r".*",),
-    # Stage A, cross-modal mutual comprehension: projector, attention q/k/v and RMSNorm scales.
-    # `layers/` when scanned, `layers_<i>/` when unrolled (LlamaConfig.scan_layers).
-    # The band adapter (model.input_bands, models/bands.py) trains beside the projector: both
-    # map the sensor into the LLM; one pattern for both, so a model without it still matches.
+    # Stage A, cross-modal mutual comprehension: projector, attention q/k/v and RMSNorm scales
+    # (`layers/` scanned, `layers_<i>/` unrolled). The band adapter (models/bands.py) trains
+    # beside the projector, in one pattern so that a model without it still matches.
     "a": (r"^(projector|band_adapter)/",
           r"^llm/layers(_\d+)?/(q_proj|k_proj|v_proj)/(kernel|bias)$", r"^llm/.*norm.*/scale$"),
     # Stage B, unified instruction tuning: only the bias/scale adapters (+ projector).
@@ -36,7 +34,7 @@ assert tuple(STAGE_TRAINABLE) == STAGES  # config.train.stage is checked against
 
 
 def trainable_labels(params, stage: str):
-    """A tree of 'train'/'freeze' labels with the structure of `params`."""
+    """'train'/'freeze' labels with the structure of `params`."""
     if stage not in STAGE_TRAINABLE:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_TRAINABLE)}")
     patterns = [re.compile(p) for p in STAGE_TRAINABLE[stage]]
@@ -73,9 +71,9 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(train_cfg: TrainConfig, labels) -> optax.GradientTransformation:
-    """AdamW with a unit learning rate over the trainable leaves: the train step scales its
-    updates by the schedule's rate, which it takes as an argument (so the schedule is no constant
-    of the compiled program). Decoupled weight decay is scaled by the rate too, as in adamw."""
+    """AdamW with a unit learning rate over the trainable leaves: the train step scales the
+    updates (decoupled weight decay included, as in adamw) by the schedule's rate, an argument,
+    so that the schedule is no constant of the compiled program."""
     adamw = optax.adamw(1.0, b1=train_cfg.b1, b2=train_cfg.b2,
                         weight_decay=train_cfg.weight_decay, mask=weight_decay_mask)
     tx = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip_norm), adamw)

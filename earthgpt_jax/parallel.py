@@ -20,10 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # libtpu flags that overlap collectives with compute, as MaxText sets them for FSDP training:
-# FSDP's per-layer all-gathers run asynchronously, fused into the compute they feed
-# (continuation fusion), and the data-parallel all-reduce of the trainable gradients is
-# overlapped too. Several are libtpu defaults already; stating them keeps a run's behaviour
-# from depending on the libtpu release. A LIBTPU_INIT_ARGS the user sets replaces them.
+# FSDP's per-layer all-gathers run asynchronously, fused into the compute they feed, and so does
+# the data-parallel all-reduce of the gradients. Several are libtpu defaults already; stating
+# them keeps a run's behaviour from depending on the libtpu release.
 TPU_OVERLAP_FLAGS = (
     "--xla_tpu_enable_async_collective_fusion=true",
     "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
@@ -36,43 +35,38 @@ TPU_OVERLAP_FLAGS = (
 
 
 def set_tpu_flags(environ=os.environ) -> str:
-    """LIBTPU_INIT_ARGS as libtpu will read it: TPU_OVERLAP_FLAGS unless the user set it.
-    Must run before libtpu loads (a TPU run's first device query, or --mode=compile's
-    topology); other platforms never read it."""
+    """LIBTPU_INIT_ARGS as libtpu will read it: TPU_OVERLAP_FLAGS unless the user set it. Must
+    run before libtpu loads (a TPU run's first device query, or --mode=compile's topology)."""
     return environ.setdefault("LIBTPU_INIT_ARGS", " ".join(TPU_OVERLAP_FLAGS))
 
 
 def maybe_initialize_distributed(dist) -> None:
     """Joins a multi-process run when `dist` (config.distributed) or the environment describes
     one."""
-    if dist.auto:
-        # Cloud TPU (and SLURM/MPI clusters JAX knows): every parameter is discovered.
+    coordinator = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if dist.auto:  # Cloud TPU (and SLURM/MPI clusters JAX knows): every parameter is discovered
         jax.distributed.initialize()
-        logging.info("joined %d processes as process %d", jax.process_count(),
-                     jax.process_index())
-        return
-    coordinator = dist.coordinator_address or os.environ.get(
-        "JAX_COORDINATOR_ADDRESS", "")
-    if coordinator:
+    elif coordinator:
         jax.distributed.initialize(coordinator_address=coordinator,
                                    num_processes=int(dist.num_processes),
                                    process_id=int(dist.process_id))
-        logging.info("joined %d processes as process %d", jax.process_count(),
-                     jax.process_index())
+    else:
+        return
+    logging.info("joined %d processes as process %d", jax.process_count(), jax.process_index())
 
 
 def resolve_axis_sizes(sizes: dict, total: int, what: str) -> tuple[int, ...]:
     """Fills one -1 entry so the product equals `total`; explains any clash."""
     values = [int(sizes[a]) for a in MESH_AXES]
-    unknown = [a for a, v in zip(MESH_AXES, values) if v == -1]
-    if len(unknown) > 1:
-        raise ValueError(f"{what}: at most one axis may be -1, got {dict(zip(MESH_AXES, values))}")
+    given = dict(zip(MESH_AXES, values))
+    if values.count(-1) > 1:
+        raise ValueError(f"{what}: at most one axis may be -1, got {given}")
     known = math.prod(v for v in values if v != -1)
-    if unknown:
+    if -1 in values:
         if total % known:
             raise ValueError(f"{what}: {total} devices do not divide by the fixed axes' product "
-                             f"{known} ({dict(zip(MESH_AXES, values))})")
-        values[MESH_AXES.index(unknown[0])] = total // known
+                             f"{known} ({given})")
+        values[values.index(-1)] = total // known
     if math.prod(values) != total:
         raise ValueError(f"{what}: axis sizes {dict(zip(MESH_AXES, values))} multiply to "
                          f"{math.prod(values)}, but there are {total} devices")
@@ -95,8 +89,7 @@ def build_mesh(mesh_config, devices=None) -> Mesh:
 
 def shardings_for(boxed_tree, mesh: Mesh, rules):
     """NamedShardings for a tree of (possibly abstract) `nn.Partitioned` values."""
-    specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

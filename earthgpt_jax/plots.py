@@ -10,18 +10,14 @@ from PIL import Image, ImageDraw, ImageFont
 WIDTH, HEIGHT, MARGIN = 640, 360, 48
 
 
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def plot_loss_curve(metrics_path: str, out_path: str) -> str | None:
     """Training loss against step from `metrics.jsonl`; None when there is nothing to draw."""
     if not os.path.exists(metrics_path):
         return None
-    rows = sorted({r["step"]: r for r in read_metrics(metrics_path)}.values(),
-                  key=lambda r: r["step"])  # a resumed run may log a step twice: keep the last
-    points = [(r["step"], r["loss"]) for r in rows if r.get("loss") == r.get("loss")]
+    with open(metrics_path) as f:  # a resumed run may log a step twice: keep the last
+        by_step = {r["step"]: r for r in (json.loads(line) for line in f if line.strip())}
+    points = [(r["step"], r["loss"]) for _, r in sorted(by_step.items())
+              if r.get("loss") == r.get("loss")]  # NaN != NaN: a diverged step is left out
     if len(points) < 2:
         return None
     steps, losses = zip(*points)

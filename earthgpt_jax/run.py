@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -20,9 +21,8 @@ MODES = ("train", "eval", "compile")
 
 def model_config(config: RunConfig, vocab_size: int | None = None,
                  bos_id: int = 1) -> EarthGPTConfig:
-    """The model shapes of a run: config.model's preset, its vocabulary (None: the preset's,
-    LLaMA-2's 32000 for 7b/13b), stage B's bias/scale adapters and stage lora's LoRA
-    (config.model.lora), which those stages train."""
+    """config.model's preset with this vocabulary (None: the preset's, LLaMA-2's 32000 for
+    7b/13b), stage B's bias/scale adapters and stage lora's LoRA, which those stages train."""
     lora = config.model.lora if config.train.stage == "lora" else None
     return get_preset(config.model.size, vocab_size=vocab_size, bos_id=bos_id,
                       dtype=config.model.dtype, remat_policy=config.model.remat_policy,
@@ -36,12 +36,10 @@ def model_config(config: RunConfig, vocab_size: int | None = None,
 
 def _needs_release(config: RunConfig, workdir: str, mode: str, evaluates_suites: bool) -> bool:
     """Training on MMRS-1M (config.data.sources empty or listing mmrs1m), the demo and the
-    mmrs1m test split read MMRS-1M. The paper's suites only use its training answers for the
-    blind baselines, so they are evaluated without it (baselines then come from each suite's
-    own references) when it is not there."""
-    if config.data.synthetic:
-        return True
-    if mode == "train" and sources.reads_release(config.data.sources):
+    mmrs1m test split read MMRS-1M. The paper's suites use it only for the blind baselines'
+    training answers, so without it they are evaluated anyway (baselines from their own
+    references)."""
+    if config.data.synthetic or (mode == "train" and sources.reads_release(config.data.sources)):
         return True
     if mode == "train" and not config.eval.at_end:
         return False  # caption sources only (stage A), no evaluation after training
@@ -106,9 +104,8 @@ def run(config: RunConfig, workdir: str, mode: str) -> dict | None:
         check_init_sources(config, workdir, trainer)
         preprocess = TrainPreprocess(tokenizer.path, cfg.image_size, config.data.max_text_len,
                                      input_bands=cfg.input_bands)
-        train_data = train_source
-        if config.data.sources.strip():
-            train_data = sources.open_sources(config, workdir, train_source)
+        train_data = (sources.open_sources(config, workdir, train_source)
+                      if config.data.sources.strip() else train_source)
         state = train_lib.train(config, workdir, trainer, train_data, preprocess)
         if not config.eval.at_end:
             return None
@@ -125,8 +122,7 @@ def run(config: RunConfig, workdir: str, mode: str) -> dict | None:
 
 
 def check_model(config: RunConfig) -> None:
-    """What config.model names, checked before any data work (the preset's size and dtype are
-    checked when the config is built)."""
+    """config.model's remat policy, checked before any data work (the config checks the rest)."""
     from earthgpt_jax.models.llama import REMAT_POLICIES
 
     if config.model.remat_policy not in ("none", *REMAT_POLICIES):
@@ -153,8 +149,7 @@ def check_checkpoint(workdir: str) -> None:
 
 def check_init_sources(config: RunConfig, workdir: str, trainer) -> None:
     """config.init's checkpoints checked against the model (names and shapes, from their
-    metadata) before anything compiles; not when the run resumes its own checkpoint (then
-    config.init is not used)."""
+    metadata) before anything compiles, unless the run resumes its own checkpoint."""
     if not config.init.named() or _has_checkpoint(workdir):
         return
     try:
@@ -170,11 +165,9 @@ def _pip_install(package: str) -> str:
     """`pip install PACKAGE==PIN`, pinned as requirements-dev.txt pins it."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "requirements-dev.txt")
-    try:
-        with open(path) as f:
-            pins = [line.split("#")[0].strip() for line in f if line.startswith(package + "==")]
-    except OSError:
-        pins = []
+    pins = []
+    with contextlib.suppress(OSError), open(path) as f:
+        pins = [line.split("#")[0].strip() for line in f if line.startswith(package + "==")]
     return f"pip install {pins[0] if pins else package}"
 
 

@@ -68,7 +68,29 @@ def executed_flops(train: TrainConfig, data: DataConfig, model_cfg: EarthGPTConf
     return flops.executed_train_step_flops(
         model_cfg, train.batch_size, data.max_text_len, train.stage,
         packed_length=data.pack_length if data.packing else None,
-        images_per_row=images_per_pack(data, model_cfg) if data.packing else 1)["total"]
+        images_per_row=images_per_pack(data, model_cfg) if data.packing else 1,
+        loss_chunk=train.loss_chunk)["total"]
+
+
+def chunked_cross_entropy(head, hidden, targets, chunk: int):
+    """Cross-entropy [B, T] of `head(hidden)` [B, T, V] against `targets` [B, T], `chunk`
+    positions at a time: only one chunk's logits exist at once, in the backward pass too
+    (remat recomputes each chunk's from its hidden states), instead of the whole
+    [B, T, vocab] in fp32 plus its gradient."""
+    batch, length, width = hidden.shape
+    n = -(-length // chunk)
+    pad = n * chunk - length  # padded positions' losses are computed, then cut off
+
+    def chunks(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape((batch, n, chunk) + x.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        return optax.softmax_cross_entropy_with_integer_labels(head(args[0]), args[1])
+
+    ce = jax.lax.map(one_chunk, (chunks(hidden), chunks(targets)))
+    return ce.swapaxes(0, 1).reshape(batch, n * chunk)[:, :length]
 
 
 @struct.dataclass
@@ -200,10 +222,11 @@ class Trainer:
         Kept as a ratio so gradient accumulation sums numerators and denominators over
         microbatches and gets exactly the full batch's loss.
         """
+        chunk = self.train_cfg.loss_chunk
         if self.packed:
-            logits = self.model.apply({"params": params}, batch["image"], batch["tokens"],
-                                      batch["segment_ids"], batch["positions"],
-                                      method=EarthGPT.packed_logits)
+            out = self.model.apply({"params": params}, batch["image"], batch["tokens"],
+                                   batch["segment_ids"], batch["positions"], bool(chunk),
+                                   method=EarthGPT.packed_logits)
             # Entry t predicts token t + 1; placeholders (negative ids) carry no loss weight.
             targets = jnp.maximum(batch["tokens"][:, 1:], 0)
             weights = batch["loss_mask"][:, 1:]
@@ -212,11 +235,16 @@ class Trainer:
             membership = (batch["segment_ids"][:, 1:, None]
                           == jnp.arange(1, samples + 1)).astype(weights.dtype)
         else:
-            logits = self.model.apply({"params": params}, batch["image"], batch["tokens"],
-                                      batch["valid"])
+            out = self.model.apply({"params": params}, batch["image"], batch["tokens"],
+                                   batch["valid"], bool(chunk))
             targets, weights = batch["tokens"], batch["loss_mask"]
             membership = None  # one sample per row
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        if chunk:
+            def head(hidden):
+                return self.model.apply({"params": params}, hidden, method=EarthGPT.head)
+            ce = chunked_cross_entropy(head, out, targets, chunk)
+        else:
+            ce = optax.softmax_cross_entropy_with_integer_labels(out, targets)
         if self.train_cfg.loss_normalization == "examples":
             # Each conversation weighs the same, however long its answers: a one-word answer
             # ("yes") is not drowned by a detection answer of a hundred tokens.

@@ -17,7 +17,7 @@ import pytest
 from flax import traverse_util
 
 from benchmarks import train_vs_torch
-from earthgpt_jax import optim
+from earthgpt_jax import optim, train as train_lib
 from earthgpt_jax.models import flops
 from earthgpt_jax.models.earthgpt import EarthGPT, abstract_params, dummy_inputs
 from earthgpt_jax.models.llama import REMAT_POLICIES
@@ -31,9 +31,10 @@ def _config(stage, remat="none", scan=True):
                                llm=dataclasses.replace(cfg.llm, scan_layers=scan))
 
 
-def _step_jaxpr_flops(cfg, stage, inputs, method=None):
+def _step_jaxpr_flops(cfg, stage, inputs, method=None, loss_chunk=0):
     """Matmul FLOPs of loss + gradients w.r.t. the stage's trainable leaves (train.py's split:
-    frozen leaves are not differentiated), read off the jaxpr."""
+    frozen leaves are not differentiated), read off the jaxpr. With `loss_chunk`, the loss is
+    train.chunked_cross_entropy's over the hidden states, as the train step computes it."""
     model = EarthGPT(cfg)
     params = traverse_util.flatten_dict(nn.unbox(abstract_params(model)))
     labels = traverse_util.flatten_dict(optim.trainable_labels(
@@ -43,7 +44,14 @@ def _step_jaxpr_flops(cfg, stage, inputs, method=None):
 
     def loss(t, f, *x):
         variables = {"params": traverse_util.unflatten_dict({**t, **f})}
-        return jnp.sum(model.apply(variables, *x, method=method))
+        if not loss_chunk:
+            return jnp.sum(model.apply(variables, *x, method=method))
+        hidden = model.apply(variables, *x, True, method=method)
+
+        def head(h):
+            return model.apply(variables, h, method=EarthGPT.head)
+        targets = jnp.zeros(hidden.shape[:2], jnp.int32)
+        return jnp.sum(train_lib.chunked_cross_entropy(head, hidden, targets, loss_chunk))
 
     return flops.jaxpr_matmul_flops(jax.make_jaxpr(jax.grad(loss))(trained, frozen, *inputs))
 
@@ -68,6 +76,18 @@ def test_hardware_flops_of_unrolled_layers_and_packed_rows():
     assert _step_jaxpr_flops(cfg, "b", packed, EarthGPT.packed_logits) == \
         flops.executed_train_step_flops(cfg, rows, 0, "b", packed_length=length,
                                         images_per_row=slots)["total"]
+
+
+@pytest.mark.parametrize("stage", ["a", "b"])
+def test_hardware_flops_of_a_chunked_loss(stage):
+    """train.loss_chunk: the LM head over whole chunks (6 text positions in chunks of 4: 8),
+    and once more in the backward pass."""
+    cfg = _config(stage, "full")
+    got = _step_jaxpr_flops(cfg, stage, dummy_inputs(cfg, 2, 6), loss_chunk=4)
+    counted = flops.executed_train_step_flops(cfg, 2, 6, stage, loss_chunk=4)
+    assert got == counted["total"]
+    llm = cfg.llm
+    assert counted["loss_chunk_recompute"] == 2.0 * llm.hidden_size * llm.vocab_size * 2 * 8
 
 
 def test_model_flops_count_real_samples_causally():
@@ -192,6 +212,8 @@ def test_every_committed_result_matches_the_formula():
     assert checked["2026-12-05_aot_v5e_2x2_stage_b.json"] >= 6
     # stage A on v5e, stage B with the overlap flags, splash, and plain data parallelism
     assert checked["2026-12-05_aot_stage_a_dp_splash.json"] == 8
+    # 7B stage B with and without loss_chunk: v5e:2x2 batch 9 (batch 12 chunked: no fit), v5p-8
+    assert checked["2026-12-05_aot_loss_chunk.json"] == 4
 
 
 def test_remat_policies_give_no_remats_gradients():

@@ -173,3 +173,11 @@ def test_rotated_map_hand_computed_dota_protocol():
     hbb = lambda q: [min(q[0::2]), min(q[1::2]), max(q[0::2]), max(q[1::2])]  # noqa: E731
     assert metrics.detection_ap([[("ship", [hbb(other)])]], [[("ship", [hbb(ship)])]])[
         "mAP@0.5"] == pytest.approx(1.0)
+
+
+def test_detection_reference_with_a_count_and_no_boxes_has_no_class_recall():
+    """A reference group may state a count without boxes: its class gets recall None (it was a
+    ZeroDivisionError), and the count still scores."""
+    out = metrics.detection_scores([[("ship", 2, [])]], [[("ship", 2, [])]])
+    assert out["per_class_recall"] == {"ship": {"recall": None, "n_gt": 0}}
+    assert out["count_accuracy"] == 1.0 and out["recall@0.5"] is None

@@ -239,6 +239,9 @@ def test_score_oriented_references_give_rotated_map():
     assert out["rotated_mAP@0.5"] == pytest.approx(1.0) and out["mAP@0.5"] == pytest.approx(1)
     out = score.score_rows("detection", rows[1:])
     assert out["rotated_mAP@0.5"] == 0.0 and out["mAP@0.5"] == pytest.approx(1.0)
+    # Another IoU threshold names its own keys (it was a KeyError on oriented references).
+    strict = score.score_rows("detection", rows[:1], iou_threshold=0.75)
+    assert strict["rotated_mAP@0.75"] == pytest.approx(1.0) and "rotated_mAP@0.5" not in strict
     assert "rotated_mAP@0.5" not in score.score_rows("detection", [
         {"prediction": "There are no objects.", "boxes": [[0.1, 0.1, 0.2, 0.2]],
          "labels": ["ship"]}])

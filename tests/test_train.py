@@ -347,6 +347,79 @@ def test_gradient_accumulation_gives_the_same_update():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _random_packed_batch(cfg, rows=2, length=24, seed=0):
+    """Rows of two samples of 12 positions each (BOS, the visual tokens, text)."""
+    from earthgpt_jax.data.tokenizer import IMAGE_TOKEN
+    rng = np.random.default_rng(seed)
+    v = cfg.num_visual_tokens
+    tokens = np.concatenate([np.concatenate([[cfg.bos_id], np.full(v, IMAGE_TOKEN),
+                                             rng.integers(3, 60, (rows, 11 - v))[r]])
+                             for r in range(rows) for _ in range(2)]).reshape(rows, length)
+    loss_mask = np.zeros((rows, length), np.float32)
+    loss_mask[:, 1 + v + 2:12] = loss_mask[:, 13 + v:] = 1.0
+    return {"image": rng.integers(0, 255, (rows, 2, cfg.image_size, cfg.image_size, 3),
+                                  np.uint8),
+            "tokens": tokens.astype(np.int32),
+            "segment_ids": np.repeat([[1] * 12 + [2] * 12], rows, 0).astype(np.int32),
+            "positions": np.tile(np.concatenate([np.arange(12), np.arange(12)]),
+                                 (rows, 1)).astype(np.int32),
+            "loss_mask": loss_mask}
+
+
+@pytest.mark.parametrize("normalization,packing", [("tokens", False), ("examples", False),
+                                                   ("examples", True)])
+def test_chunked_loss_gives_the_same_loss_and_update(normalization, packing):
+    """train.loss_chunk=5 (16 or 23 positions: the last chunk padded) computes the same loss
+    and gradients as the whole-row cross-entropy, on padded and packed rows."""
+    results = {}
+    for chunk in (0, 5):
+        config = tiny_config("/unused").replace(
+            train={"loss_chunk": chunk, "loss_normalization": normalization})
+        if packing:
+            config = config.replace(data={"packing": True, "pack_length": 24,
+                                          "images_per_pack": 2})
+        cfg = get_preset_for(config, vocab=64)
+        trainer = one_device_trainer(config, cfg)
+        batch = _random_packed_batch(cfg) if packing else _random_batch(cfg)
+        state, metrics = trainer.train_step(trainer.init_state(0), batch, 0)
+        results[chunk] = (jax.device_get(state.params), float(metrics["loss"]))
+    assert results[0][1] == pytest.approx(results[5][1], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[5][0])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_cross_entropy_keeps_one_chunk_of_logits():
+    """Value and gradient match optax on the whole rows, and the compiled gradient's scratch
+    memory holds about one chunk's logits instead of all of them (remat inside the map)."""
+    import optax
+
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(2, 61, 16)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 4096, (2, 61)), jnp.int32)
+    kernel = jnp.asarray(rng.normal(size=(16, 4096)) / 4, jnp.float32)
+
+    def loss(kernel, hidden, chunk):
+        def head(h):
+            return h @ kernel
+        if chunk:
+            ce = train_lib.chunked_cross_entropy(head, hidden, targets, chunk)
+        else:
+            ce = optax.softmax_cross_entropy_with_integer_labels(head(hidden), targets)
+        return jnp.sum(ce * jnp.arange(61))
+
+    grads, temp = {}, {}
+    for chunk in (0, 8):
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+        grads[chunk] = fn(kernel, hidden, chunk)
+        temp[chunk] = fn.lower(kernel, hidden, chunk).compile().memory_analysis() \
+            .temp_size_in_bytes
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[8])):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-5)
+    logits_bytes = 2 * 61 * 4096 * 4  # 2.0 MB of fp32 logits for the whole rows
+    assert temp[0] >= logits_bytes
+    assert temp[8] < logits_bytes / 2, temp
+
+
 def test_nonfinite_steps_in_a_row_stop_the_run_naming_the_examples(data, tmp_path):
     config, tok = tiny_config(data["work"], num_steps=6), data["tokenizer"]
     # the first update overflows: every later loss is NaN

@@ -109,8 +109,7 @@ def main(argv):
 def run(argv: list[str]) -> None:
     """In-process entry point (tests, notebooks): parses `argv` fresh and runs `main`."""
     FLAGS.unparse_flags()
-    rest = FLAGS(list(argv))
-    main(rest)
+    main(FLAGS(list(argv)))
 
 
 def _quiet_main(argv):

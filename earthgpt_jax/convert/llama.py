@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import itertools
-import json
 import os
 import re
 import shutil
@@ -113,20 +112,16 @@ class HFCheckpoint:
         config_path = os.path.join(hf_dir, "config.json")
         if not os.path.exists(config_path):
             raise FileNotFoundError(f"{config_path} not found")
-        with open(config_path) as f:
-            self.config = json.load(f)
+        self.config = ckpt_lib.read_json(config_path)
         self._files: dict[str, str] = {}  # tensor name -> file
         self._shapes: dict[str, tuple] = {}
         self._torch_state: dict = {}
         index = os.path.join(hf_dir, "model.safetensors.index.json")
-        single = os.path.join(hf_dir, "model.safetensors")
-        if os.path.exists(index) or os.path.exists(single):
+        if os.path.exists(index) or os.path.exists(os.path.join(hf_dir, "model.safetensors")):
             self.kind = "safetensors"
+            files = ["model.safetensors"]
             if os.path.exists(index):
-                with open(index) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            else:
-                files = ["model.safetensors"]
+                files = sorted(set(ckpt_lib.read_json(index)["weight_map"].values()))
             from safetensors import safe_open
             for name in files:
                 path = os.path.join(hf_dir, name)
@@ -168,7 +163,6 @@ class HFCheckpoint:
         with safe_open(self._files[name], framework="numpy") as handle:
             return handle.get_tensor(name)
 
-
     def get_transposed(self, name: str, block_bytes: int = 64 << 20) -> np.ndarray:
         """`get(name).T` made contiguous without holding both layouts: rows are read in
         blocks straight into the transposed output."""
@@ -195,13 +189,9 @@ def expected_hf_shapes(cfg: LlamaConfig) -> dict[str, tuple]:
     out_in = {"q_proj": (q, e), "k_proj": (kv, e), "v_proj": (kv, e), "o_proj": (e, q),
               "gate_proj": (i, e), "up_proj": (i, e), "down_proj": (e, i)}
     for layer in range(cfg.num_layers):
-        for name, shape in out_in.items():
-            base = f"model.layers.{layer}.{'self_attn' if name in ATTN else 'mlp'}.{name}"
-            shapes[f"{base}.weight"] = shape
-            if (cfg.attention_bias and name in ATTN) or (cfg.mlp_bias and name in MLP):
-                shapes[f"{base}.bias"] = (shape[0],)
-        for norm in NORMS:
-            shapes[f"model.layers.{layer}.{norm}.weight"] = (e,)
+        for module, leaf in _layer_leaves(cfg):
+            shape = (e,) if module in NORMS else out_in[module]
+            shapes[_layer_hf_name(layer, module, leaf)] = shape[:1] if leaf == "bias" else shape
     return shapes
 
 
@@ -229,13 +219,10 @@ def _layer_hf_name(layer: int, module: str, leaf: str) -> str:
 
 
 def _layer_leaves(cfg: LlamaConfig) -> list[tuple[str, str]]:
-    leaves = []
-    for module in ATTN + MLP:
-        leaves.append((module, "kernel"))
-        if (cfg.attention_bias and module in ATTN) or (cfg.mlp_bias and module in MLP):
-            leaves.append((module, "bias"))
-    leaves += [(norm, "scale") for norm in NORMS]
-    return leaves
+    """(module, leaf) of one decoder layer, in HF's order."""
+    biased = (ATTN if cfg.attention_bias else ()) + (MLP if cfg.mlp_bias else ())
+    return ([(m, leaf) for m in ATTN + MLP for leaf in ("kernel", "bias")
+             if leaf == "kernel" or m in biased] + [(norm, "scale") for norm in NORMS])
 
 
 def iter_param_groups(reader: HFCheckpoint, cfg: LlamaConfig, prefix: KeyPath = ()
@@ -243,13 +230,7 @@ def iter_param_groups(reader: HFCheckpoint, cfg: LlamaConfig, prefix: KeyPath = 
     """Our params in groups (paths under `prefix`): one stacked tensor per group when
     scanned, one layer's tensors per group when not. Nothing is kept between groups: a
     consumer that drops each group before asking for the next holds one group at a time."""
-    for group in _iter_param_groups(reader, cfg):
-        yield [(prefix + path, value) for path, value in group]
-        del group
-
-
-def _iter_param_groups(reader: HFCheckpoint, cfg: LlamaConfig):
-    yield [(("embed_tokens", "embedding"), reader.get("model.embed_tokens.weight"))]
+    yield [(prefix + ("embed_tokens", "embedding"), reader.get("model.embed_tokens.weight"))]
     if cfg.scan_layers:
         for module, leaf in _layer_leaves(cfg):
             first = _to_ours(reader.get(_layer_hf_name(0, module, leaf)), leaf)
@@ -264,16 +245,16 @@ def _iter_param_groups(reader: HFCheckpoint, cfg: LlamaConfig):
                                           f"{stacked.dtype}: scanned layers need one dtype")
                 stacked[layer] = _to_ours(value, leaf)
                 del value
-            yield [(("layers", module, leaf), stacked)]
+            yield [(prefix + ("layers", module, leaf), stacked)]
             del stacked
     else:
         for layer in range(cfg.num_layers):
-            yield [((f"layers_{layer}", module, leaf),
+            yield [(prefix + (f"layers_{layer}", module, leaf),
                     np.ascontiguousarray(_to_ours(reader.get(_layer_hf_name(layer, module, leaf)),
                                                   leaf)))
                    for module, leaf in _layer_leaves(cfg)]
-    yield [(("norm", "scale"), reader.get("model.norm.weight"))]
-    yield [(("lm_head", "kernel"), reader.get_transposed("lm_head.weight"))]
+    yield [(prefix + ("norm", "scale"), reader.get("model.norm.weight"))]
+    yield [(prefix + ("lm_head", "kernel"), reader.get_transposed("lm_head.weight"))]
 
 
 def _to_ours(value: np.ndarray, leaf: str) -> np.ndarray:
@@ -331,8 +312,8 @@ def _is_scanned(has) -> bool:
 def export_bias_flags(get: Getter, has, cfg: LlamaConfig) -> tuple[bool, bool]:
     """(attention_bias, mlp_bias) the HF model needs: true where any bias of the group is
     configured or an adapter bias is non-zero (reads only the small bias vectors)."""
-    scanned = _is_scanned(has)
-    prefixes = [("layers",)] if scanned else [(f"layers_{i}",) for i in range(cfg.num_layers)]
+    prefixes = ([("layers",)] if _is_scanned(has)
+                else [(f"layers_{i}",) for i in range(cfg.num_layers)])
 
     def nonzero(modules):
         paths = [p + (m, leaf) for p in prefixes for m in modules
@@ -342,23 +323,18 @@ def export_bias_flags(get: Getter, has, cfg: LlamaConfig) -> tuple[bool, bool]:
     return (cfg.attention_bias or nonzero(ATTN), cfg.mlp_bias or nonzero(MLP))
 
 
-def _merged_linear(module_leaves: dict, out_dtype, want_bias: bool):
+def _merged_linear(module_leaves: dict, want_bias: bool):
     """HF weight [out,in] (and bias) of one linear from our kernel [in,out] + bias/adapters."""
     kernel = module_leaves["kernel"]
-    scale = module_leaves.get("adapter_scale")
-    bias = module_leaves.get("bias")
-    a_bias = module_leaves.get("adapter_bias")
+    scale, bias, a_bias = (module_leaves.get(k) for k in ("adapter_scale", "bias", "adapter_bias"))
+    width = kernel.shape[-1]
     if scale is None and a_bias is None:
-        weight = np.ascontiguousarray(kernel.T)
-        b = bias if bias is not None else (np.zeros(kernel.shape[-1], out_dtype)
-                                           if want_bias else None)
-        return weight, b
-    s = np.ones(kernel.shape[-1], np.float32) if scale is None else scale.astype(np.float32)
-    total = np.zeros(kernel.shape[-1], np.float32)
-    if bias is not None:
-        total = total + bias.astype(np.float32)
-    if a_bias is not None:
-        total = total + a_bias.astype(np.float32)
+        if bias is None and want_bias:
+            bias = np.zeros(width, kernel.dtype)
+        return np.ascontiguousarray(kernel.T), bias
+    s = np.ones(width, np.float32) if scale is None else scale.astype(np.float32)
+    total = sum((x.astype(np.float32) for x in (bias, a_bias) if x is not None),
+                np.zeros(width, np.float32))
     # In the wider of the kernel's and the adapters' dtypes: a training run stores a frozen
     # kernel in bf16 beside fp32 adapters, and s * W rounded to bf16 would lose a scale of
     # 1 + 1e-3 (bf16 keeps 8 significant bits).
@@ -373,11 +349,14 @@ def iter_hf_tensors(get: Getter, has, cfg: LlamaConfig, *, attention_bias: bool,
     """(HF name, array) pairs, module by module: for scanned params one stacked module is read
     at a time and all its layers emitted before the next is read. LoRA factors are merged into
     the kernels, or with `peft` emitted under PEFT's names (lora.PEFT_PREFIX) instead."""
-    scanned = _is_scanned(has)
-    yield "model.embed_tokens.weight", get([("embed_tokens", "embedding")])[
-        ("embed_tokens", "embedding")]
-    modules = ATTN + MLP + NORMS
-    leaf_names = ("kernel", "bias", "adapter_scale", "adapter_bias", "lora_a", "lora_b")
+    def read_one(path):
+        return get([path])[path]
+
+    def read_module(parent, module):  # {leaf name: array} of one module
+        names = ("scale",) if module in NORMS else (
+            "kernel", "bias", "adapter_scale", "adapter_bias", "lora_a", "lora_b")
+        paths = [(parent, module, n) for n in names if has((parent, module, n))]
+        return {p[-1]: v for p, v in get(paths).items()}
 
     def emit(layer, module, leaves):
         if module in NORMS:
@@ -396,29 +375,25 @@ def iter_hf_tensors(get: Getter, has, cfg: LlamaConfig, *, attention_bias: bool,
                 np.any(leaves[k] != 0) for k in ("bias", "adapter_bias") if k in leaves):
             raise ConversionError(f"layer {layer} {module} has a non-zero bias but the export "
                                   f"config has no bias for it")
-        weight, bias = _merged_linear(leaves, leaves["kernel"].dtype, want_bias)
+        weight, bias = _merged_linear(leaves, want_bias)
         yield _layer_hf_name(layer, module, "kernel"), weight
         if bias is not None:
             yield _layer_hf_name(layer, module, "bias"), bias
 
-    if scanned:
+    yield "model.embed_tokens.weight", read_one(("embed_tokens", "embedding"))
+    modules = ATTN + MLP + NORMS
+    if _is_scanned(has):
         for module in modules:
-            names = ("scale",) if module in NORMS else leaf_names
-            paths = [("layers", module, n) for n in names if has(("layers", module, n))]
-            stacked = {p[-1]: v for p, v in get(paths).items()}
+            stacked = read_module("layers", module)
             for layer in range(cfg.num_layers):
                 yield from emit(layer, module, {k: v[layer] for k, v in stacked.items()})
             del stacked
     else:
         for layer in range(cfg.num_layers):
             for module in modules:
-                names = ("scale",) if module in NORMS else leaf_names
-                paths = [(f"layers_{layer}", module, n) for n in names
-                         if has((f"layers_{layer}", module, n))]
-                yield from emit(layer, module, {p[-1]: v for p, v in get(paths).items()})
-    yield "model.norm.weight", get([("norm", "scale")])[("norm", "scale")]
-    kernel = get([("lm_head", "kernel")])[("lm_head", "kernel")]
-    yield "lm_head.weight", np.ascontiguousarray(kernel.T)
+                yield from emit(layer, module, read_module(f"layers_{layer}", module))
+    yield "model.norm.weight", read_one(("norm", "scale"))
+    yield "lm_head.weight", np.ascontiguousarray(read_one(("lm_head", "kernel")).T)
 
 
 def params_to_hf_state(llm_params: dict, cfg: LlamaConfig, *, attention_bias: bool | None = None,
@@ -445,9 +420,6 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * base ** power)
 
 
-_TORCH_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
 def write_hf_shards(tensors: Iterator[tuple[str, np.ndarray]], out_dir: str,
                     max_shard_size: int) -> tuple[dict, str]:
     """Writes tensors into shards of at most `max_shard_size` bytes (a single larger tensor
@@ -455,56 +427,47 @@ def write_hf_shards(tensors: Iterator[tuple[str, np.ndarray]], out_dir: str,
     embedding)."""
     from safetensors.numpy import save_file
 
-    shards: list[list[str]] = []
-    tmp_names: list[str] = []
-    weight_map: dict[str, str] = {}
+    shards: list[tuple[str, list[str]]] = []  # (temporary file, its tensor names)
     pending: dict[str, np.ndarray] = {}
-    pending_bytes = 0
     total = 0
     dtype = None
 
     def flush():
-        nonlocal pending, pending_bytes
-        if not pending:
-            return
-        name = f"shard-{len(tmp_names):05d}.tmp.safetensors"
-        save_file(pending, os.path.join(out_dir, name), metadata={"format": "pt"})
-        tmp_names.append(name)
-        shards.append(list(pending))
-        pending, pending_bytes = {}, 0
+        if pending:
+            tmp = f"shard-{len(shards):05d}.tmp.safetensors"
+            save_file(pending, os.path.join(out_dir, tmp), metadata={"format": "pt"})
+            shards.append((tmp, list(pending)))
+            pending.clear()
 
     for name, value in tensors:
         value = np.ascontiguousarray(value)
-        if dtype is None:
-            dtype = str(value.dtype)
-        if pending and pending_bytes + value.nbytes > max_shard_size:
+        dtype = dtype or str(value.dtype)
+        if pending and sum(v.nbytes for v in pending.values()) + value.nbytes > max_shard_size:
             flush()
         pending[name] = value
-        pending_bytes += value.nbytes
         total += value.nbytes
     flush()
-    n = len(tmp_names)
-    for idx, (tmp, names) in enumerate(zip(tmp_names, shards)):
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    for idx, (tmp, names) in enumerate(shards):
         final = "model.safetensors" if n == 1 else f"model-{idx + 1:05d}-of-{n:05d}.safetensors"
         os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, final))
-        weight_map.update({k: final for k in names})
+        weight_map.update(dict.fromkeys(names, final))
     if n > 1:
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        ckpt_lib.write_json(os.path.join(out_dir, "model.safetensors.index.json"),
+                            {"metadata": {"total_size": total}, "weight_map": weight_map})
     return weight_map, dtype
 
 
 def _prepare_hf_out(out_dir: str, overwrite: bool) -> None:
-    if os.path.isdir(out_dir):
-        existing = [n for n in os.listdir(out_dir)
-                    if n == "config.json" or n.endswith(".safetensors")
-                    or n == "model.safetensors.index.json"]
-        if existing:
-            if not overwrite:
-                raise FileExistsError(f"{out_dir} already holds a HF checkpoint "
-                                      f"({', '.join(sorted(existing)[:3])}); pass --overwrite")
-            for n in existing:
-                os.remove(os.path.join(out_dir, n))
+    existing = [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+                if n in ("config.json", "model.safetensors.index.json")
+                or n.endswith(".safetensors")]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a HF checkpoint "
+                              f"({', '.join(sorted(existing)[:3])}); pass --overwrite")
+    for n in existing:
+        os.remove(os.path.join(out_dir, n))
     os.makedirs(out_dir, exist_ok=True)
 
 
@@ -531,8 +494,7 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, *, tokenizer: str | None = None,
     LoRA factors are merged into the weights, or with `peft` left out of them and written as a
     PEFT adapter in `out_dir`/lora (PeftModel.from_pretrained(base, out_dir/lora))."""
     ck = ckpt_lib.open_llm_checkpoint(ckpt_dir, step)
-    has = ck.has
-    get = ck.read
+    get, has = ck.read, ck.has
     cfg = dataclasses.replace(ck.cfg, scan_layers=_is_scanned(has))
     if peft and not cfg.lora_rank:  # before anything is written
         raise lora_lib.LoraError(f"--peft: {ckpt_dir} has no LoRA factors (lora_a/lora_b); "
@@ -545,13 +507,13 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, *, tokenizer: str | None = None,
     # are fp32 then (_merged_linear), and the rest follows them.
     stored = [np.dtype(m.dtype) for m in traverse_util.flatten_dict(ck.metadata_tree()).values()]
     export = np.result_type(*stored) if stored else None
-    tensors = ((name, value if export is None else value.astype(export, copy=False))
-               for name, value in iter_hf_tensors(get, has, cfg, attention_bias=attention_bias,
-                                                  mlp_bias=mlp_bias, peft=peft))
     adapter: dict[str, np.ndarray] = {}  # LoRA tensors are small: kept, written after the base
 
     def base_only():
-        for name, value in tensors:
+        for name, value in iter_hf_tensors(get, has, cfg, attention_bias=attention_bias,
+                                           mlp_bias=mlp_bias, peft=peft):
+            if export is not None:
+                value = value.astype(export, copy=False)
             if name.startswith(lora_lib.PEFT_PREFIX):
                 adapter[name] = value
             else:
@@ -564,17 +526,14 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, *, tokenizer: str | None = None,
     hf_src = ck.extra.get("hf_config") or {}
     bos = next(i for i in (bos_id, ck.extra.get("bos_id"), 1) if i is not None)
     eos = next(i for i in (eos_id, ck.extra.get("eos_id"), 2) if i is not None)
-    hf_config = hf_config_from_llama(cfg, dtype=_TORCH_DTYPE.get(dtype, dtype),
-                                     attention_bias=attention_bias, mlp_bias=mlp_bias,
-                                     bos_id=bos, eos_id=eos,
-                                     pad_id=hf_src.get("pad_token_id"))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
+    pad = hf_src.get("pad_token_id")
+    hf_config = hf_config_from_llama(cfg, dtype=dtype, attention_bias=attention_bias,
+                                     mlp_bias=mlp_bias, bos_id=bos, eos_id=eos, pad_id=pad)
+    ckpt_lib.write_json(os.path.join(out_dir, "config.json"), hf_config)
     generation = {"bos_token_id": bos, "eos_token_id": eos}
-    if hf_src.get("pad_token_id") is not None:
-        generation["pad_token_id"] = hf_src["pad_token_id"]
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump(generation, f, indent=2)
+    if pad is not None:
+        generation["pad_token_id"] = pad
+    ckpt_lib.write_json(os.path.join(out_dir, "generation_config.json"), generation)
     if tokenizer:
         if not os.path.exists(tokenizer):
             raise FileNotFoundError(f"tokenizer not found: {tokenizer}")
@@ -599,10 +558,8 @@ def text_logits(params: dict, cfg: LlamaConfig, ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.ndim != 2:
         raise ValueError(f"ids must be int [batch, length], got shape {ids.shape}")
-    params32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     dec = LlamaDecoder(cfg, dtype=jnp.float32)
     batch, length = ids.shape
-    tokens = jnp.asarray(ids, jnp.int32)
 
     @jax.jit
     def forward(p, tokens):
@@ -611,7 +568,8 @@ def text_logits(params: dict, cfg: LlamaConfig, ids: np.ndarray) -> np.ndarray:
         logits, _ = dec.apply({"params": p}, embeds, positions, jnp.ones((batch, length), bool))
         return logits
 
-    return np.asarray(forward(params32, tokens), np.float32)
+    params32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return np.asarray(forward(params32, jnp.asarray(ids, jnp.int32)), np.float32)
 
 
 def checkpoint_logits(ckpt_dir: str, ids: np.ndarray, step: int | None = None) -> np.ndarray:

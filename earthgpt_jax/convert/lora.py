@@ -12,7 +12,6 @@ on export, as it is folded into W's, so the base plus the adapter is the model e
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -20,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
+from earthgpt_jax import checkpoints as ckpt_lib
 from earthgpt_jax.models.presets import LORA_MODULES, LlamaConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -79,8 +79,7 @@ def write_adapter(lora_dir: str, tensors: dict[str, np.ndarray], cfg: LlamaConfi
         "alpha_pattern": {}, "init_lora_weights": True, "inference_mode": True,
     }
     save_file(tensors, os.path.join(lora_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(lora_dir, ADAPTER_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+    ckpt_lib.write_json(os.path.join(lora_dir, ADAPTER_CONFIG), config)
 
 
 def read_adapter(peft_dir: str, cfg: LlamaConfig) -> tuple[dict, dict]:
@@ -92,8 +91,7 @@ def read_adapter(peft_dir: str, cfg: LlamaConfig) -> tuple[dict, dict]:
     config_path = os.path.join(peft_dir, ADAPTER_CONFIG)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter directory")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = ckpt_lib.read_json(config_path)
     if config.get("peft_type") != "LORA":
         raise LoraError(f"{config_path}: peft_type {config.get('peft_type')!r}, only LORA "
                         f"converts")

@@ -12,17 +12,11 @@ unexpected leftover tensor under the model's prefix raises `VisionConversionErro
 Tensors that do not take part in the features we compute (DINOv2's mask token, classification
 heads, ConvNeXt's pooled-output norm, timm's `head.*` / `norm_pre.*`) are ignored, as is
 anything outside the detected prefix (e.g. open_clip's text tower).
-
-    vit_config_from_hf(config_json, feature_layers=None) -> ViTConfig
-    dinov2_params_from_hf(state, cfg, *, prefix=None, dtype=None) -> params
-    convnext_config_from_hf(config_json) -> ConvNeXtConfig
-    convnext_config_from_state(state, *, prefix=None) -> ConvNeXtConfig   (timm/open_clip)
-    convnext_params_from_state(state, cfg, *, prefix=None, dtype=None) -> params
-    detect_convnext_naming(state, prefix=None) -> ("hf" | "timm", prefix)
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from typing import Mapping
@@ -41,13 +35,8 @@ class VisionConversionError(ValueError):
 
 def _find_prefix(state: Mapping[str, np.ndarray], anchors: tuple[str, ...], what: str):
     """The prefix P such that P + anchor is a key, for exactly one (anchor, P)."""
-    hits = []
-    for key in state:
-        for anchor in anchors:
-            if key.endswith(anchor):
-                prefix = key[: len(key) - len(anchor)]
-                if prefix == "" or prefix.endswith("."):
-                    hits.append((anchor, prefix))
+    hits = [(anchor, key[: len(key) - len(anchor)]) for key in state for anchor in anchors
+            if key == anchor or key.endswith("." + anchor)]
     if not hits:
         raise VisionConversionError(
             f"no {what} found: expected a tensor named like {' or '.join(map(repr, anchors))} "
@@ -89,6 +78,10 @@ class _Reader:
         return {"kernel": w.transpose(2, 3, 1, 0).copy(),
                 "bias": self.take(f"{name}.bias", (d_out,))}
 
+    def pointwise(self, name, d_in, d_out):  # a 1x1 conv [out, in, 1, 1] as a linear
+        w = self.take(f"{name}.weight", (d_out, d_in, 1, 1))
+        return {"kernel": w[:, :, 0, 0].T.copy(), "bias": self.take(f"{name}.bias", (d_out,))}
+
     def norm(self, name, dim):
         return {"scale": self.take(f"{name}.weight", (dim,)),
                 "bias": self.take(f"{name}.bias", (dim,))}
@@ -103,6 +96,15 @@ class _Reader:
             more = f" (+{len(left) - 10} more)" if len(left) > 10 else ""
             raise VisionConversionError(
                 f"unexpected {what} tensors not covered by the config: {left[:10]}{more}")
+
+
+def _require_settings(config: Mapping, model: str, **wanted) -> None:
+    """Each setting at its wanted value (which is also its default when absent)."""
+    for key, want in wanted.items():
+        found = config.get(key, want)
+        if found != want:
+            raise VisionConversionError(f"{model} config {key}={found!r} unsupported "
+                                        f"(need {want!r})")
 
 
 # ----------------------------------------------------------------------------- DINOv2 ViT
@@ -123,26 +125,13 @@ def vit_config_from_hf(config_json: Mapping, feature_layers=None) -> ViTConfig:
     model_type = c.get("model_type", "dinov2")
     if model_type not in ("dinov2",):
         raise VisionConversionError(f"expected a dinov2 config, got model_type={model_type!r}")
-    unsupported = {
-        "use_swiglu_ffn": (c.get("use_swiglu_ffn", False), False),
-        "hidden_act": (c.get("hidden_act", "gelu"), "gelu"),
-        "qkv_bias": (c.get("qkv_bias", True), True),
-        "num_register_tokens": (c.get("num_register_tokens", 0), 0),
-        "num_channels": (c.get("num_channels", 3), 3),
-    }
-    for key, (found, want) in unsupported.items():
-        if found != want:
-            raise VisionConversionError(
-                f"Dinov2 config {key}={found!r} unsupported (need {want!r})")
+    _require_settings(c, "Dinov2", use_swiglu_ffn=False, hidden_act="gelu", qkv_bias=True,
+                      num_register_tokens=0, num_channels=3)
     image_size, patch = c.get("image_size", 224), c.get("patch_size", 14)
-    if isinstance(image_size, (list, tuple)):
-        if len(set(image_size)) != 1:
-            raise VisionConversionError(f"non-square pre-training image_size {image_size}")
-        image_size = image_size[0]
-    if isinstance(patch, (list, tuple)):
-        if len(set(patch)) != 1:
-            raise VisionConversionError(f"non-square patch_size {patch}")
-        patch = patch[0]
+    for what, value in (("pre-training image_size", image_size), ("patch_size", patch)):
+        if isinstance(value, (list, tuple)) and len(set(value)) != 1:
+            raise VisionConversionError(f"non-square {what} {value}")
+    image_size, patch = (v[0] if isinstance(v, (list, tuple)) else v for v in (image_size, patch))
     hidden, layers = c.get("hidden_size", 768), c.get("num_hidden_layers", 12)
     if feature_layers is None:
         feature_layers = _default_feature_layers(layers)
@@ -232,13 +221,8 @@ def convnext_config_from_hf(config_json: Mapping) -> ConvNeXtConfig:
     """ConvNeXtConfig from an HF `ConvNextConfig` dict. HF hard-codes eps 1e-6 in every
     LayerNorm of the trunk (`config.layer_norm_eps` is only its pooled head norm's)."""
     c = dict(config_json)
-    checks = {"num_stages": (c.get("num_stages", 4), 4), "patch_size": (c.get("patch_size", 4), 4),
-              "hidden_act": (c.get("hidden_act", "gelu"), "gelu"),
-              "num_channels": (c.get("num_channels", 3), 3)}
-    for key, (found, want) in checks.items():
-        if found != want:
-            raise VisionConversionError(
-                f"ConvNext config {key}={found!r} unsupported (need {want!r})")
+    _require_settings(c, "ConvNext", num_stages=4, patch_size=4, hidden_act="gelu",
+                      num_channels=3)
     if c.get("layer_scale_init_value", 1e-6) <= 0:
         raise VisionConversionError("ConvNext without layer scale (layer_scale_init_value <= 0) "
                                     "is unsupported")
@@ -254,16 +238,16 @@ def convnext_config_from_state(state: Mapping[str, np.ndarray], *,
     """Infer dims/depths from the tensors (for timm/open_clip checkpoints without an HF config)."""
     naming, prefix = detect_convnext_naming(state, prefix)
     names = _NAMES[naming]
+
+    def dwconv(s, b):
+        return prefix + names["block"].format(s=s, b=b) + names["dw"] + ".weight"
+
     dims, depths = [], []
     for s in range(4):
-        block0 = prefix + names["block"].format(s=s, b=0) + names["dw"] + ".weight"
-        if block0 not in state:
-            raise VisionConversionError(f"missing tensor {block0!r} (stage {s} block 0)")
-        dims.append(int(np.shape(state[block0])[0]))
-        b = 0
-        while prefix + names["block"].format(s=s, b=b) + names["dw"] + ".weight" in state:
-            b += 1
-        depths.append(b)
+        if dwconv(s, 0) not in state:
+            raise VisionConversionError(f"missing tensor {dwconv(s, 0)!r} (stage {s} block 0)")
+        dims.append(int(np.shape(state[dwconv(s, 0)])[0]))
+        depths.append(next(b for b in itertools.count() if dwconv(s, b) not in state))
     return ConvNeXtConfig(dims=tuple(dims), depths=tuple(depths), layer_norm_eps=1e-6)
 
 
@@ -284,24 +268,14 @@ def convnext_params_from_state(state: Mapping[str, np.ndarray], cfg: ConvNeXtCon
         for b in range(depth):
             blk = n["block"].format(s=s, b=b)
             fc1, fc2 = blk + n["fc1"], blk + n["fc2"]
-            if naming == "timm" and np.ndim(state.get(prefix + fc1 + ".weight", ())) == 4:
-                # timm conv_mlp=True: 1x1 convs [out, in, 1, 1]
-                mlp = {"pwconv1": _squeeze_1x1(r, fc1, dim, 4 * dim),
-                       "pwconv2": _squeeze_1x1(r, fc2, 4 * dim, dim)}
-            else:
-                mlp = {"pwconv1": r.linear(fc1, dim, 4 * dim),
-                       "pwconv2": r.linear(fc2, 4 * dim, dim)}
+            conv_mlp = naming == "timm" and np.ndim(state.get(prefix + fc1 + ".weight", ())) == 4
+            linear = r.pointwise if conv_mlp else r.linear  # timm conv_mlp=True: 1x1 convs
             params[f"stage{s}_block{b}"] = {
                 "dwconv": r.conv(blk + n["dw"], dim, dim, 7, groups=dim),
                 "norm": r.norm(blk + n["norm"], dim),
-                **mlp,
+                "pwconv1": linear(fc1, dim, 4 * dim), "pwconv2": linear(fc2, 4 * dim, dim),
                 "gamma": r.take(blk + n["gamma"], (dim,)),
             }
         prev = dim
     r.check_leftovers(_CONVNEXT_IGNORE[naming], f"ConvNeXt ({naming} naming)")
     return params
-
-
-def _squeeze_1x1(r: _Reader, name, d_in, d_out):
-    w = r.take(f"{name}.weight", (d_out, d_in, 1, 1))
-    return {"kernel": w[:, :, 0, 0].T.copy(), "bias": r.take(f"{name}.bias", (d_out,))}

@@ -8,7 +8,6 @@ pytree `{'vit': ...}` or `{'convnext': ...}`, and `O/model_config.json` the towe
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -30,8 +29,7 @@ def _is_hf_folder(path: str) -> bool:
     config = os.path.join(path, "config.json")
     if not os.path.exists(config):
         return False
-    with open(config) as f:
-        c = json.load(f)
+    c = ckpt_lib.read_json(config)
     return not ("architecture" in c and "pretrained_cfg" in c)  # timm's config.json
 
 
@@ -76,8 +74,8 @@ def _write(out_dir: str, tower: str, params: dict, cfg, overwrite: bool) -> None
     ckpt_lib.prepare_out_dir(out_dir, overwrite)
     flat = traverse_util.flatten_dict(params)
     ckpt_lib.write_params_streaming(out_dir, iter([[((tower,) + k, v) for k, v in flat.items()]]))
-    with open(os.path.join(out_dir, ckpt_lib.MODEL_CONFIG), "w") as f:
-        json.dump({"tower": tower} | dataclasses.asdict(cfg), f, indent=2)
+    ckpt_lib.write_json(os.path.join(out_dir, ckpt_lib.MODEL_CONFIG),
+                        {"tower": tower} | dataclasses.asdict(cfg))
 
 
 def dinov2_to_orbax(hf_dir: str, out_dir: str, *, overwrite: bool = False,

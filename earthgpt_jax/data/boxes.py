@@ -53,18 +53,22 @@ def pad_offsets(width: int, height: int) -> tuple[int, int, int]:
     return 0, int((width - height) / 2), width
 
 
-def pixel_to_norm(box_xyxy: Sequence[float], width: int, height: int) -> Box:
-    """Pixel [x0,y0,x1,y1] of the original image -> [0,1] coordinates of the padded square."""
+def pixel_to_norm(coords: Sequence[float], width: int, height: int) -> tuple[float, ...]:
+    """Pixel [x0,y0,x1,y1] (or corners x1,y1,...,x4,y4) of the original image -> [0,1]
+    coordinates of the padded square."""
     pad_x, pad_y, side = pad_offsets(width, height)
-    x0, y0, x1, y1 = box_xyxy
-    return ((x0 + pad_x) / side, (y0 + pad_y) / side, (x1 + pad_x) / side, (y1 + pad_y) / side)
+    return tuple((v + (pad_x if k % 2 == 0 else pad_y)) / side for k, v in enumerate(coords))
 
 
-def norm_to_pixel(box: Sequence[float], width: int, height: int) -> Box:
+def norm_to_pixel(coords: Sequence[float], width: int, height: int) -> tuple[float, ...]:
     """Inverse of `pixel_to_norm`: padded-square [0,1] coordinates -> original-image pixels."""
     pad_x, pad_y, side = pad_offsets(width, height)
-    x0, y0, x1, y1 = box
-    return (x0 * side - pad_x, y0 * side - pad_y, x1 * side - pad_x, y1 * side - pad_y)
+    return tuple(v * side - (pad_x if k % 2 == 0 else pad_y) for k, v in enumerate(coords))
+
+
+# Boxes and corners alternate x and y alike, so one transform serves both (and any shape).
+pixel_quad_to_norm = pixel_to_norm
+norm_quad_to_pixel = shape_to_pixel = norm_to_pixel
 
 
 def rotated_corners(cx: float, cy: float, w: float, h: float, angle_deg: float) -> Quad:
@@ -94,45 +98,21 @@ def is_oriented(quad: Sequence[float]) -> bool:
     return tuple(quad) != box_corners(enclosing_box(quad))
 
 
-def pixel_quad_to_norm(quad: Sequence[float], width: int, height: int) -> Quad:
-    """Pixel corners -> [0,1] of the padded square (the horizontal boxes' transform)."""
-    pad_x, pad_y, side = pad_offsets(width, height)
-    return tuple((v + (pad_x if k % 2 == 0 else pad_y)) / side for k, v in enumerate(quad))
-
-
-def norm_quad_to_pixel(quad: Sequence[float], width: int, height: int) -> Quad:
-    pad_x, pad_y, side = pad_offsets(width, height)
-    return tuple(v * side - (pad_x if k % 2 == 0 else pad_y) for k, v in enumerate(quad))
-
-
 def drawn_shape(quad: Sequence[float]) -> tuple[float, ...]:
     """What to draw for a box read as corners: an oriented box's corners, else [x0,y0,x1,y1]."""
     return tuple(quad) if is_oriented(quad) else enclosing_box(quad)
-
-
-def shape_to_pixel(shape: Sequence[float], width: int, height: int) -> tuple[float, ...]:
-    """A [0,1] box [x0,y0,x1,y1] or an oriented box's corners -> the same in image pixels."""
-    return (norm_to_pixel(shape, width, height) if len(shape) == 4
-            else norm_quad_to_pixel(shape, width, height))
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.2f}"
 
 
 def boxes_to_text(boxes: Sequence[Sequence[float]]) -> str:
     """`[x0,y0,x1,y1;...]` with two decimals and no spaces, as in the release."""
     if not boxes:
         raise ValueError("boxes_to_text needs at least one box")
-    return "[" + ";".join(",".join(_fmt(v) for v in box) for box in boxes) + "]"
+    return "[" + ";".join(",".join(f"{v:.2f}" for v in box) for box in boxes) + "]"
 
 
 def plural(name: str) -> str:
-    if name in _IRREGULAR_PLURALS:
-        return _IRREGULAR_PLURALS[name]
-    if name.endswith(("s", "x", "ch", "sh")):
-        return name + "es"
-    return name + "s"
+    return _IRREGULAR_PLURALS.get(name, name + ("es" if name.endswith(("s", "x", "ch", "sh"))
+                                                else "s"))
 
 
 def singular(name: str) -> str:
@@ -151,11 +131,8 @@ def detection_to_text(groups: Sequence[tuple[str, Sequence[Sequence[float]]]]) -
     `NO_OBJECTS_ANSWER` for no groups (an empty scene)."""
     if not groups:
         return NO_OBJECTS_ANSWER
-    parts = []
-    for name, boxes in groups:
-        count = len(boxes)
-        label = name if count == 1 else plural(name)
-        parts.append(f"<p>{count} {label}</p>{boxes_to_text(boxes)}")
+    parts = [f"<p>{len(boxes)} {name if len(boxes) == 1 else plural(name)}</p>"
+             f"{boxes_to_text(boxes)}" for name, boxes in groups]
     verb = "is" if len(groups[0][1]) == 1 else "are"
     return f"There {verb} " + " and ".join(parts)
 
@@ -223,8 +200,7 @@ def parse_shapes(text: str) -> Shapes:
     """All boxes in free text, tolerant of spaces and missing brackets: horizontal, corners
     or centre/size/angle (module docstring). `malformed` counts every repair or dropped
     chunk: a chunk of another number of values (its text in `bad`), values outside [0,1]
-    (clipped), swapped corners (sorted). Text without brackets is read as one bracket's body.
-    """
+    (clipped), swapped corners (sorted). Text without brackets is read as one bracket's body."""
     bodies = [m.group(1) for m in _BRACKETED.finditer(text)]
     if not bodies:
         if not _NUMBER.search(text):
@@ -255,21 +231,16 @@ def parse_detection(text: str, corners: bool = False
                     ) -> tuple[list[tuple[str, int, list]], int]:
     """`<p>N class</p>[boxes]` groups -> [(singular class, N, boxes)], malformed count; the
     boxes are enclosing horizontal boxes, or with `corners` every box's four corners (for
-    rotated IoU).
-
-    A group whose count disagrees with its number of boxes is kept (the boxes are what is
-    scored) but counted as malformed, as is a group without boxes. A "no objects" answer
-    (`says_no_objects`) is an empty detection, not malformed.
-    """
+    rotated IoU). A group whose count disagrees with its number of boxes is kept (the boxes are
+    what is scored) but counted as malformed, as is a group without boxes. A "no objects"
+    answer (`says_no_objects`) is an empty detection, not malformed."""
     groups = []
     malformed = 0
     for match in _DETECTION_GROUP.finditer(text):
         count, label, bracket = int(match.group(1)), match.group(2), match.group(3)
         shapes = _parse_box_list(bracket.strip("[]")) if bracket else Shapes(malformed=1)
         boxes = shapes.corners if corners else shapes.boxes
-        malformed += shapes.malformed
-        if len(boxes) != count:
-            malformed += 1
+        malformed += shapes.malformed + (len(boxes) != count)
         groups.append((singular(label), count, boxes))
     if not groups and text.strip() and not says_no_objects(text):
         malformed += 1

@@ -85,33 +85,25 @@ class ImageTooLargeError(ImageDecodeError):
     size: tuple[int, int] | None = None  # (width, height) from the header, when it was read
 
 
+_MAGIC = {"jpeg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",), "bmp": (b"BM",),
+          "tiff": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),  # classic and BigTIFF
+          "gif": (b"GIF87a", b"GIF89a"),
+          "jpeg2000": (b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")}
+
+
 def sniff_format(data: bytes) -> str | None:
     """Container format from the magic bytes, or None when the bytes are no known image."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"BM"):
-        return "bmp"
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # classic and BigTIFF
-        return "tiff"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
-    if data.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
-        return "jpeg2000"
-    return None
+    return next((fmt for fmt, magics in _MAGIC.items() if data.startswith(magics)), None)
 
 
 def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int = MAX_IMAGE_PIXELS,
                  bands: int = 3) -> np.ndarray:
     """Encoded image bytes -> uint8 [H, W, bands] in display orientation (rules: module
-    docstring); `bands` is the model's config.model.input_bands.
-
-    Raises an `ImageDecodeError` (a ValueError) naming `name`; its subclass and `kind` say why:
-    empty file, not an image, too many pixels, too few bands, or broken/truncated data.
-    """
+    docstring); `bands` is the model's config.model.input_bands. Raises an `ImageDecodeError`
+    (a ValueError) naming `name`; its subclass and `kind` say why: empty file, not an image,
+    too many pixels, too few bands, or broken/truncated data."""
     if not data:
         raise EmptyImageError(f"cannot decode image {name}: empty file (0 bytes)")
     fmt = sniff_format(data)
@@ -120,10 +112,8 @@ def decode_image(data: bytes, name: str = "<bytes>", *, max_pixels: int = MAX_IM
             f"cannot decode image {name}: not an image file (starts with {data[:12]!r}); "
             "expected JPEG, PNG, BMP or TIFF")
     try:
-        if fmt == "tiff":
-            pixels, orientation = _read_tiff(data, name, max_pixels)
-        else:
-            pixels, orientation = _read_pillow(data, name, max_pixels)
+        read = _read_tiff if fmt == "tiff" else _read_pillow
+        pixels, orientation = read(data, name, max_pixels)
         return _orient(to_bands_uint8(pixels, bands, name), orientation)
     except ImageDecodeError:
         raise
@@ -164,18 +154,14 @@ def _read_pillow(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, i
 
 def _pillow_samples(img: Image.Image) -> np.ndarray:
     mode = img.mode
-    if mode in ("RGB", "L"):
-        arr = np.asarray(img)
-    elif mode.startswith("I") or mode == "F":  # 16/32-bit integer or float single band
+    if mode in ("RGB", "L") or mode.startswith("I") or mode == "F":  # I, F: 16/32-bit, float
         arr = np.asarray(img)
     elif mode == "1":
         arr = np.asarray(img.convert("L"))
     elif mode in ("P", "PA"):
         has_alpha = mode == "PA" or "transparency" in img.info
         arr = np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
-        if has_alpha:
-            return _composite_over_black(arr)
-        return arr
+        return _composite_over_black(arr) if has_alpha else arr
     elif mode in ("RGBA", "LA"):
         return _composite_over_black(np.asarray(img))
     elif mode in ("RGBa", "La"):  # alpha already multiplied in: drop it
@@ -190,8 +176,7 @@ def _composite_over_black(samples: np.ndarray) -> np.ndarray:
     colour = samples[..., :-1].astype(np.float64)
     alpha = samples[..., -1:].astype(np.float64)
     full = 1.0 if samples.dtype.kind == "f" else float(np.iinfo(samples.dtype).max)
-    out = colour * (alpha / full)
-    return np.round(out).astype(samples.dtype)
+    return np.round(colour * (alpha / full)).astype(samples.dtype)
 
 
 def _read_tiff(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, int]:
@@ -262,8 +247,7 @@ def to_bands_uint8(samples: np.ndarray, bands: int = 3, name: str = "<image>") -
     stretch (TooFewBandsError naming `name` when C falls short, `kept_bands`)."""
     # Bands are chosen before the stretch, so dropped bands do not shift it and a single band
     # is stretched once, then replicated.
-    kept = samples[..., :kept_bands(samples.shape[-1], bands, name)]
-    kept = to_uint8(kept)
+    kept = to_uint8(samples[..., :kept_bands(samples.shape[-1], bands, name)])
     if kept.shape[-1] != bands:
         kept = np.repeat(kept, bands, axis=-1)
     return np.ascontiguousarray(kept)
@@ -277,10 +261,8 @@ def to_uint8(samples: np.ndarray) -> np.ndarray:
         return samples.astype(np.uint8) * 255
     values = np.abs(samples) if np.iscomplexobj(samples) else samples
     finite = values
-    if values.dtype.kind == "f":
-        mask = np.isfinite(values)
-        if not mask.all():
-            finite = values[mask]
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        finite = values[np.isfinite(values)]
     if finite.size == 0:
         return np.zeros(samples.shape, np.uint8)
     lo, hi = np.percentile(finite, STRETCH_PERCENTILES)

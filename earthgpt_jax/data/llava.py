@@ -127,8 +127,8 @@ class ImageFiles:
             self._by_name = {}
             for folder, _, files in os.walk(self.root, followlinks=True):
                 for name in files:
-                    found = name in self._by_name
-                    self._by_name[name] = None if found else os.path.join(folder, name)
+                    self._by_name[name] = (None if name in self._by_name else
+                                           os.path.join(folder, name))
         other = self._by_name.get(parts[-1])
         if other is None:
             twice = parts[-1] in self._by_name

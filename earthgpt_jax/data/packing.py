@@ -111,8 +111,7 @@ def pack(dataset: grain.IterDataset, options: PackingOptions, seed: int) -> grai
 
 def efficiency(batch: dict[str, np.ndarray]) -> dict[str, float]:
     """Share of positions that hold a sample (not padding), and of image slots that are used."""
-    used = batch["segment_ids"] > 0
     samples = int(batch["segment_ids"].max(axis=1).sum())  # a row's ids run 1..n
-    return {"positions": float(used.mean()),
+    return {"positions": float((batch["segment_ids"] > 0).mean()),
             "image_slots": samples / batch["image"].shape[0] / batch["image"].shape[1],
             "samples_per_row": samples / batch["segment_ids"].shape[0]}

@@ -70,20 +70,18 @@ def train_dataset(source, preprocess: TrainPreprocess, *, batch_size: int, seed:
                   process_index: int = 0, process_count: int = 1, num_threads: int = 2,
                   num_workers: int = 0, packing: packing_lib.PackingOptions | None = None
                   ) -> grain.IterDataset:
-    """Endless, globally shuffled batches of this process's slice of `source`.
-
-    `source` is a random-access source (`len`, `[i]`: the `mmrs1m` split) or a list of
-    `sources.TrainSource` (`config.data.sources`), mixed by weight with grain's
-    `IterDataset.mix` before packing and batching; the mixture's state (each source's state and
-    the position in the interleaving) is part of the iterator's state. One random-access source
-    without caption conversion gives exactly the batches (and state) it gives alone.
+    """Endless, globally shuffled batches of this process's slice of `source`: a random-access
+    source (`len`, `[i]`: the `mmrs1m` split) or a list of `sources.TrainSource`
+    (`config.data.sources`) mixed before packing and batching (`mixed_samples`); the mixture's
+    state (each source's state and the position in the interleaving) is part of the iterator's
+    state. One random-access source without caption conversion gives exactly the batches (and
+    state) it gives alone.
 
     `batch_size` is per process: examples, or packed rows with `packing`. `num_threads` read and
     preprocess records ahead of the consumer; `num_workers` > 0 runs the whole pipeline in that
     many worker processes (grain's mp_prefetch: each reads every num_workers-th record of this
     process's slice, and batches are taken from them in turn, so the order is still fixed by
-    the seed and the state still checkpoints).
-    """
+    the seed and the state still checkpoints)."""
     if num_workers < 0:
         raise ValueError(f"config.data.num_workers must be >= 0, got {num_workers}")
     if packing is not None:
@@ -97,25 +95,20 @@ def train_dataset(source, preprocess: TrainPreprocess, *, batch_size: int, seed:
         samples = mixed_samples(source, preprocess, seed=seed, process_index=process_index,
                                 process_count=process_count, num_threads=num_threads,
                                 batch_size=batch_size)
-        if packing is None:
-            batches = samples.batch(batch_size, drop_remainder=True)
-        else:
-            samples = samples.map(packing_lib.ToPackable(packing.visual_tokens,
-                                                         packing.bos_id))
-            rows = packing_lib.pack(samples, packing, seed=seed)
-            batches = rows.batch(batch_size, drop_remainder=True)
     else:
         _check_enough(len(source), process_count, batch_size, "the training split")
         # Shuffle before repeat: each epoch is a fresh permutation of the whole split. Slicing
         # after the global shuffle gives each process a disjoint share of every epoch.
-        ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-        ds = ds[process_index::process_count].map(preprocess)
-        if packing is None:
-            batches = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(options)
-        else:
-            ds = ds.map(packing_lib.ToPackable(packing.visual_tokens, packing.bos_id))
-            rows = packing_lib.pack(ds.to_iter_dataset(options), packing, seed=seed)
-            batches = rows.batch(batch_size, drop_remainder=True)
+        samples = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+        samples = samples[process_index::process_count].map(preprocess)
+    if packing is not None:
+        samples = samples.map(packing_lib.ToPackable(packing.visual_tokens, packing.bos_id))
+        if isinstance(samples, grain.MapDataset):
+            samples = samples.to_iter_dataset(options)
+        samples = packing_lib.pack(samples, packing, seed=seed)
+    batches = samples.batch(batch_size, drop_remainder=True)
+    if isinstance(batches, grain.MapDataset):  # one split, unpacked: batched before the threads
+        batches = batches.to_iter_dataset(options)
     if num_workers:
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
                                       worker_init_fn=sources_lib.note_worker)
@@ -123,9 +116,8 @@ def train_dataset(source, preprocess: TrainPreprocess, *, batch_size: int, seed:
 
 
 def _is_source_list(source) -> bool:
-    if not isinstance(source, (list, tuple)) or not source:
-        return False
-    return all(isinstance(s, sources_lib.TrainSource) for s in source)
+    return (isinstance(source, (list, tuple)) and bool(source)
+            and all(isinstance(s, sources_lib.TrainSource) for s in source))
 
 
 def _check_enough(records: int, process_count: int, batch_size: int, what: str) -> None:
@@ -145,30 +137,21 @@ def mixed_samples(sources, preprocess: TrainPreprocess | None = None, *, seed: i
     sliced per process as the single-source pipeline does; webdataset streams take their
     per-process shards. Caption samples become records (bad ones dropped and counted), then
     `preprocess` (if given) runs. `raw=True` yields the sources' raw samples instead (no image
-    decoding: for checking the mixture itself). The mixture's state is keyed by source name.
-    """
+    decoding: for checking the mixture itself). The mixture's state is keyed by source name."""
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     parts = {}
     for i, src in enumerate(sources):
-        to_record = None
-        if src.to_record is not None and not raw:
-            to_record = src.to_record.for_process(process_index)
         if src.records is not None:
             _check_enough(len(src.records), process_count, batch_size, src.spec.entry)
             ds = grain.MapDataset.source(src.records).shuffle(seed=seed + i).repeat(None)
             ds = ds[process_index::process_count]
-            if to_record is not None:
-                ds = ds.map(to_record).filter(sources_lib.is_record)
-            if preprocess is not None and not raw:
-                ds = ds.map(preprocess)
-            parts[src.name] = ds.to_iter_dataset(options)
         else:
             ds = src.stream.for_process(process_index, process_count)
-            if to_record is not None:
-                ds = ds.map(to_record).filter(sources_lib.is_record)
-            if preprocess is not None and not raw:
-                ds = ds.map(preprocess)
-            parts[src.name] = ds
+        if src.to_record is not None and not raw:
+            ds = ds.map(src.to_record.for_process(process_index)).filter(sources_lib.is_record)
+        if preprocess is not None and not raw:
+            ds = ds.map(preprocess)
+        parts[src.name] = ds.to_iter_dataset(options) if src.records is not None else ds
     if len(parts) == 1:
         return next(iter(parts.values()))
     return grain.IterDataset.mix(parts, {src.name: src.weight for src in sources})

@@ -83,11 +83,9 @@ class SourceSpec:
 
 def parse_sources(spec: str, *, check_paths: bool = True,
                   allow_missing: Sequence[str] = ()) -> list[SourceSpec]:
-    """`config.data.sources` -> its entries. Raises one ValueError naming the bad entry.
-
-    `check_paths`: every directory must exist (kinds in `allow_missing` excepted, e.g. mmrs1m
-    for the demo, whose release is generated on first use).
-    """
+    """`config.data.sources` -> its entries; one ValueError names a bad entry. `check_paths`:
+    every directory must exist (kinds in `allow_missing` excepted, e.g. mmrs1m for the demo,
+    whose release is generated on first use)."""
     out: list[SourceSpec] = []
     for entry in (e.strip() for e in (spec or "").split(",")):
         if not entry:
@@ -156,17 +154,16 @@ def _split_llava(rest: str) -> tuple[str, str, str | None]:
 
 
 def _check_exists(entry: str, kind: str, path: str, root: str) -> None:
-    if kind != "llava":
-        if not os.path.isdir(path):
-            raise ValueError(f"config.data.sources entry {entry!r}: directory {path} does "
-                             f"not exist")
+    if kind != "llava" and not os.path.isdir(path):
+        problem = f"directory {path} does not exist"
+    elif kind == "llava" and not os.path.isfile(path):
+        problem = f"the JSON file {path} does not exist"
+    elif kind == "llava" and root and not os.path.isdir(root):
+        problem = (f"the image root {root} is not a directory (a last part that is a number is "
+                   f"the weight)")
+    else:
         return
-    if not os.path.isfile(path):
-        raise ValueError(f"config.data.sources entry {entry!r}: the JSON file {path} does not "
-                         f"exist")
-    if root and not os.path.isdir(root):
-        raise ValueError(f"config.data.sources entry {entry!r}: the image root {root} is not a "
-                         f"directory (a last part that is a number is the weight)")
+    raise ValueError(f"config.data.sources entry {entry!r}: {problem}")
 
 
 def reads_release(spec: str) -> bool:
@@ -223,21 +220,14 @@ class BadSampleLog:
         self._lock = threading.Lock()
         self._last_write = 0.0
 
-    def __getstate__(self):  # pickled into grain workers: fresh counts and lock there
+    def __getstate__(self):  # pickled into grain workers: a copy of the counts, a new lock
         state = self.__dict__.copy()
         state.pop("_lock")
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state):  # copy.deepcopy goes through these two as well
         self.__dict__.update(state)
         self._lock = threading.Lock()
-
-    def __deepcopy__(self, memo):
-        new = object.__new__(type(self))
-        new.__setstate__(self.__getstate__() | {
-            "bad": self.bad.copy(), "examples": {k: list(v) for k, v in self.examples.items()},
-            "details": {k: list(v) for k, v in self.details.items()}})
-        return new
 
     def for_process(self, process_index: int) -> "BadSampleLog":
         """A fresh log of the same source for one process's part of the data."""
@@ -348,9 +338,7 @@ class CaptionRecords(grain.transforms.Map):
         return dataclasses.replace(self, log=self.log.for_process(process_index))
 
     def map(self, raw: dict) -> dict | None:
-        key = raw["key"]
-        caption = raw.get("caption")
-        data = raw.get("image")
+        key, caption, data = raw["key"], raw.get("caption"), raw.get("image")
         if data is None and raw.get("file"):
             try:
                 with open(raw["file"], "rb") as f:
@@ -404,12 +392,11 @@ class CocoCaptions:
         self.images_dir = images
         files = {im["id"]: (im["file_name"], int(im.get("width", 0) or 0),
                             int(im.get("height", 0) or 0)) for im in data.get("images", [])}
-        self._ids, self._files, self._captions = [], [], []
-        for ann in data.get("annotations", []):
-            self._ids.append(int(ann.get("id", len(self._ids))))
-            self._files.append(files.get(ann.get("image_id"), (None, 0, 0)))
-            caption = ann.get("caption")
-            self._captions.append(caption if isinstance(caption, str) else None)
+        annotations = data.get("annotations", [])
+        self._ids = [int(ann.get("id", k)) for k, ann in enumerate(annotations)]
+        self._files = [files.get(ann.get("image_id"), (None, 0, 0)) for ann in annotations]
+        self._captions = [ann["caption"] if isinstance(ann.get("caption"), str) else None
+                          for ann in annotations]
         if not self._ids:
             raise ValueError(f"coco:{root}: {path} has no caption annotations")
 
@@ -418,8 +405,8 @@ class CocoCaptions:
 
     def __getitem__(self, index: int) -> dict:
         file_name, width, height = self._files[index]
-        rel = f"{self.images_dir}/{file_name}" if file_name else f"<unknown image of "\
-                                                                 f"annotation {self._ids[index]}>"
+        rel = (f"{self.images_dir}/{file_name}" if file_name else
+               f"<unknown image of annotation {self._ids[index]}>")
         return {"key": f"{rel}#{self._ids[index]}", "image_path": rel,
                 "file": os.path.join(self.root, rel) if file_name else None, "image": None,
                 "caption": self._captions[index], "width": width, "height": height}
@@ -481,13 +468,10 @@ def raw_webdataset_sample(shard: str, key: str, members: dict[str, bytes]) -> di
 
 
 class WebDatasetShards(grain.IterDataset):
-    """Endless stream of raw samples from img2dataset shards (see the module docstring).
-
-    Epoch e visits every shard once in an order shuffled by (seed, e); process i of n reads
-    shards i::n of that order, and grain worker w of m (set by `mp_prefetch` through
-    `set_slice`) shards w::m of those. The iterator's state is
-    {'epoch', 'shard_index', 'samples_in_shard'}.
-    """
+    """Endless stream of raw samples from img2dataset shards (module docstring). Epoch e visits
+    every shard once in an order shuffled by (seed, e); process i of n reads shards i::n of
+    that order, and grain worker w of m (set by `mp_prefetch` through `set_slice`) shards w::m
+    of those."""
 
     def __init__(self, shards: Sequence[str], seed: int, process_index: int = 0,
                  process_count: int = 1):
@@ -568,9 +552,8 @@ class _ShardIterator(grain.DatasetIterator):
                 "samples_in_shard": self._in_shard}
 
     def set_state(self, state: dict) -> None:
-        if self._reader is not None:
-            self._reader.close()
-        self._reader, self._order = None, None
+        self.close()
+        self._order = None
         self._epoch, self._shard_index = int(state["epoch"]), int(state["shard_index"])
         self._in_shard = int(state["samples_in_shard"])
 

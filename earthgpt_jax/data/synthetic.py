@@ -21,7 +21,6 @@ in NIR, for a model of config.model.input_bands=4. The default release is unchan
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import zlib
@@ -31,24 +30,18 @@ import numpy as np
 from PIL import Image
 
 from earthgpt_jax.data.boxes import (DETECTION_PROMPT, GROUNDING_PROMPT, REGION_CAPTION_PROMPT,
-                                     boxes_to_text, detection_to_text, enclosing_box,
-                                     pixel_quad_to_norm, pixel_to_norm, plural, rotated_corners)
+                                     box_corners, boxes_to_text, detection_to_text, enclosing_box,
+                                     pixel_to_norm, plural, rotated_corners)
 
 SCENE_CLASSES = ("forest", "sea", "desert", "farmland", "residential", "snowfield")
 LAND_SCENES = tuple(c for c in SCENE_CLASSES if c != "sea")
 # Words used by captions: (adjective, noun) per scene class.
-SCENE_WORDS = {
-    "forest": ("dense green", "forest"),
-    "sea": ("calm blue", "sea"),
-    "desert": ("dry sandy", "desert"),
-    "farmland": ("striped", "farmland"),
-    "residential": ("grey", "residential area"),
-    "snowfield": ("white snowy", "snowfield"),
-}
-VEHICLE_COLOURS = {
-    "red": (220, 30, 30), "yellow": (240, 220, 20), "blue": (30, 60, 230),
-    "black": (15, 15, 15), "orange": (250, 140, 0), "purple": (150, 40, 200),
-}
+SCENE_WORDS = {"forest": ("dense green", "forest"), "sea": ("calm blue", "sea"),
+               "desert": ("dry sandy", "desert"), "farmland": ("striped", "farmland"),
+               "residential": ("grey", "residential area"),
+               "snowfield": ("white snowy", "snowfield")}
+VEHICLE_COLOURS = {"red": (220, 30, 30), "yellow": (240, 220, 20), "blue": (30, 60, 230),
+                   "black": (15, 15, 15), "orange": (250, 140, 0), "purple": (150, 40, 200)}
 
 CLASSIFICATION_PROMPT = ("What is the category of this remote sensing image? "
                          "Answer with one word or phrase.")
@@ -117,12 +110,8 @@ SOURCES = (
            "data/json/detection/HRSID_OBB_mini/hrsid_obb_mini_trainval.json", 45),
 )
 # Object classes each detection source annotates, in the order answers list them.
-DETECTION_CLASSES = {
-    "DIOR_mini": ("airplane", "ship", "vehicle"),
-    "SSDD_mini": ("ship",),
-    "HIT-UAV_mini": ("person", "vehicle"),
-    "HRSID_OBB_mini": ("ship",),
-}
+DETECTION_CLASSES = {"DIOR_mini": ("airplane", "ship", "vehicle"), "SSDD_mini": ("ship",),
+                     "HIT-UAV_mini": ("person", "vehicle"), "HRSID_OBB_mini": ("ship",)}
 # Detection sources whose answers give oriented boxes (four corners, `boxes.py`). At most
 # `MAX_ORIENTED_SHIPS` per image: a box is 8 numbers (~40 tokens with split digits), and
 # the demo's answers must fit its 128 text tokens and 120 decoded ones.
@@ -145,8 +134,7 @@ def split_json_path(train_json_path: str, split: str) -> str:
     and `.../X_cls.json` into `.../X_cls_test.json` (the builder splits on `_test.json`)."""
     if split == "train":
         return train_json_path
-    stem = train_json_path[:-len(".json")]
-    return stem.removesuffix("_trainval") + f"_{split}.json"
+    return train_json_path.removesuffix(".json").removesuffix("_trainval") + f"_{split}.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,37 +156,32 @@ def _image_size(rng: np.random.Generator) -> tuple[int, int]:
     return (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
 
 
-def _noise(rng, h, w, std, channels=None):
-    shape = (h, w) if channels is None else (h, w, channels)
-    return rng.normal(0.0, std, size=shape)
-
-
 def _optical_image(rng: np.random.Generator, scene: str, w: int, h: int,
                    objs: Sequence[Obj] = ()) -> np.ndarray:
     """The scene's background with `objs` drawn over it (drawing draws no random numbers)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     if scene == "forest":
-        base = np.array([34, 105, 40.0]) + _noise(rng, h, w, 22, 3) * np.array([0.6, 1.0, 0.6])
+        base = np.array([34, 105, 40.0]) + rng.normal(0.0, 22, (h, w, 3)) * [0.6, 1.0, 0.6]
     elif scene == "sea":
         phase = rng.uniform(0, 2 * np.pi)
         waves = 6 * np.sin(yy / 3.0 + phase)[..., None]
-        base = np.array([25, 70, 150.0]) + waves + _noise(rng, h, w, 5, 3)
+        base = np.array([25, 70, 150.0]) + waves + rng.normal(0.0, 5, (h, w, 3))
     elif scene == "desert":
         phase = rng.uniform(0, 2 * np.pi)
         dunes = 18 * np.sin((xx + yy) / 5.0 + phase)[..., None]
-        base = np.array([215, 185, 125.0]) + dunes + _noise(rng, h, w, 6, 3)
+        base = np.array([215, 185, 125.0]) + dunes + rng.normal(0.0, 6, (h, w, 3))
     elif scene == "farmland":
         period = int(rng.integers(6, 11))
         stripes = ((xx if rng.random() < 0.5 else yy) // period % 2)[..., None]
         base = np.where(stripes > 0, np.array([120, 170, 60.0]), np.array([190, 170, 80.0]))
-        base = base + _noise(rng, h, w, 6, 3)
+        base = base + rng.normal(0.0, 6, (h, w, 3))
     elif scene == "residential":
         cell = int(rng.integers(9, 14))
         roofs = ((xx % cell) > 2) & ((yy % cell) > 2)
         base = np.where(roofs[..., None], np.array([95, 90, 100.0]), np.array([170, 170, 170.0]))
-        base = base + _noise(rng, h, w, 8, 3)
+        base = base + rng.normal(0.0, 8, (h, w, 3))
     elif scene == "snowfield":
-        base = np.array([238, 240, 246.0]) + _noise(rng, h, w, 4, 3)
+        base = np.array([238, 240, 246.0]) + rng.normal(0.0, 4, (h, w, 3))
     else:
         raise ValueError(f"unknown scene {scene!r}")
     # Clip before the cast: a wrapped uint8 would scatter bright specks over the scene.
@@ -206,6 +189,10 @@ def _optical_image(rng: np.random.Generator, scene: str, w: int, h: int,
     for o in objs:
         _draw_optical(img, o)
     return img
+
+
+def _pick(rng: np.random.Generator, options: Sequence):
+    return options[int(rng.integers(len(options)))]
 
 
 def _object_size(rng, cls: str, w: int, h: int) -> tuple[int, int]:
@@ -216,8 +203,14 @@ def _object_size(rng, cls: str, w: int, h: int) -> tuple[int, int]:
     return (long_edge, short_edge) if rng.random() < 0.5 else (short_edge, long_edge)
 
 
+def _clear(box: tuple, objs: list[Obj]) -> bool:
+    """`box` touches no other object's box."""
+    return all(box[0] > o.box[2] or box[2] < o.box[0] or box[1] > o.box[3] or box[3] < o.box[1]
+               for o in objs)
+
+
 def _place(rng, objs: list[Obj], cls: str, w: int, h: int,
-           region: tuple[float, float, float, float] = (0, 0, 1, 1), colour: str = "") -> Obj:
+           region: tuple[float, float, float, float] = (0, 0, 1, 1), colour: str = "") -> None:
     """Uniform position inside `region` (fractions of the image), not touching other objects."""
     for _ in range(200):
         ow, oh = _object_size(rng, cls, w, h)
@@ -226,16 +219,13 @@ def _place(rng, objs: list[Obj], cls: str, w: int, h: int,
         if hi_x < lo_x or hi_y < lo_y:
             continue
         x0, y0 = int(rng.integers(lo_x, hi_x + 1)), int(rng.integers(lo_y, hi_y + 1))
-        box = (x0, y0, x0 + ow, y0 + oh)
-        if all(box[0] > o.box[2] or box[2] < o.box[0] or box[1] > o.box[3] or box[3] < o.box[1]
-               for o in objs):
-            obj = Obj(cls, box, colour)
-            objs.append(obj)
-            return obj
+        if _clear((x0, y0, x0 + ow, y0 + oh), objs):
+            objs.append(Obj(cls, (x0, y0, x0 + ow, y0 + oh), colour))
+            return
     raise RuntimeError("could not place an object; image too small for the requested objects")
 
 
-def _place_oriented_ship(rng, objs: list[Obj], w: int, h: int) -> Obj:
+def _place_oriented_ship(rng, objs: list[Obj], w: int, h: int) -> None:
     """A long thin ship (HRSID's are 3-5 times longer than wide) at any angle, large enough
     (18-30% of the long side) that its outline survives the demo's 64-pixel view; its
     enclosing box keeps clear of the others. Corners clockwise from the topmost one, so the
@@ -254,25 +244,18 @@ def _place_oriented_ship(rng, objs: list[Obj], w: int, h: int) -> Obj:
         quad = tuple(quad[2 * top:] + quad[:2 * top])
         ex0, ey0, ex1, ey1 = enclosing_box(quad)
         box = (int(np.floor(ex0)), int(np.floor(ey0)), int(np.ceil(ex1)), int(np.ceil(ey1)))
-        if all(box[0] > o.box[2] or box[2] < o.box[0] or box[1] > o.box[3] or box[3] < o.box[1]
-               for o in objs):
-            obj = Obj("ship", box, corners=quad)
-            objs.append(obj)
-            return obj
+        if _clear(box, objs):
+            objs.append(Obj("ship", box, corners=quad))
+            return
     raise RuntimeError("could not place an oriented ship; image too small")
 
 
 def _mask(obj: Obj, w: int, h: int) -> np.ndarray:
-    """Pixels of an object: its box, or for an oriented one the pixels whose centre lies
-    inside its corners (a convex quadrilateral, clockwise on the screen)."""
-    mask = np.zeros((h, w), bool)
-    if obj.corners is None:
-        x0, y0, x1, y1 = obj.box
-        mask[y0:y1, x0:x1] = True
-        return mask
+    """Pixels of an object: those whose centre lies inside its corners (its box's for a
+    horizontal one; a convex quadrilateral, clockwise on the screen)."""
     yy, xx = np.mgrid[0:h, 0:w] + 0.5
-    q = obj.corners
-    mask[...] = True
+    q = box_corners(obj.box) if obj.corners is None else obj.corners
+    mask = np.ones((h, w), bool)
     for k in range(4):
         ax, ay, bx, by = q[2 * k], q[2 * k + 1], q[(2 * k + 2) % 8], q[(2 * k + 3) % 8]
         mask &= (bx - ax) * (yy - ay) - (by - ay) * (xx - ax) >= 0
@@ -301,8 +284,7 @@ def _sar_image(rng, w: int, h: int, objs: list[Obj]) -> np.ndarray:
     intensity = np.full((h, w), rng.uniform(25, 45))
     for o in objs:
         intensity[_mask(o, w, h)] = rng.uniform(190, 230)
-    looks = 4.0
-    speckle = rng.gamma(looks, 1.0 / looks, size=(h, w))
+    speckle = rng.gamma(4.0, 1.0 / 4.0, size=(h, w))  # 4 looks
     return np.clip(intensity * speckle, 0, 255).astype(np.uint8)
 
 
@@ -310,7 +292,7 @@ def _infrared_image(rng, w: int, h: int, objs: list[Obj]) -> np.ndarray:
     """Cool background with a gentle gradient; people and vehicles are hot (bright)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     g = rng.uniform(-0.3, 0.3, size=2)
-    img = rng.uniform(55, 80) + g[0] * xx + g[1] * yy + _noise(rng, h, w, 4)
+    img = rng.uniform(55, 80) + g[0] * xx + g[1] * yy + rng.normal(0.0, 4, (h, w))
     for o in objs:
         x0, y0, x1, y1 = o.box
         if o.cls == "person":
@@ -325,8 +307,7 @@ def _multispectral_pixels(rng, w: int, h: int, targets: int) -> tuple[np.ndarray
     """uint8 [h, w, 4] R, G, B, NIR of vegetation holding `targets` camouflaged vehicles
     (25-40% of the long side: they must survive the tiny model's 32-pixel view). R, G, B are
     drawn first and never touched again: they are the same whatever `targets` is."""
-    scene = ("forest", "farmland")[int(rng.integers(2))]
-    rgb = _optical_image(rng, scene, w, h)
+    rgb = _optical_image(rng, _pick(rng, ("forest", "farmland")), w, h)
     objs: list[Obj] = []
     for _ in range(targets):
         for _ in range(200):
@@ -335,17 +316,15 @@ def _multispectral_pixels(rng, w: int, h: int, targets: int) -> tuple[np.ndarray
             if rng.random() < 0.5:
                 ow, oh = oh, ow
             x0, y0 = int(rng.integers(0, w - ow + 1)), int(rng.integers(0, h - oh + 1))
-            box = (x0, y0, x0 + ow, y0 + oh)
-            if all(box[0] > o.box[2] or box[2] < o.box[0] or box[1] > o.box[3] or
-                   box[3] < o.box[1] for o in objs):
-                objs.append(Obj(CAMOUFLAGE, box))
+            if _clear((x0, y0, x0 + ow, y0 + oh), objs):
+                objs.append(Obj(CAMOUFLAGE, (x0, y0, x0 + ow, y0 + oh)))
                 break
         else:
             raise RuntimeError("could not place a camouflaged vehicle; image too small")
-    nir = rng.uniform(185, 200) + _noise(rng, h, w, 8)  # leaves reflect NIR strongly
+    nir = rng.uniform(185, 200) + rng.normal(0.0, 8, (h, w))  # leaves reflect NIR strongly
     for o in objs:
         x0, y0, x1, y1 = o.box
-        nir[y0:y1, x0:x1] = rng.uniform(45, 75) + _noise(rng, y1 - y0, x1 - x0, 6)
+        nir[y0:y1, x0:x1] = rng.uniform(45, 75) + rng.normal(0.0, 6, (y1 - y0, x1 - x0))
     nir = np.clip(nir, 0, 255).astype(np.uint8)
     return np.dstack([rgb, nir]), objs
 
@@ -360,25 +339,16 @@ def _gen_multispectral_vqa(rng, src, split, i, out, json_rel, present: bool):
         (COUNT_PROMPT.format(names=plural(CAMOUFLAGE)), str(len(objs)))))
 
 
-def _tiff_bytes(pixels: np.ndarray, bands: tuple[str, ...]) -> bytes:
+def _write_tiff(path: str, pixels: np.ndarray, bands: tuple[str, ...]) -> None:
     """A band-interleaved-by-pixel TIFF whose GDAL_METADATA tag names each band (rasterio's
     `descriptions`), so the band order travels with the file. No tifffile metadata or date:
     equal pixels give equal bytes."""
     import tifffile  # only the multispectral sensor writes TIFF
     items = "".join(f'<Item name="DESCRIPTION" sample="{k}" role="description">{name}</Item>'
                     for k, name in enumerate(bands))
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, pixels, photometric="minisblack", planarconfig="contig",
+    tifffile.imwrite(path, pixels, photometric="minisblack", planarconfig="contig",
                      metadata=None, extratags=[(42112, "s", 0,
                                                 f"<GDALMetadata>{items}</GDALMetadata>", True)])
-    return buf.getvalue()
-
-
-def _png_bytes(pixels: np.ndarray) -> bytes:
-    # No metadata in the PNG, so equal pixels give equal bytes across runs.
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,17 +356,14 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
 
 
 def _turns(*pairs: tuple[str, str]) -> list[dict]:
-    out = []
-    for q, a in pairs:
-        out += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-    return out
+    return [{"from": who, "value": text} for q, a in pairs
+            for who, text in (("human", q), ("gpt", a))]
 
 
 def _norm_sorted(objs: list[Obj], w: int, h: int) -> list[tuple[float, ...]]:
     # Reading order (top to bottom, left to right) so answers are a function of the image;
     # an oriented object as its four corners.
-    return [pixel_to_norm(o.box, w, h) if o.corners is None else
-            pixel_quad_to_norm(o.corners, w, h)
+    return [pixel_to_norm(o.box if o.corners is None else o.corners, w, h)
             for o in sorted(objs, key=lambda o: (o.box[1], o.box[0]))]
 
 
@@ -425,9 +392,10 @@ class _Writer:
     def image(self, rel_path: str, pixels: np.ndarray, bands: tuple[str, ...] = ()) -> str:
         path = os.path.join(self.root, rel_path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(_tiff_bytes(pixels, bands) if rel_path.endswith(".tif") else
-                    _png_bytes(pixels))
+        if rel_path.endswith(".tif"):
+            _write_tiff(path, pixels, bands)
+        else:  # no metadata in the PNG, so equal pixels give equal bytes across runs
+            Image.fromarray(pixels).save(path, format="PNG", optimize=False, compress_level=6)
         return rel_path
 
     def record(self, json_rel: str, image: str, conversations: list[dict]) -> None:
@@ -448,7 +416,7 @@ def _scene_with_objects(rng, scene: str, w: int, h: int,
 
 
 def _gen_classification(rng, src, split, i, out: _Writer, json_rel):
-    scene = SCENE_CLASSES[int(rng.integers(len(SCENE_CLASSES)))]
+    scene = _pick(rng, SCENE_CLASSES)
     w, h = _image_size(rng)
     img, _ = _scene_with_objects(rng, scene, w, h, max_objs=2)
     path = out.image(f"{src.image_dir}/{scene}/{split}_{i:05d}.png", img)
@@ -456,7 +424,7 @@ def _gen_classification(rng, src, split, i, out: _Writer, json_rel):
 
 
 def _gen_caption(rng, src, split, i, out, json_rel):
-    scene = SCENE_CLASSES[int(rng.integers(len(SCENE_CLASSES)))]
+    scene = _pick(rng, SCENE_CLASSES)
     w, h = _image_size(rng)
     img, objs = _scene_with_objects(rng, scene, w, h, max_objs=3)
     path = out.image(f"{src.image_dir}/{split}_{i:05d}.png", img)
@@ -469,21 +437,17 @@ def _gen_vqa(rng, src, split, i, out, json_rel, present: bool):
     objs: list[Obj] = []
     if src.sensor == "optical":
         asked = "ship" if rng.random() < 0.5 else "vehicle"
-        scene = "sea" if asked == "ship" else LAND_SCENES[int(rng.integers(len(LAND_SCENES)))]
+        scene = "sea" if asked == "ship" else _pick(rng, LAND_SCENES)
         if not present:  # a land scene never holds ships; a "no vehicle" scene may be sea
-            scene = LAND_SCENES[int(rng.integers(len(LAND_SCENES)))] if asked == "ship" else (
-                SCENE_CLASSES[int(rng.integers(len(SCENE_CLASSES)))])
+            scene = _pick(rng, LAND_SCENES if asked == "ship" else SCENE_CLASSES)
         colour = str(rng.choice(sorted(VEHICLE_COLOURS)))
         if present:
-            for _ in range(int(rng.integers(1, 5))):
-                _place(rng, objs, asked, w, h, colour="" if asked == "ship" else colour)
-        elif scene == "sea":
-            for _ in range(int(rng.integers(0, 3))):
-                _place(rng, objs, "ship", w, h)
+            placed, count = asked, int(rng.integers(1, 5))
         else:
-            for _ in range(int(rng.integers(0, 3))):
-                _place(rng, objs, "vehicle" if asked == "ship" else "airplane", w, h,
-                       colour=colour if asked == "ship" else "")
+            placed = "ship" if scene == "sea" else "vehicle" if asked == "ship" else "airplane"
+            count = int(rng.integers(0, 3))
+        for _ in range(count):
+            _place(rng, objs, placed, w, h, colour=colour if placed == "vehicle" else "")
         img = _optical_image(rng, scene, w, h, objs)
     elif src.sensor == "sar":
         asked = "ship"
@@ -498,19 +462,13 @@ def _gen_vqa(rng, src, split, i, out, json_rel, present: bool):
         for _ in range(int(rng.integers(0, 3))):
             _place(rng, objs, other, w, h)
         img = _infrared_image(rng, w, h, objs)
-    count = sum(o.cls == asked for o in objs)
     # Mostly count the asked class; sometimes another class in view, so counts are not implied.
     candidates = sorted({o.cls for o in objs} | {asked})
-    counted = asked if rng.random() < 0.7 else candidates[int(rng.integers(len(candidates)))]
-    n_counted = sum(o.cls == counted for o in objs)
+    counted = asked if rng.random() < 0.7 else _pick(rng, candidates)
     path = out.image(f"{src.image_dir}/{split}_{i:05d}.png", img)
     out.record(json_rel, path, _turns(
-        (PRESENCE_PROMPT.format(name=asked), "yes" if count else "no"),
-        (COUNT_PROMPT.format(names=plural(counted)), str(n_counted))))
-
-
-_QUADRANTS = {(0, 0): "top left", (1, 0): "top right",
-              (0, 1): "bottom left", (1, 1): "bottom right"}
+        (PRESENCE_PROMPT.format(name=asked), "yes" if any(o.cls == asked for o in objs) else "no"),
+        (COUNT_PROMPT.format(names=plural(counted)), str(sum(o.cls == counted for o in objs)))))
 
 
 def _gen_rsvg(rng, src, split, i, out, json_rel):
@@ -518,19 +476,16 @@ def _gen_rsvg(rng, src, split, i, out, json_rel):
     one ship per quadrant. One grounding and one region-caption record per image (2 turns each)."""
     w, h = _image_size(rng)
     objs: list[Obj] = []
+    phrases = []
     if rng.random() < 0.4:
         scene = "sea"
-        quads = rng.permutation(4)[:int(rng.integers(2, 4))]
-        phrases = []
-        for q in quads:
+        for q in rng.permutation(4)[:int(rng.integers(2, 4))]:
             qx, qy = int(q) % 2, int(q) // 2
             _place(rng, objs, "ship", w, h, region=(qx / 2, qy / 2, qx / 2 + 0.5, qy / 2 + 0.5))
-            phrases.append(f"The ship at the {_QUADRANTS[(qx, qy)]}")
+            phrases.append(f"The ship at the {('top', 'bottom')[qy]} {('left', 'right')[qx]}")
     else:
-        scene = LAND_SCENES[int(rng.integers(len(LAND_SCENES)))]
-        colours = rng.permutation(sorted(VEHICLE_COLOURS))[:int(rng.integers(2, 5))]
-        phrases = []
-        for c in colours:
+        scene = _pick(rng, LAND_SCENES)
+        for c in rng.permutation(sorted(VEHICLE_COLOURS))[:int(rng.integers(2, 5))]:
             _place(rng, objs, "vehicle", w, h, colour=str(c))
             phrases.append(f"The {c} vehicle")
     img = _optical_image(rng, scene, w, h, objs)
@@ -553,11 +508,9 @@ def _gen_detection(rng, src, split, i, out, json_rel):
     if i % EMPTY_SCENE_EVERY == EMPTY_SCENE_EVERY - 1:
         n = 0
     if src.name == "DIOR_mini":
-        scene = "sea" if rng.random() < 0.35 else LAND_SCENES[int(rng.integers(len(LAND_SCENES)))]
-        if scene == "sea":
-            classes = ["ship"]
-        else:
-            classes = [["vehicle"], ["airplane"], ["vehicle", "airplane"]][int(rng.integers(3))]
+        scene = "sea" if rng.random() < 0.35 else _pick(rng, LAND_SCENES)
+        classes = ["ship"] if scene == "sea" else _pick(
+            rng, [["vehicle"], ["airplane"], ["vehicle", "airplane"]])
         colour = str(rng.choice(sorted(VEHICLE_COLOURS)))
         for k in range(max(n, len(classes)) if n else 0):
             cls = classes[k % len(classes)]
@@ -572,7 +525,7 @@ def _gen_detection(rng, src, split, i, out, json_rel):
             _place_oriented_ship(rng, objs, w, h)
         img = _sar_image(rng, w, h, objs)
     else:
-        classes = [["person"], ["vehicle"], ["person", "vehicle"]][int(rng.integers(3))]
+        classes = _pick(rng, [["person"], ["vehicle"], ["person", "vehicle"]])
         for k in range(max(n, len(classes)) if n else 0):
             _place(rng, objs, classes[k % len(classes)], w, h)
         img = _infrared_image(rng, w, h, objs)
@@ -580,6 +533,10 @@ def _gen_detection(rng, src, split, i, out, json_rel):
               for c in DETECTION_CLASSES[src.name] if any(o.cls == c for o in objs)]
     path = out.image(f"{src.image_dir}/{split}_{i:05d}.png", img)
     out.record(json_rel, path, _turns((DETECTION_PROMPT, detection_to_text(groups))))
+
+
+_GENERATORS = {"classification": _gen_classification, "caption": _gen_caption,
+               "rsvg": _gen_rsvg, "detection": _gen_detection}
 
 
 def _rng_for(seed: int, *names: str) -> np.random.Generator:
@@ -613,18 +570,13 @@ def write_release(root: str, *, seed: int = 0, num_train_images: int = 600,
                 present = np.zeros(n, bool)
                 present[rng.permutation(n)[:n // 2]] = True
             for i in range(n):
-                if src.task == "classification":
-                    _gen_classification(rng, src, split, i, out, json_rel)
-                elif src.task == "caption":
-                    _gen_caption(rng, src, split, i, out, json_rel)
-                elif src.task == "vqa" and src in MULTISPECTRAL_SOURCES:
-                    _gen_multispectral_vqa(rng, src, split, i, out, json_rel, bool(present[i]))
-                elif src.task == "vqa":
-                    _gen_vqa(rng, src, split, i, out, json_rel, bool(present[i]))
-                elif src.task == "rsvg":
-                    _gen_rsvg(rng, src, split, i, out, json_rel)
+                args = (rng, src, split, i, out, json_rel)
+                if src.task != "vqa":
+                    _GENERATORS[src.task](*args)
+                elif src in MULTISPECTRAL_SOURCES:
+                    _gen_multispectral_vqa(*args, bool(present[i]))
                 else:
-                    _gen_detection(rng, src, split, i, out, json_rel)
+                    _gen_vqa(*args, bool(present[i]))
     total_train = []
     for json_rel, records in sorted(out.records.items()):
         if not json_rel.endswith("_test.json"):

@@ -103,11 +103,9 @@ def encode_dialogue_prompt(tok: Tokenizer, history: Sequence[tuple[str, str]], q
 
 def encode_conversation(tok: Tokenizer, conversations: Sequence[dict], max_len: int
                         ) -> EncodedConversation:
-    """Text tokens of a human/gpt conversation with the assistant-only loss mask.
-
-    A conversation longer than `max_len` is cut at a turn boundary where possible (and flagged),
-    so the model never learns from a half answer that lacks its `</s>`.
-    """
+    """Text tokens of a human/gpt conversation with the assistant-only loss mask. A
+    conversation longer than `max_len` is cut at a turn boundary where possible (and flagged),
+    so the model never learns from a half answer that lacks its `</s>`."""
     if len(conversations) % 2:
         raise ValueError(f"conversation has an odd number of turns ({len(conversations)})")
     ids: list[int] = []
@@ -127,11 +125,7 @@ def encode_conversation(tok: Tokenizer, conversations: Sequence[dict], max_len: 
         ids += prompt + answer
         mask += [0.0] * len(prompt) + [1.0] * len(answer)
     ids, mask = ids[:max_len], mask[:max_len]
-    n = len(ids)
-    tokens = np.full(max_len, tok.pad_id, np.int32)
-    tokens[:n] = ids
-    valid = np.zeros(max_len, bool)
-    valid[:n] = True
-    loss = np.zeros(max_len, np.float32)
-    loss[:n] = mask
-    return EncodedConversation(tokens, valid, loss, truncated)
+    pad = max_len - len(ids)
+    return EncodedConversation(np.asarray(ids + [tok.pad_id] * pad, np.int32),
+                               np.arange(max_len) < len(ids),
+                               np.asarray(mask + [0.0] * pad, np.float32), truncated)

@@ -8,9 +8,11 @@ both.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import io
+import itertools
 import os
 import shutil
 import subprocess
@@ -20,6 +22,8 @@ from typing import Iterable, Sequence
 from earthgpt_jax.evaluate import parsers
 
 BoxLike = Sequence[float]
+# In the order the paper's captioning table gives them.
+CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -29,8 +33,9 @@ def _mean(values: Sequence[float]) -> float | None:
 def classification_accuracy(preds: Sequence[str], refs: Sequence[str]) -> dict:
     """Exact match of `normalise_class(pred)` and `normalise_class(ref)`."""
     _check_lengths(preds, refs)
-    hits = [parsers.normalise_class(p) == parsers.normalise_class(r) for p, r in zip(preds, refs)]
-    return {"accuracy": _mean([float(h) for h in hits]), "n": len(hits)}
+    hits = [float(parsers.normalise_class(p) == parsers.normalise_class(r))
+            for p, r in zip(preds, refs)]
+    return {"accuracy": _mean(hits), "n": len(hits)}
 
 
 def caption_scores(preds: Sequence[str], refs_list: Sequence[Sequence[str]],
@@ -50,14 +55,10 @@ def caption_scores(preds: Sequence[str], refs_list: Sequence[Sequence[str]],
     for i, (pred, refs) in enumerate(zip(preds, refs_list)):
         if isinstance(refs, str):
             refs = [refs]
-        refs = [" ".join(parsers.simple_tokens(r)) for r in refs]
-        refs = [r for r in refs if r]
-        if not refs:
-            continue
-        gts[i] = refs
-        res[i] = [" ".join(parsers.simple_tokens(pred))]
-    out = {"BLEU-1": None, "BLEU-2": None, "BLEU-3": None, "BLEU-4": None, "METEOR": None,
-           "ROUGE-L": None, "CIDEr": None, "SPICE": None, "n": len(gts)}
+        refs = [t for t in (" ".join(parsers.simple_tokens(r)) for r in refs) if t]
+        if refs:
+            gts[i], res[i] = refs, [" ".join(parsers.simple_tokens(pred))]
+    out = dict.fromkeys(CAPTION_METRICS) | {"n": len(gts)}
     status = java_status() if java_metrics else dict.fromkeys(JAVA_METRICS, JAVA_NOT_REQUESTED)
     skipped = {name: reason for name, reason in status.items() if reason}
     if gts:
@@ -67,13 +68,10 @@ def caption_scores(preds: Sequence[str], refs_list: Sequence[Sequence[str]],
         with contextlib.redirect_stdout(io.StringIO()):  # BleuScorer prints its ratio line.
             bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
             cider, _ = Cider().compute_score(gts, res)
-        for k in range(4):
-            out[f"BLEU-{k + 1}"] = float(bleu[k])
+        out.update({f"BLEU-{k + 1}": float(bleu[k]) for k in range(4)})
         out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
         out["CIDEr"] = float(cider)
-        for name in JAVA_METRICS:
-            if name in skipped:
-                continue
+        for name in (n for n in JAVA_METRICS if n not in skipped):
             try:
                 out[name] = _java_score(name, gts, res)
             except (OSError, ValueError, subprocess.SubprocessError) as e:
@@ -131,22 +129,16 @@ def vqa_answer_correct(pred: str, answers: str | Sequence[str]) -> tuple[bool, b
         answers = [answers]
     parseable = False
     for ans in answers:
-        norm = parsers.normalise_vqa_answer(ans)
-        if norm in ("yes", "no"):
+        want = parsers.normalise_vqa_answer(ans)
+        if want in ("yes", "no"):
             got = parsers.parse_yes_no(pred)
-            parseable |= got is not None
-            if got == norm:
-                return True, True
-        elif norm.isdigit():
-            got = parsers.parse_number(pred)
-            parseable |= got is not None
-            if got == int(norm):
-                return True, True
+        elif want.isdigit():
+            got, want = parsers.parse_number(pred), int(want)
         else:
             got = parsers.normalise_vqa_answer(pred)
-            parseable |= bool(got)
-            if got == norm:
-                return True, True
+        parseable |= got is not None and got != ""  # 0 is a parsed count
+        if got == want:
+            return True, True
     return False, parseable
 
 
@@ -158,15 +150,15 @@ def vqa_accuracy(preds: Sequence[str], answers: Sequence[str | Sequence[str]],
     if question_types is None:
         question_types = ["all"] * len(preds)
     _check_lengths(preds, question_types)
-    hits, malformed = [], 0
+    scored = [vqa_answer_correct(pred, ans) for pred, ans in zip(preds, answers)]
+    hits = [float(ok) for ok, _ in scored]
     by_type: dict[str, list[float]] = defaultdict(list)
-    for pred, ans, qtype in zip(preds, answers, question_types):
-        ok, parseable = vqa_answer_correct(pred, ans)
-        hits.append(float(ok))
-        malformed += int(not parseable)
-        by_type[qtype].append(float(ok))
-    return {"accuracy": _mean(hits), "n": len(hits), "n_malformed": malformed,
-            "per_type": {t: {"accuracy": _mean(v), "n": len(v)} for t, v in sorted(by_type.items())}}
+    for hit, qtype in zip(hits, question_types):
+        by_type[qtype].append(hit)
+    return {"accuracy": _mean(hits), "n": len(hits),
+            "n_malformed": sum(not parseable for _, parseable in scored),
+            "per_type": {t: {"accuracy": _mean(v), "n": len(v)}
+                         for t, v in sorted(by_type.items())}}
 
 
 def box_area(box: BoxLike) -> float:
@@ -210,58 +202,44 @@ def grounding_scores(pred_boxes: Sequence[BoxLike | None], gt_boxes: Sequence[Bo
     for pred, gt in zip(pred_boxes, gt_boxes):
         if pred is None:
             malformed += 1
-            ious.append(0.0)
-            union_sum += box_area(gt)
-            continue
-        inter = box_intersection(pred, gt)
-        union = box_area(pred) + box_area(gt) - inter
+            inter, union = 0.0, box_area(gt)
+        else:
+            inter = box_intersection(pred, gt)
+            union = box_area(pred) + box_area(gt) - inter
         ious.append(float(inter / union) if union > 0 else 0.0)
         inter_sum += inter
         union_sum += union
-    n = len(ious)
-    return {
-        f"Acc@{iou_threshold:g}": _mean([float(v >= iou_threshold) for v in ious]),
-        "mIoU": _mean(ious),
-        "cIoU": (float(inter_sum / union_sum) if union_sum > 0 else 0.0) if n else None,
-        "n": n,
-        "n_malformed": malformed,
-    }
+    ciou = (float(inter_sum / union_sum) if union_sum > 0 else 0.0) if ious else None
+    return {f"Acc@{iou_threshold:g}": _mean([float(v >= iou_threshold) for v in ious]),
+            "mIoU": _mean(ious), "cIoU": ciou, "n": len(ious), "n_malformed": malformed}
 
 
 def match_boxes(pred: Sequence[BoxLike], gt: Sequence[BoxLike],
                 iou_threshold: float = 0.5) -> list[tuple[int, int, float]]:
     """Greedy one-to-one matching: highest-IoU pairs first, each box used at most once."""
-    pairs = []
-    for i, p in enumerate(pred):
-        for j, g in enumerate(gt):
-            iou = box_iou(p, g)
-            if iou >= iou_threshold:
-                pairs.append((iou, i, j))
-    pairs.sort(key=lambda t: (-t[0], t[1], t[2]))
+    pairs = sorted(((iou, i, j) for i, p in enumerate(pred) for j, g in enumerate(gt)
+                    if (iou := box_iou(p, g)) >= iou_threshold),
+                   key=lambda t: (-t[0], t[1], t[2]))
     used_p, used_g, matches = set(), set(), []
     for iou, i, j in pairs:
-        if i in used_p or j in used_g:
-            continue
-        used_p.add(i)
-        used_g.add(j)
-        matches.append((i, j, iou))
+        if i not in used_p and j not in used_g:
+            used_p.add(i)
+            used_g.add(j)
+            matches.append((i, j, iou))
     return matches
 
 
 def _as_class_dict(groups: Iterable) -> tuple[dict[str, list], dict[str, int]]:
-    """Groups of (class, boxes) or (class, count, boxes) -> boxes per class, count per class.
-
-    The count is the one the answer states (`<p>N ...</p>`) when given, else the box count.
-    Several groups of one class are merged.
-    """
+    """Groups of (class, boxes) or (class, count, boxes) -> boxes per class, count per class
+    (groups of one class merged); the count is the one the answer states (`<p>N ...</p>`) when
+    given, else the box count."""
     boxes: dict[str, list] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     for group in groups or ():
         if len(group) == 3:
             cls, count, bxs = group
         else:
-            cls, bxs = group
-            count = None
+            (cls, bxs), count = group, None
         bxs = list(bxs or ())
         boxes[cls].extend(bxs)
         counts[cls] += int(count) if count is not None else len(bxs)
@@ -279,36 +257,29 @@ def detection_scores(pred_groups: Sequence[Iterable], gt_groups: Sequence[Iterab
     same per (image, true class) pair.
     """
     _check_lengths(pred_groups, gt_groups)
-    tp = n_pred = n_gt = 0
+    n_pred = 0
     count_ok, class_count_ok = [], []
-    cls_tp: dict[str, int] = defaultdict(int)
-    cls_gt: dict[str, int] = defaultdict(int)
+    cls_tp, cls_gt = defaultdict(int), defaultdict(int)
     for pred, gt in zip(pred_groups, gt_groups):
         p_boxes, p_counts = _as_class_dict(pred)
         g_boxes, g_counts = _as_class_dict(gt)
         for cls, gb in g_boxes.items():
-            pb = p_boxes.get(cls, [])
-            matched = len(match_boxes(pb, gb, iou_threshold))
-            tp += matched
-            cls_tp[cls] += matched
+            cls_tp[cls] += len(match_boxes(p_boxes.get(cls, []), gb, iou_threshold))
             cls_gt[cls] += len(gb)
-            n_gt += len(gb)
             class_count_ok.append(float(p_counts.get(cls, 0) == g_counts.get(cls, 0)))
         n_pred += sum(len(v) for v in p_boxes.values())
         classes = set(p_counts) | set(g_counts)
         count_ok.append(float(all(p_counts.get(c, 0) == g_counts.get(c, 0) for c in classes)))
+    tp, n_gt = sum(cls_tp.values()), sum(cls_gt.values())
     return {
         f"precision@{iou_threshold:g}": (tp / n_pred if n_pred else 0.0) if count_ok else None,
         f"recall@{iou_threshold:g}": (tp / n_gt if n_gt else None),
-        "count_accuracy": _mean(count_ok),
-        "class_count_accuracy": _mean(class_count_ok),
-        "per_class_recall": {c: {"recall": cls_tp[c] / cls_gt[c], "n_gt": cls_gt[c]}
+        "count_accuracy": _mean(count_ok), "class_count_accuracy": _mean(class_count_ok),
+        # A reference may name a class with a count and no boxes: no recall for it then.
+        "per_class_recall": {c: {"recall": cls_tp[c] / cls_gt[c] if cls_gt[c] else None,
+                                 "n_gt": cls_gt[c]}
                              for c in sorted(cls_gt)},
-        "n": len(count_ok),
-        "n_pred_boxes": n_pred,
-        "n_gt_boxes": n_gt,
-        "n_true_positive": tp,
-    }
+        "n": len(count_ok), "n_pred_boxes": n_pred, "n_gt_boxes": n_gt, "n_true_positive": tp}
 
 
 def exact_match_accuracy(preds: Sequence[str], refs: Sequence[str | Sequence[str]]) -> dict:
@@ -316,9 +287,8 @@ def exact_match_accuracy(preds: Sequence[str], refs: Sequence[str | Sequence[str
     _check_lengths(preds, refs)
     hits = []
     for pred, ref in zip(preds, refs):
-        ref = [ref] if isinstance(ref, str) else list(ref)
-        p = parsers.normalise_phrase(pred)
-        hits.append(float(any(p == parsers.normalise_phrase(r) for r in ref)))
+        phrases = {parsers.normalise_phrase(r) for r in ([ref] if isinstance(ref, str) else ref)}
+        hits.append(float(parsers.normalise_phrase(pred) in phrases))
     return {"accuracy": _mean(hits), "n": len(hits)}
 
 
@@ -337,14 +307,16 @@ AP_RANKING_RULE = (
     "the same tie rule as pycocotools' mergesort.")
 
 
+def _envelope(precision: Sequence[float]) -> list[float]:
+    """Each precision raised to the best at its recall or beyond, then a 0 past the last."""
+    return [*itertools.accumulate(reversed(precision), max)][::-1] + [0.0]
+
+
 def _all_point_ap(recall: Sequence[float], precision: Sequence[float]) -> float:
     """VOC 2010+ AP: area under the precision envelope at every recall change."""
     mrec = [0.0, *recall, 1.0]
-    mpre = [0.0, *precision, 0.0]
-    for i in range(len(mpre) - 2, -1, -1):
-        mpre[i] = max(mpre[i], mpre[i + 1])
-    return float(sum((mrec[i + 1] - mrec[i]) * mpre[i + 1] for i in range(len(mrec) - 1)
-                     if mrec[i + 1] != mrec[i]))
+    return float(sum((r1 - r0) * p for r0, r1, p in zip(mrec, mrec[1:], _envelope(precision))
+                     if r1 != r0))
 
 
 def _coco101_ap(recall: Sequence[float], precision: Sequence[float]) -> float:
@@ -353,27 +325,17 @@ def _coco101_ap(recall: Sequence[float], precision: Sequence[float]) -> float:
     The recall points are pycocotools' own `np.linspace(0, 1, 101)` (0.07 is 0.07000000000000001
     there, which decides ties when a recall lands exactly on a point).
     """
-    import bisect
-
     import numpy as np
-    env = list(precision)
-    for i in range(len(env) - 2, -1, -1):
-        env[i] = max(env[i], env[i + 1])
-    total = 0.0
-    for r in np.linspace(0.0, 1.0, 101):
-        idx = bisect.bisect_left(recall, float(r))
-        total += env[idx] if idx < len(env) else 0.0
-    return total / 101
+    env = _envelope(precision)
+    return sum(env[bisect.bisect_left(recall, float(r))]
+               for r in np.linspace(0.0, 1.0, 101)) / 101
 
 
 def _voc07_ap(recall: Sequence[float], precision: Sequence[float]) -> float:
     """VOC 2007 11-point AP, the DOTA devkit's (`use_07_metric=True`): the mean over recall
     t = 0, 0.1, ..., 1 of the best precision at recall >= t (0 where none)."""
-    total = 0.0
-    for k in range(11):
-        reached = [p for r, p in zip(recall, precision) if r >= k / 10 - 1e-12]
-        total += max(reached) if reached else 0.0
-    return total / 11
+    return sum(max((p for r, p in zip(recall, precision) if r >= k / 10 - 1e-12), default=0.0)
+               for k in range(11)) / 11
 
 
 def ranked_detections(pred_groups_per_image: Sequence[Iterable]) -> dict[str, list]:
@@ -381,12 +343,9 @@ def ranked_detections(pred_groups_per_image: Sequence[Iterable]) -> dict[str, li
     dets: dict[str, list] = defaultdict(list)
     for i, groups in enumerate(pred_groups_per_image):
         for cls, bxs in _as_class_dict(groups)[0].items():
-            n = len(bxs)
-            for r, box in enumerate(bxs):
-                dets[cls].append((1.0 - r / n, i, r, box))
-    for cls in dets:
-        dets[cls].sort(key=lambda d: (-d[0], d[1], d[2]))
-    return dict(dets)
+            for r, box in enumerate(bxs):  # a class named without boxes gets no entry
+                dets[cls].append((1.0 - r / len(bxs), i, r, box))
+    return {cls: sorted(ds, key=lambda d: (-d[0], d[1], d[2])) for cls, ds in dets.items()}
 
 
 def detection_ap(pred_groups_per_image: Sequence[Iterable], gt_groups_per_image: Sequence[Iterable],
@@ -425,9 +384,8 @@ def detection_ap(pred_groups_per_image: Sequence[Iterable], gt_groups_per_image:
         tp = fp = 0
         recall, precision = [], []
         for _, i, _, box in cls_dets:
-            image_gts = gts[cls].get(i, [])
-            ious = [iou(box, g) for g in image_gts]
-            best = max(range(len(ious)), key=ious.__getitem__) if ious else None
+            ious = [iou(box, g) for g in gts[cls].get(i, [])]
+            best = max(range(len(ious)), key=ious.__getitem__, default=None)
             if best is not None and ious[best] >= iou_threshold and not taken[i][best]:
                 taken[i][best] = True
                 tp += 1

@@ -14,38 +14,30 @@ from earthgpt_jax.data import boxes as box_text
 
 _ARTICLES = frozenset({"a", "an", "the"})
 
-# Phrases a model (or a dataset) puts around a class name; removed from the front.
+# Phrases a model (or a dataset) puts around a class name; the first that matches is removed
+# from the front.
 _CLASS_PREFIXES = (
     "this is an image of", "this is a picture of", "this image shows", "this image is",
     "this picture shows", "the image shows", "the scene is", "this scene is", "it is",
     "this is", "image of", "picture of", "a remote sensing image of", "remote sensing image of",
 )
+_CLASS_PREFIX = re.compile("^(?:" + "|".join(map(re.escape, _CLASS_PREFIXES)) + ") ")
 
 # Names that different datasets use for the same class; left side after singularisation.
 CLASS_SYNONYMS = {
-    "plane": "airplane",
-    "aeroplane": "airplane",
-    "aircraft": "airplane",
-    "car": "vehicle",
-    "storagetank": "storage tank",
-    "groundtrackfield": "ground track field",
-    "tenniscourt": "tennis court",
-    "basketballcourt": "basketball court",
-    "baseballfield": "baseball field",
-    "golffield": "golf field",
-    "golf course": "golf field",
-    "trainstation": "train station",
-    "railway station": "train station",
-    "harbour": "harbor",
+    "plane": "airplane", "aeroplane": "airplane", "aircraft": "airplane", "car": "vehicle",
+    "storagetank": "storage tank", "groundtrackfield": "ground track field",
+    "tenniscourt": "tennis court", "basketballcourt": "basketball court",
+    "baseballfield": "baseball field", "golffield": "golf field", "golf course": "golf field",
+    "trainstation": "train station", "railway station": "train station", "harbour": "harbor",
 }
 
 _UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
           "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
           "eighteen", "nineteen"]
 _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
-NUMBER_WORDS = {w: i for i, w in enumerate(_UNITS)}
-NUMBER_WORDS.update({w: 10 * i for i, w in enumerate(_TENS) if w})
-NUMBER_WORDS["hundred"] = 100
+NUMBER_WORDS = ({w: i for i, w in enumerate(_UNITS)} | {w: 10 * i for i, w in enumerate(_TENS) if w}
+                | {"hundred": 100})
 
 _YES = frozenset({"yes", "yeah", "yep", "true", "correct"})
 _NO = frozenset({"no", "nope", "false", "incorrect"})
@@ -60,13 +52,8 @@ def simple_tokens(text: str) -> list[str]:
 
 def normalise_class(text: str) -> str:
     """Canonical class name: 'The Planes.' -> 'airplane', 'storage_tanks' -> 'storage tank'."""
-    s = str(text or "").lower().strip()
-    s = re.sub(r"[_\-/]", " ", s)
-    s = " ".join(s.translate(_PUNCT_TABLE).split())
-    for prefix in _CLASS_PREFIXES:
-        if s.startswith(prefix + " "):
-            s = s[len(prefix) + 1:]
-            break
+    # simple_tokens also splits at '_', '-' and '/' (punctuation): 'storage_tanks'.
+    s = _CLASS_PREFIX.sub("", " ".join(simple_tokens(text)), count=1)
     words = [w for w in s.split() if w not in _ARTICLES]
     if not words:
         return ""
@@ -119,11 +106,9 @@ def parse_number(text: str) -> int | None:
         return int(round(value)) if value != float("inf") else int(digits.split(".")[0])
     tokens = s.replace("-", " ").translate(_PUNCT_TABLE).split()
     value = _words_to_number(tokens)
-    if value is not None:
-        return value
-    if "none" in tokens or "no" in tokens:
+    if value is None and ("none" in tokens or "no" in tokens):
         return 0
-    return None
+    return value
 
 
 def normalise_vqa_answer(text: str) -> str:
@@ -133,14 +118,8 @@ def normalise_vqa_answer(text: str) -> str:
     s = re.sub(r"(?<=\d),(?=\d{3})", "", s)
     s = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", s)
     s = s.translate(str.maketrans({c: " " for c in string.punctuation if c != "."}))
-    out = []
-    for tok in s.split():
-        if tok in _ARTICLES:
-            continue
-        if tok in NUMBER_WORDS and tok != "hundred":
-            tok = str(NUMBER_WORDS[tok])
-        out.append(tok)
-    return " ".join(out)
+    return " ".join(str(NUMBER_WORDS[t]) if t in NUMBER_WORDS and t != "hundred" else t
+                    for t in s.split() if t not in _ARTICLES)
 
 
 def normalise_phrase(text: str) -> str:
@@ -159,8 +138,5 @@ def parse_grounding_answer(text: str) -> tuple[list[float] | None, int]:
 def parse_detection_answer(text: str) -> tuple[list[tuple[str, int, list[list[float]]]], int]:
     """Detection groups with canonical class names: [(class, stated_count, boxes)], malformed."""
     groups, n_malformed = box_text.parse_detection(str(text or ""))
-    out = []
-    for cls, count, group_boxes in groups:
-        out.append((normalise_class(cls), int(count) if count is not None else len(group_boxes),
-                    [[float(v) for v in b] for b in group_boxes]))
-    return out, n_malformed
+    return [(normalise_class(cls), int(count) if count is not None else len(bxs),
+             [[float(v) for v in b] for b in bxs]) for cls, count, bxs in groups], n_malformed

@@ -32,13 +32,9 @@ REPORT_TASKS = ("classification", "captioning", "vqa", "vqa_presence", "vqa_comp
                 "vqa_count", "grounding", "region_captioning", "detection")
 VQA_SUBTASKS = ("presence", "comparison", "count")
 HEADLINE_METRICS = {
-    "classification": ("accuracy",),
-    "captioning": ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
-                   "SPICE"),
-    "vqa": ("accuracy",),
-    "vqa_presence": ("accuracy",),
-    "vqa_comparison": ("accuracy",),
-    "vqa_count": ("accuracy",),
+    **dict.fromkeys(("classification", "vqa", "vqa_presence", "vqa_comparison", "vqa_count"),
+                    ("accuracy",)),
+    "captioning": metrics.CAPTION_METRICS,
     "grounding": ("Acc@0.5", "mIoU", "cIoU"),
     "region_captioning": ("exact_match", "BLEU-4", "CIDEr"),
     "detection": ("mAP@0.5", "precision@0.5", "recall@0.5", "count_accuracy"),
@@ -64,17 +60,15 @@ def vqa_question_type(question: str, reference: str) -> str:
     q = str(question or "").lower()
     ref = parsers.normalise_vqa_answer(reference)
     if ref in ("yes", "no"):
-        if _ASKS_PRESENCE.search(q) and not _COMPARES.search(q):
-            return "presence"
-        return "comparison"
+        asks_presence = _ASKS_PRESENCE.search(q) and not _COMPARES.search(q)
+        return "presence" if asks_presence else "comparison"
     if "how many" in q or ref.isdigit():
         return "count"
     return "other"
 
 
 def _reference(example: dict) -> str:
-    refs = example.get("references") or []
-    return refs[0] if refs else ""
+    return (example.get("references") or [""])[0]
 
 
 def _sensor(example: dict) -> str:
@@ -87,8 +81,7 @@ def _gt_box(example: dict):
 
 
 def _gt_groups(example: dict):
-    groups, _ = parsers.parse_detection_answer(_reference(example))
-    return groups
+    return parsers.parse_detection_answer(_reference(example))[0]
 
 
 def _corner_groups(text: str):
@@ -111,23 +104,20 @@ def picture_group(example: dict) -> tuple[str, bool]:
 
 # ----------------------------------------------------------------------------- baselines
 
-def _majority(values: Iterable, default=None):
+def _majority(values: Iterable):
     counts = Counter(values)
-    return counts.most_common(1)[0][0] if counts else default
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def _most_common_caption(captions: Sequence[str]) -> str:
     """Most frequent normalised caption; ties (e.g. all unique) go to the caption made of the
     most frequent words, a cheap stand-in for the consensus caption."""
-    norm = [" ".join(parsers.simple_tokens(c)) for c in captions]
-    norm = [c for c in norm if c]
+    norm = [c for c in (" ".join(parsers.simple_tokens(c)) for c in captions) if c]
     if not norm:
         return ""
     counts = Counter(norm)
     top = max(counts.values())
-    tied = [c for c in counts if counts[c] == top]
-    if len(tied) == 1:
-        return tied[0]
+    tied = [c for c, k in counts.items() if k == top]
     word_freq = Counter(w for c in norm for w in c.split())
     return max(tied, key=lambda c: (np.mean([word_freq[w] for w in c.split()]), -len(c)))
 
@@ -144,7 +134,8 @@ def _task_stats(examples: Sequence[dict], task: str) -> dict:
         return {"majority_by_type": {t: _majority(v) for t, v in sorted(by_type.items())},
                 "majority": _majority(a for v in by_type.values() for a in v)}
     if task == "captioning":
-        return {"caption": _most_common_caption([r for e in examples for r in e.get("references") or []])}
+        return {"caption": _most_common_caption([r for e in examples
+                                                 for r in e.get("references") or []])}
     if task == "region_captioning":
         return {"phrase": _majority(parsers.normalise_phrase(_reference(e)) for e in examples
                                     if _reference(e).strip())}
@@ -152,40 +143,34 @@ def _task_stats(examples: Sequence[dict], task: str) -> dict:
         found = [b for b in (_gt_box(e) for e in examples) if b is not None]
         return {"mean_box": np.mean(found, axis=0).tolist() if found else None}
     if task == "detection":
-        all_boxes, counts, counts_by_class = [], [], defaultdict(list)
-        for e in examples:
-            for cls, count, bxs in _gt_groups(e):
-                all_boxes.extend(bxs)
-                counts.append(count)
-                counts_by_class[cls].append(count)
+        groups = [g for e in examples for g in _gt_groups(e)]
+        all_boxes = [b for _, _, bxs in groups for b in bxs]
+        by_class = sorted(_group_by(groups, lambda g: g[0]).items())
         return {"mean_box": np.mean(all_boxes, axis=0).tolist() if all_boxes else None,
-                "majority_count": _majority(counts),
-                "majority_count_by_class": {c: _majority(v) for c, v in sorted(counts_by_class.items())}}
+                "majority_count": _majority(count for _, count, _ in groups),
+                "majority_count_by_class": {c: _majority(count for _, count, _ in gs)
+                                            for c, gs in by_class}}
     raise ValueError(f"unknown task {task!r}")
 
 
 def baselines_from(train_examples: Sequence[dict], source: str = "train") -> dict:
     """Answer statistics per task and per (task, sensor): {'source', 'stats': {task: {sensor|'all':
     stats}}}. `train_examples` use the example schema; `prediction` is not needed."""
-    by_task = defaultdict(list)
-    for e in train_examples or ():
-        if e.get("task") in TASKS:
-            by_task[e["task"]].append(e)
+    by_task = _group_by((e for e in train_examples or () if e.get("task") in TASKS),
+                        lambda e: e["task"])
     stats = {}
     for task, exs in by_task.items():
-        per = {ALL: _task_stats(exs, task)}
-        by_sensor = defaultdict(list)
-        for e in exs:
-            by_sensor[_sensor(e)].append(e)
-        for sensor, sexs in sorted(by_sensor.items()):
-            per[sensor] = _task_stats(sexs, task)
-        stats[task] = per
+        per_sensor = sorted(_group_by(exs, _sensor).items())
+        stats[task] = {ALL: _task_stats(exs, task)} | {sensor: _task_stats(sexs, task)
+                                                       for sensor, sexs in per_sensor}
     return {"source": source, "n": sum(len(v) for v in by_task.values()), "stats": stats}
 
 
-def _stats_for(baselines: dict, task: str, sensor: str) -> dict:
-    per = baselines.get("stats", {}).get(task, {})
-    return per.get(sensor) or per.get(ALL) or {}
+def _group_by(items: Iterable, key) -> dict[str, list]:
+    groups = defaultdict(list)
+    for item in items:
+        groups[key(item)].append(item)
+    return groups
 
 
 def _baseline_answer_groups(gt_groups, stats):
@@ -193,11 +178,8 @@ def _baseline_answer_groups(gt_groups, stats):
     the classes, so its recall and count accuracy are upper bounds for a blind constant)."""
     mean_box = stats.get("mean_box")
     by_class = stats.get("majority_count_by_class") or {}
-    out = []
-    for cls, _, _ in gt_groups:
-        count = by_class.get(cls, stats.get("majority_count") or 0)
-        out.append((cls, count, [mean_box] if mean_box is not None else []))
-    return out
+    return [(cls, by_class.get(cls, stats.get("majority_count") or 0),
+             [mean_box] if mean_box is not None else []) for cls, _, _ in gt_groups]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -207,33 +189,29 @@ def _score_group(task: str, examples: Sequence[dict], stats: dict,
     """Model and baseline metrics of one (task, sensor) group; task may be a VQA sub-task.
     `java_metrics` adds METEOR/SPICE to captioning (see `metrics.caption_scores`)."""
     preds = [str(e.get("prediction") or "") for e in examples]
+    refs = [_reference(e) for e in examples]
     out = {"n": len(examples), "n_malformed": 0, "model": {}, "baseline": {}, "details": {}}
     if task == "classification":
-        refs = [_reference(e) for e in examples]
-        out["model"] = metrics.classification_accuracy(preds, refs)
         base = stats.get("majority") or ""
+        out["model"] = metrics.classification_accuracy(preds, refs)
         out["baseline"] = metrics.classification_accuracy([base] * len(refs), refs)
         out["details"]["majority_class"] = base
     elif task.startswith("vqa"):
-        refs = [_reference(e) for e in examples]
         types = [vqa_question_type(e.get("question", ""), r) for e, r in zip(examples, refs)]
-        model = metrics.vqa_accuracy(preds, refs, types)
         by_type = stats.get("majority_by_type") or {}
         base_preds = [by_type.get(t, stats.get("majority") or "") for t in types]
-        base = metrics.vqa_accuracy(base_preds, refs, types)
-        out["model"], out["baseline"] = model, base
-        out["n_malformed"] = model["n_malformed"]
+        out["model"] = metrics.vqa_accuracy(preds, refs, types)
+        out["baseline"] = metrics.vqa_accuracy(base_preds, refs, types)
+        out["n_malformed"] = out["model"]["n_malformed"]
         out["details"]["majority_by_type"] = by_type
     elif task == "captioning":
-        refs = [list(e.get("references") or []) for e in examples]
-        out["model"] = metrics.caption_scores(preds, refs, java_metrics=java_metrics)
+        all_refs = [list(e.get("references") or []) for e in examples]
         base = stats.get("caption") or ""
-        out["baseline"] = metrics.caption_scores([base] * len(refs), refs,
-                                                 java_metrics=java_metrics)
+        for side, answers in (("model", preds), ("baseline", [base] * len(refs))):
+            out[side] = metrics.caption_scores(answers, all_refs, java_metrics=java_metrics)
         out["details"]["baseline_caption"] = base
         out["n_malformed"] = sum(not parsers.simple_tokens(p) for p in preds)
     elif task == "region_captioning":
-        refs = [_reference(e) for e in examples]
         base = stats.get("phrase") or ""
         for side, answers in (("model", preds), ("baseline", [base] * len(refs))):
             scores = metrics.exact_match_accuracy(answers, refs)
@@ -243,33 +221,26 @@ def _score_group(task: str, examples: Sequence[dict], stats: dict,
         out["details"]["majority_phrase"] = base
         out["n_malformed"] = sum(not parsers.simple_tokens(p) for p in preds)
     elif task == "grounding":
-        gts, pred_boxes, malformed, bad_refs = [], [], 0, 0
+        gts, pred_boxes, malformed = [], [], 0
         for e, p in zip(examples, preds):
             gt = _gt_box(e)
-            if gt is None:
-                bad_refs += 1
-                continue
-            box, bad = parsers.parse_grounding_answer(p)
-            malformed += bad
-            gts.append(gt)
-            pred_boxes.append(box)
-        out["model"] = metrics.grounding_scores(pred_boxes, gts)
+            if gt is not None:
+                box, bad = parsers.parse_grounding_answer(p)
+                malformed += bad
+                gts.append(gt)
+                pred_boxes.append(box)
         mean_box = stats.get("mean_box")
+        out["model"] = metrics.grounding_scores(pred_boxes, gts)
         out["baseline"] = metrics.grounding_scores([mean_box] * len(gts), gts)
         out["baseline"]["n_malformed"] = 0
-        out["n"] = len(gts)
-        out["n_malformed"] = malformed
-        out["details"].update(mean_box=mean_box, n_unparseable_references=bad_refs,
+        out["n"], out["n_malformed"] = len(gts), malformed
+        out["details"].update(mean_box=mean_box, n_unparseable_references=len(examples) - len(gts),
                               n_no_box=out["model"]["n_malformed"])
     elif task == "detection":
-        gts, pred_groups, base_groups, malformed = [], [], [], 0
-        for e, p in zip(examples, preds):
-            gt = _gt_groups(e)
-            groups, bad = parsers.parse_detection_answer(p)
-            malformed += bad
-            gts.append(gt)
-            pred_groups.append(groups)
-            base_groups.append(_baseline_answer_groups(gt, stats))
+        gts = [_gt_groups(e) for e in examples]
+        parsed = [parsers.parse_detection_answer(p) for p in preds]
+        pred_groups = [groups for groups, _ in parsed]
+        base_groups = [_baseline_answer_groups(gt, stats) for gt in gts]
         out["model"] = metrics.detection_scores(pred_groups, gts)
         out["baseline"] = metrics.detection_scores(base_groups, gts)
         # VOC AP with answer-order ranking (metrics.AP_RANKING_RULE, quoted in the notes).
@@ -279,7 +250,7 @@ def _score_group(task: str, examples: Sequence[dict], stats: dict,
             out[side]["per_class_AP"] = {c: v["AP"] for c, v in ap["per_class_AP"].items()}
         # Oriented references (DOTA, HRSC2016): rotated mAP as DOTA's devkit computes it,
         # horizontal predictions taken as their rectangles.
-        corner_gts = [_corner_groups(_reference(e)) for e in examples]
+        corner_gts = [_corner_groups(r) for r in refs]
         if _any_oriented(*corner_gts):
             corner_preds = [_corner_groups(p) for p in preds]
             corner_base = [[(c, n, [box_text.box_corners(b) for b in bxs]) for c, n, bxs in g]
@@ -287,7 +258,7 @@ def _score_group(task: str, examples: Sequence[dict], stats: dict,
             for side, groups in (("model", corner_preds), ("baseline", corner_base)):
                 out[side]["rotated mAP@0.5"] = metrics.rotated_detection_ap(
                     groups, corner_gts)["mAP@0.5"]
-        out["n_malformed"] = malformed
+        out["n_malformed"] = sum(bad for _, bad in parsed)
         # Empty scenes (answered boxes.NO_OBJECTS_ANSWER) are scored like any image: every box
         # predicted there is a false positive in precision and AP; shown here on their own.
         empty = [sum(len(b) for _, _, b in p) for g, p in zip(gts, pred_groups) if not g]
@@ -328,33 +299,23 @@ def evaluate_predictions(examples: Sequence[dict], baselines: dict | None = None
             grouped[task][ALL].append(e)
             grouped[task][_sensor(e)].append(e)
     groups = {}
-    for task in REPORT_TASKS:
-        if task not in grouped:
-            continue
-        stats_task = "vqa" if task.startswith("vqa") else task
+    for task in (t for t in REPORT_TASKS if t in grouped):
+        stats = baselines.get("stats", {}).get("vqa" if task.startswith("vqa") else task, {})
         sensors = [ALL] + sorted(s for s in grouped[task] if s != ALL)
         groups[task] = {s: _score_group(task, grouped[task][s],
-                                        _stats_for(baselines, stats_task, s), java_metrics)
+                                        stats.get(s) or stats.get(ALL) or {}, java_metrics)
                         for s in sensors}
-    return {
-        "n_examples": len(examples),
-        "n_unknown_task": len(examples) - len(known),
-        "baseline_source": baselines.get("source", "given"),
-        "groups": groups,
-        "rows": _rows(groups),
-        "notes": _notes(groups),
-    }
+    return {"n_examples": len(examples), "n_unknown_task": len(examples) - len(known),
+            "baseline_source": baselines.get("source", "given"), "groups": groups,
+            "rows": _rows(groups), "notes": _notes(groups)}
 
 
 def _notes(groups: dict) -> list[str]:
     """Why a reported figure is missing (a Java metric that could not run), once per reason."""
-    notes = []
     # Only captioning reports METEOR/SPICE (region captioning scores short phrases without them).
-    for g in groups.get("captioning", {}).values():
-        for name, reason in (g["model"].get("not_computed") or {}).items():
-            note = f"{name} not computed: {reason}"
-            if note not in notes:
-                notes.append(note)
+    notes = list(dict.fromkeys(
+        f"{name} not computed: {reason}" for g in groups.get("captioning", {}).values()
+        for name, reason in (g["model"].get("not_computed") or {}).items()))
     if "detection" in groups:
         notes.append(f"Detection mAP@0.5: {metrics.AP_RANKING_RULE}")
     return notes
@@ -364,11 +325,10 @@ def _rows(groups: dict) -> list[dict]:
     rows = []
     for task, per_sensor in groups.items():
         for sensor, g in per_sensor.items():
-            optional = [m for m in OPTIONAL_METRICS.get(task, ()) if m in g["model"]]
-            for metric in HEADLINE_METRICS[task] + tuple(optional):
-                rows.append({"task": task, "sensor": sensor, "metric": metric,
-                             "model": g["model"].get(metric), "baseline": g["baseline"].get(metric),
-                             "n": g["n"]})
+            optional = tuple(m for m in OPTIONAL_METRICS.get(task, ()) if m in g["model"])
+            rows += [{"task": task, "sensor": sensor, "metric": metric,
+                      "model": g["model"].get(metric), "baseline": g["baseline"].get(metric),
+                      "n": g["n"]} for metric in HEADLINE_METRICS[task] + optional]
             rows.append({"task": task, "sensor": sensor, "metric": "malformed answers",
                          "model": g["n_malformed"], "baseline": None, "n": g["n"]})
     return rows
@@ -379,21 +339,15 @@ def _rows(groups: dict) -> list[dict]:
 def _fmt(value) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def results_table(results: dict) -> str:
     """Markdown table: task | sensor | metric | model | baseline | n."""
-    header = "| task | sensor | metric | model | baseline | n |\n|---|---|---|---|---|---|"
-    lines = [header]
-    for r in results.get("rows", []):
-        lines.append(f"| {r['task']} | {r['sensor']} | {r['metric']} | {_fmt(r['model'])} | "
-                     f"{_fmt(r['baseline'])} | {r['n']} |")
-    if len(lines) == 1:
-        lines.append("| (no examples) | - | - | - | - | 0 |")
-    return "\n".join(lines) + "\n"
+    lines = [f"| {r['task']} | {r['sensor']} | {r['metric']} | {_fmt(r['model'])} | "
+             f"{_fmt(r['baseline'])} | {r['n']} |" for r in results.get("rows", [])]
+    header = ["| task | sensor | metric | model | baseline | n |", "|---|---|---|---|---|---|"]
+    return "\n".join(header + (lines or ["| (no examples) | - | - | - | - | 0 |"])) + "\n"
 
 
 def write_report(results: dict, out_dir: str) -> str:
@@ -401,31 +355,26 @@ def write_report(results: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     table = results_table(results)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, sort_keys=False, default=_json_default)
+        json.dump(results, f, indent=2, default=_json_default)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write("# Evaluation results\n\n")
-        f.write(f"{results.get('n_examples', 0)} questions; baselines from "
-                f"{results.get('baseline_source', '-')}.\n\n")
-        f.write(table)
-        f.write(notes_markdown(results.get("notes")))
+        notes = results.get("notes")
+        f.write(f"# Evaluation results\n\n{results.get('n_examples', 0)} questions; baselines "
+                f"from {results.get('baseline_source', '-')}.\n\n{table}"
+                + ("\n" + "".join(f"- {n}\n" for n in notes) if notes else ""))
     return table
 
 
-def notes_markdown(notes) -> str:
-    return "\n" + "".join(f"- {n}\n" for n in notes) if notes else ""
-
-
 def _json_default(obj):
-    if isinstance(obj, (np.integer,)):
+    if isinstance(obj, np.integer):
         return int(obj)
-    if isinstance(obj, (np.floating,)):
+    if isinstance(obj, np.floating):
         return float(obj)
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
-def _to_rgb(image) -> "PIL.Image.Image":
+def _to_rgb(image):
     from PIL import Image
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
@@ -446,10 +395,9 @@ def draw_boxes_png(image, true_boxes_px, pred_boxes_px, labels, path, pred_label
     """Save the image with true boxes in green and predicted boxes in red, under a legend strip.
 
     Images smaller than `MIN_PICTURE_SIDE` are enlarged by a whole factor (nearest neighbour,
-    so pixels stay pixels). `labels` (optional) name the true boxes, `pred_labels` the
-    predicted ones. Boxes are in pixels of `image`: [x0,y0,x1,y1], or an oriented box's
-    four corners [x1,y1,...,x4,y4], drawn as their polygon. `note` is written in the legend strip
-    (an empty scene says so, since no green box shows it).
+    so pixels stay pixels). `labels` (optional) name the true boxes. Boxes are in pixels of
+    `image`: [x0,y0,x1,y1], or an oriented box's four corners [x1,y1,...,x4,y4], drawn as their
+    polygon. `note` goes in the legend strip (an empty scene says so: no green box shows it).
     """
     from PIL import Image, ImageDraw, ImageFont
     img = _to_rgb(image)
@@ -479,10 +427,9 @@ def draw_boxes_png(image, true_boxes_px, pred_boxes_px, labels, path, pred_label
 
     _draw(true_boxes_px, labels, TRUE_COLOUR)
     _draw(pred_boxes_px, pred_labels, PRED_COLOUR)
-    draw.rectangle([4, 8, 12, 16], fill=TRUE_COLOUR)
-    draw.text((16, 6), "truth", fill=(255, 255, 255), font=font)
-    draw.rectangle([60, 8, 68, 16], fill=PRED_COLOUR)
-    draw.text((72, 6), "predicted", fill=(255, 255, 255), font=font)
+    for x, colour, legend in ((4, TRUE_COLOUR, "truth"), (60, PRED_COLOUR, "predicted")):
+        draw.rectangle([x, 8, x + 8, 16], fill=colour)
+        draw.text((x + 12, 6), legend, fill=(255, 255, 255), font=font)
     if note:
         draw.text((136, 6), note, fill=(255, 255, 255), font=font)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -492,11 +439,6 @@ def draw_boxes_png(image, true_boxes_px, pred_boxes_px, labels, path, pred_label
 
 # write_box_pictures' file names: {task}_{sensor}_{example id}.png
 PICTURE_NAME = re.compile(r"(grounding|detection)_[a-z]+_[A-Za-z0-9_.-]+\.png")
-
-
-def _size_of(example: dict) -> tuple[int, int]:
-    h, w = np.asarray(example["image"]).shape[:2]
-    return int(example.get("width") or w), int(example.get("height") or h)
 
 
 def write_box_pictures(examples_with_images: Sequence[dict], out_dir: str,
@@ -513,27 +455,25 @@ def write_box_pictures(examples_with_images: Sequence[dict], out_dir: str,
     written, per_task = [], Counter()
     for i, e in enumerate(examples_with_images or ()):
         task = e.get("task")
-        if task not in ("grounding", "detection") or e.get("image") is None:
+        if (task not in ("grounding", "detection") or e.get("image") is None
+                or per_task[picture_group(e)] >= max_per_task):
             continue
-        if per_task[picture_group(e)] >= max_per_task:
-            continue
-        width, height = _size_of(e)
-        to_px = lambda b: box_text.norm_to_pixel(b, width, height)  # noqa: E731
+        h, w = np.asarray(e["image"]).shape[:2]
+        width, height = int(e.get("width") or w), int(e.get("height") or h)
         pred_text = str(e.get("prediction") or "")
         if task == "grounding":
-            gt = _gt_box(e)
-            true_boxes, labels = ([to_px(gt)], ["truth"]) if gt is not None else ([], [])
-            pred, _ = parsers.parse_grounding_answer(pred_text)
-            pred_boxes, pred_labels = ([to_px(pred)], None) if pred is not None else ([], None)
+            gt, pred = _gt_box(e), parsers.parse_grounding_answer(pred_text)[0]
+            true_boxes = [box_text.norm_to_pixel(gt, width, height)] if gt is not None else []
+            pred_boxes = [box_text.norm_to_pixel(pred, width, height)] if pred is not None else []
+            labels, pred_labels = ["truth"] * len(true_boxes), None
         else:
             # Corners, so oriented boxes are drawn as they are; horizontal ones as rectangles.
-            to_shape = lambda q: box_text.shape_to_pixel(  # noqa: E731
-                box_text.drawn_shape(q), width, height)
             true_boxes, labels, pred_boxes, pred_labels = [], [], [], []
             for text, shapes, names in ((_reference(e), true_boxes, labels),
                                         (pred_text, pred_boxes, pred_labels)):
                 for cls, _, bxs in _corner_groups(text):
-                    shapes.extend(to_shape(b) for b in bxs)
+                    shapes.extend(box_text.shape_to_pixel(box_text.drawn_shape(q), width, height)
+                                  for q in bxs)
                     names.extend([cls] * len(bxs))
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(e.get("id", i)))
         path = os.path.join(out_dir, f"{task}_{_sensor(e)}_{name}.png")

@@ -83,10 +83,10 @@ def predict(config, session: InferenceSession, source, pending: list[dict], prog
         generated = np.asarray(jax.device_get(generated))
         for row, (example, image) in enumerate(zip(batch, originals)):
             example["prediction"] = session.tokenizer.decode(generated[row])
-            # Only the few examples that get a picture keep their image in memory.
-            pictured[report.picture_group(example)] += 1
-            keep = example["task"] in ("grounding", "detection") and \
-                pictured[report.picture_group(example)] <= ec.num_pictures
+            group = report.picture_group(example)
+            pictured[group] += 1
+            keep = (example["task"] in ("grounding", "detection")
+                    and pictured[group] <= ec.num_pictures)
             example["image"] = image if keep else None
             examples.append(example)
         progress.update(len(batch))
@@ -120,9 +120,8 @@ def run_eval(config, workdir: str, session: InferenceSession, source, train_sour
     table = report.write_report(results, out_dir)
     pictures = report.write_box_pictures(examples, out_dir, max_per_task=ec.num_pictures)
     with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
-        for e in examples:
-            f.write(json.dumps({k: v for k, v in e.items() if k not in ("image", "record")})
-                    + "\n")
+        f.writelines(json.dumps({k: v for k, v in e.items() if k not in ("image", "record")})
+                     + "\n" for e in examples)
     logging.info("Evaluation of %d questions written to %s (%d pictures)", len(examples),
                  out_dir, len(pictures))
     if print_table:

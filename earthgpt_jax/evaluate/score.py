@@ -86,6 +86,8 @@ def _box(value, what: str) -> list[float]:
 
 
 def _normalised(row: dict, bxs: list[list[float]]) -> list[list[float]]:
+    if not bxs:
+        return bxs
     flag = row.get("normalized", row.get("normalised"))
     if flag is not None and not isinstance(flag, bool):
         raise LineError(f"`normalized` must be true or false, got {json.dumps(flag)}")
@@ -96,7 +98,7 @@ def _normalised(row: dict, bxs: list[list[float]]) -> list[list[float]]:
         raise _Skip("pixel boxes need `width` and `height` (or set `normalized: true`)")
     if not (_is_number(width) and _is_number(height)) or width <= 0 or height <= 0:
         raise LineError(f"`width`/`height` must be positive numbers, got {width!r}, {height!r}")
-    to_norm = box_text.pixel_quad_to_norm if bxs and len(bxs[0]) == 8 else box_text.pixel_to_norm
+    to_norm = box_text.pixel_quad_to_norm if len(bxs[0]) == 8 else box_text.pixel_to_norm
     return [list(to_norm(b, int(width), int(height))) for b in bxs]
 
 
@@ -110,8 +112,7 @@ def _text(row: dict, key: str) -> str:
 def _references(row: dict) -> list[str]:
     if "references" in row:
         refs = row["references"]
-        if isinstance(refs, str):
-            refs = [refs]
+        refs = [refs] if isinstance(refs, str) else refs
         if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
             raise LineError("`references` must be a list of strings")
         if refs:
@@ -137,6 +138,13 @@ def _gt_box(row: dict) -> list[float]:
     raise _Skip("no `box`, `boxes` or `answer`")
 
 
+def _by_label(labels: list, shapes: list) -> list[tuple[str, list]]:
+    groups: dict[str, list] = {}
+    for label, shape in zip(labels, shapes):
+        groups.setdefault(parsers.normalise_class(label), []).append(shape)
+    return list(groups.items())
+
+
 def _gt_corner_groups(row: dict) -> list[tuple[str, list]]:
     """The reference's boxes as corners (oriented boxes: `corners` with `labels`, or the
     `answer` text; horizontal `boxes` as their rectangles), for the rotated mAP."""
@@ -147,11 +155,7 @@ def _gt_corner_groups(row: dict) -> list[tuple[str, list]]:
             raise LineError("`corners` must be a list of [x1, y1, x2, y2, x3, y3, x4, y4]")
         if not isinstance(labels, list) or len(labels) != len(raw):
             raise LineError("`labels` must name each box in `corners`")
-        quads = _normalised(row, [[float(v) for v in q] for q in raw]) if raw else []
-        groups: dict[str, list] = {}
-        for label, q in zip(labels, quads):
-            groups.setdefault(parsers.normalise_class(label), []).append(q)
-        return list(groups.items())
+        return _by_label(labels, _normalised(row, [[float(v) for v in q] for q in raw]))
     if "boxes" in row:
         return [(c, [box_text.box_corners(b) for b in bxs]) for c, bxs in _gt_groups(row)]
     groups, _ = box_text.parse_detection(_text(row, "answer"), corners=True)
@@ -166,12 +170,8 @@ def _gt_groups(row: dict) -> list[tuple[str, list]]:
         if not isinstance(labels, list) or len(labels) != len(raw) \
                 or not all(isinstance(x, str) for x in labels):
             raise LineError("`labels` must be a list of class names, one per box in `boxes`")
-        bxs = [_box(b, f"boxes[{k}]") for k, b in enumerate(raw)]
-        bxs = _normalised(row, bxs) if bxs else bxs
-        groups: dict[str, list] = {}
-        for label, b in zip(labels, bxs):
-            groups.setdefault(parsers.normalise_class(label), []).append(b)
-        return list(groups.items())
+        return _by_label(labels, _normalised(row, [_box(b, f"boxes[{k}]")
+                                                   for k, b in enumerate(raw)]))
     if "answer" in row:
         groups, _ = parsers.parse_detection_answer(_text(row, "answer"))
         return [(cls, bxs) for cls, _, bxs in groups]
@@ -250,7 +250,6 @@ def score_rows(task: str, rows, iou_threshold: float = 0.5, name: str = "<predic
     elif task == "grounding":
         pred_boxes = [parsers.parse_grounding_answer(p)[0] for p in preds]
         out = metrics.grounding_scores(pred_boxes, refs, iou_threshold)
-        out["n_malformed"] = sum(b is None for b in pred_boxes)
     else:
         pred_groups = [[(c, b) for c, _, b in parsers.parse_detection_answer(p)[0]]
                        for p in preds]
@@ -260,7 +259,8 @@ def score_rows(task: str, rows, iou_threshold: float = 0.5, name: str = "<predic
             corner_preds = [[(parsers.normalise_class(c), b) for c, _, b in
                              box_text.parse_detection(p, corners=True)[0]] for p in preds]
             rotated = metrics.rotated_detection_ap(corner_preds, corner_refs, iou_threshold)
-            out["rotated_mAP@0.5"] = rotated["mAP@0.5"]
+            key = f"mAP@{iou_threshold:g}"
+            out["rotated_" + key] = rotated[key]
             out["rotated_per_class_AP"] = rotated["per_class_AP"]
     out.update(task=task, skipped=len(skipped), skipped_lines=skipped[:MAX_SKIPPED_REPORTED])
     return out

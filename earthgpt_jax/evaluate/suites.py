@@ -195,7 +195,7 @@ def open_suites(config, workdir: str, skip_missing: bool | None = None,
     ec = config.eval
     skip = ec.skip_missing_suites if skip_missing is None else skip_missing
     data_dir = suites_data_dir(config, workdir)
-    opened, failed = [], {}
+    opened, failed, errors = [], {}, []
     for suite in selected_suites(ec.suites):
         try:
             opened.append((suite, open_suite(suite, data_dir, ec.suites_manual_dir,
@@ -203,34 +203,33 @@ def open_suites(config, workdir: str, skip_missing: bool | None = None,
         except (FileNotFoundError, ValueError) as e:
             # FileNotFoundError covers SuiteNotPreparedError and a raw folder the builder does
             # not recognise; ValueError a build stopped by its bad-record threshold.
-            failed[suite.name] = (e, str(e) if isinstance(e, SuiteNotPreparedError) else
+            errors.append(e)
+            failed[suite.name] = (str(e) if isinstance(e, SuiteNotPreparedError) else
                                   f"evaluation suite {suite.name!r} ({suite.builder}): {e}")
     if failed and not skip:
         # Every missing suite at once, so one round of preparation fixes them all.
-        first = next(iter(failed.values()))[0]
         raise SuiteNotPreparedError(
             f"{len(failed)} evaluation suite(s) cannot be evaluated:\n\n"
-            + "\n\n".join(message for _, message in failed.values())) from first
-    for name, (_, message) in failed.items():
+            + "\n\n".join(failed.values())) from errors[0]
+    for name, message in failed.items():
         logging.warning("Skipping evaluation suite %s: %s", name, message)
-    return opened, {name: message for name, (_, message) in failed.items()}
+    return opened, failed
 
 
 # ----------------------------------------------------------------------------- the paper tables
+
+def _group(results: dict, task: str) -> dict | None:
+    """The report's all-sensor group of `task` (`report.evaluate_predictions`)."""
+    return results.get("groups", {}).get(task, {}).get("all")
+
 
 def _value(suite: Suite, column: Column, results: dict, side: str):
     if column.average_of:
         parts = [_value(suite, c, results, side) for c in suite.columns
                  if c.label in column.average_of]
         return sum(parts) / len(parts) if parts and None not in parts else None
-    group = results.get("groups", {}).get(column.task, {}).get("all")
-    value = (group or {}).get(side, {}).get(column.metric)
+    value = (_group(results, column.task) or {}).get(side, {}).get(column.metric)
     return None if value is None else 100.0 * float(value)
-
-
-def _n(column: Column, results: dict):
-    group = results.get("groups", {}).get(column.task, {}).get("all")
-    return group["n"] if group else 0
 
 
 def suite_rows(suite: Suite, results: dict) -> list[dict]:
@@ -238,10 +237,10 @@ def suite_rows(suite: Suite, results: dict) -> list[dict]:
     detection suite adds its per-class AP@0.5."""
     rows = [{"column": c.label, "ours": _value(suite, c, results, "model"), "paper": c.paper,
              "baseline": _value(suite, c, results, "baseline"),
-             "n": _n(c, results)}
+             "n": (_group(results, c.task) or {"n": 0})["n"]}
             for c in suite.columns]
     if suite.task == "detection":
-        group = results.get("groups", {}).get("detection", {}).get("all") or {}
+        group = _group(results, "detection") or {}
         base = group.get("baseline", {}).get("per_class_AP") or {}
         for cls, ap in sorted((group.get("model", {}).get("per_class_AP") or {}).items()):
             rows.append({"column": f"AP@0.5 {cls}", "ours": None if ap is None else 100 * ap,
@@ -251,7 +250,7 @@ def suite_rows(suite: Suite, results: dict) -> list[dict]:
 
 
 def _malformed(results: dict, task: str) -> str:
-    group = results.get("groups", {}).get(task, {}).get("all")
+    group = _group(results, task)
     # Detection counts each broken box or group, so the count may exceed the questions.
     return (f"malformed answers {group['n_malformed']} ({group['n']} questions)" if group
             else "no questions scored")
@@ -289,16 +288,12 @@ def paper_tables_markdown(summary: dict) -> str:
         out += [f"- {s['dataset']}: {_malformed(s['results'], task)}; paper "
                 f"numbers: {s['paper_source']}; predictions in `{name}/predictions.jsonl`, every "
                 f"figure in `{name}/results.md`." for name, s in entries]
-    if summary.get("missing_paper_numbers"):
-        out.append("\n## Paper numbers we do not have\n")
-        out += [f"- {m}" for m in summary["missing_paper_numbers"]]
-    if summary.get("skipped"):
-        out.append("\n## Suites not evaluated\n")
-        for name, why in summary["skipped"].items():
-            out.append(f"- **{name}**: " + why.replace("\n", "\n  "))
-    if summary.get("notes"):
-        out.append("\n## Notes\n")
-        out += [f"- {n}" for n in summary["notes"]]
+    skipped = [f"**{name}**: " + why.replace("\n", "\n  ")
+               for name, why in (summary.get("skipped") or {}).items()]
+    for title, items in (("Paper numbers we do not have", summary.get("missing_paper_numbers")),
+                         ("Suites not evaluated", skipped), ("Notes", summary.get("notes"))):
+        if items:
+            out += [f"\n## {title}\n", *(f"- {item}" for item in items)]
     return "\n".join(out) + "\n"
 
 
@@ -310,11 +305,11 @@ def write_suite_report(per_suite: dict[str, dict], skipped: dict[str, str], out_
                "skipped": dict(skipped), "missing_paper_numbers": [], "notes": []}
     for name, results in per_suite.items():
         suite = SUITES[name]
-        rows = suite_rows(suite, results)
         summary["suites"][name] = {
             "dataset": suite.dataset, "builder": suite.builder, "split": suite.split,
             "task": suite.task, "sensor": suite.sensor, "protocol": suite.protocol,
-            "paper_source": suite.paper_source, "rows": rows, "results": results}
+            "paper_source": suite.paper_source, "rows": suite_rows(suite, results),
+            "results": results}
         missing = [c.label for c in suite.columns if c.paper is None]
         if missing:
             summary["missing_paper_numbers"].append(
@@ -323,9 +318,8 @@ def write_suite_report(per_suite: dict[str, dict], skipped: dict[str, str], out_
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2, default=_json_default)
-    table = paper_tables_markdown(summary)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(table)
+        f.write(paper_tables_markdown(summary))
     return summary
 
 

@@ -102,18 +102,21 @@ class EarthGPT(nn.Module):
         prefix = jnp.ones((batch, 1 + self.cfg.num_visual_tokens), bool)
         return jnp.concatenate([prefix, text_valid.astype(bool)], axis=1)
 
-    def __call__(self, images, tokens, text_valid):
-        """Teacher-forced logits [B, T, vocab]: entry t predicts tokens[:, t]."""
+    def __call__(self, images, tokens, text_valid, return_hidden: bool = False):
+        """Teacher-forced logits [B, T, vocab]: entry t predicts tokens[:, t]. With
+        `return_hidden`, the final-norm hidden states [B, T, E] that `head` maps to them."""
         x = self.embed_prompt(images, tokens)
         valid = self.prefix_valid(text_valid)
         positions = jnp.cumsum(valid, axis=1) - 1
         # Position v (the last visual token) predicts text token 0, so the head starts there.
         v = self.cfg.num_visual_tokens
-        logits, _ = self.llm(x, positions, valid, head_from=v, head_to=v + tokens.shape[1])
-        return logits
+        out, _ = self.llm(x, positions, valid, head_from=v, head_to=v + tokens.shape[1],
+                          return_hidden=return_hidden)
+        return out
 
-    def packed_logits(self, images, tokens, segment_ids, positions):
-        """Teacher-forced logits of packed rows, [B, L-1, vocab]: entry t predicts tokens[:, t+1].
+    def packed_logits(self, images, tokens, segment_ids, positions, return_hidden: bool = False):
+        """Teacher-forced logits of packed rows, [B, L-1, vocab]: entry t predicts tokens[:, t+1]
+        (hidden states [B, L-1, E] with `return_hidden`).
 
         images uint8 [B, K, S, S, input_bands] (K image slots per row); tokens int [B, L] with BOS
         ids and IMAGE_TOKEN placeholders written by the pipeline: the j-th placeholder of a row
@@ -128,9 +131,13 @@ class EarthGPT(nn.Module):
         text = self.llm.embed(jnp.maximum(tokens, 0))
         gathered = jnp.take_along_axis(visual, slot[..., None], axis=1).astype(text.dtype)
         x = jnp.where(is_visual[..., None], gathered, text)
-        logits, _ = self.llm(x, positions, None, head_to=tokens.shape[1] - 1,
-                             segment_ids=segment_ids)
-        return logits
+        out, _ = self.llm(x, positions, None, head_to=tokens.shape[1] - 1,
+                          segment_ids=segment_ids, return_hidden=return_hidden)
+        return out
+
+    def head(self, hidden):
+        """Final-norm hidden states -> fp32 logits (the decoder's LM head)."""
+        return self.llm.head(hidden)
 
     def decode(self, embeddings, positions, key_valid, cache, cache_index):
         """One cached forward over `embeddings` written at `cache_index` -> (logits of the last

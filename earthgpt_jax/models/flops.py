@@ -1,8 +1,7 @@
-"""EarthGPT's accounting, for training logs, AOT reports and benchmarks: parameter counts
-(of a params tree, and from the configs alone), model FLOPs of a train step (MFU's numerator),
-the FLOPs a jaxpr executes, and peak FLOP/s (MFU's denominator: the datasheet table, or a
-measured matmul). The formulas need nothing but the configs; jax and flax are imported only
-by the functions that read params or programs, or run one.
+"""EarthGPT's accounting, for training logs, AOT reports and benchmarks: parameter counts (of a
+params tree, or from the configs alone), model FLOPs of a train step (MFU's numerator), the FLOPs
+a jaxpr executes, and peak FLOP/s (MFU's denominator). The formulas need only the configs; jax and
+flax are imported by the functions that read params or programs, or run one.
 
 What is counted ("model FLOPs", PaLM-style: what the maths needs, not what a kernel happens to do)
 
@@ -11,51 +10,36 @@ elementwise scale/bias, the embedding gather and the optimizer are left out (eac
 O(tokens * width), a few percent at most). A multiply-add is 2 FLOPs. N below is a weight count.
 
 * Decoder (LLaMA), per sample of S = 1 + V + T positions (BOS, V visual tokens, T text tokens;
-  real tokens only: padding is not model work, `model_flops`):
-  - forward: 2 * N_layers per position (q, k, v, o, gate, up, down of every layer)
-    + attention 2 * 2 * (heads * head_dim) per (query, key) pair per layer, with the causal
-    half of the pairs, S(S+1)/2 (a sample's keys, none of another packed sample's)
-    + LM head 2 * d * vocab, only at the T text positions, whose logits the loss uses (ours
-    runs the head there alone on padded rows; the PyTorch reference of benchmarks/ also
-    computes it at the 1 + V prefix positions and throws those away).
-  - backward, activation gradients: one matmul per weight matmul (dX = dY W^T, as many FLOPs as
-    its forward: 2N) and two per attention matmul (dS = dO V^T and dQ, dK, dV: 2x the
-    attention forward). Every stage needs them through the whole decoder, because the
-    projector (trainable in stages a and b) sits under layer 0.
-  - backward, weight gradients: 2 * N (dW = X^T dY) for trainable matmul weights only (stage a:
-    q/k/v; stage b: none, the adapters are elementwise; stage all: every decoder matmul incl.
-    the LM head). So a trained weight costs 6N per token, a frozen one 4N (stage b ~ 4N).
-* Projector, per visual token: forward 2 * C_fused * d; weight gradient 2 * C_fused * d (it is
-  trainable in every stage); no input gradient (the fused features are stop_gradient'ed).
-* Vision towers, per real image (a packed row's blank slots are not counted), forward only
-  when frozen (`freeze_vision`, the default):
-  - ViT: patch embedding 2 * p^2 * 3 * d per patch; per block and token 2 * (4 d^2 + 2 d m)
-    + attention 2 * 2 * n * d (n = 1 + patches, bidirectional); every block runs.
-  - ConvNeXt: stem 2 * 16 * 3 * d0 per stride-4 pixel; per stage at r x r: downsampling conv
-    2 * 4 * d_prev * d per output pixel, per block 2 * 49 * d (depthwise 7x7) + 2 * 8 d^2.
-  Trainable towers (freeze_vision=False) cost 3x their forward: activation + weight gradients.
+  real tokens only: padding is not model work):
+  - forward: 2 * N_layers per position + attention 2 * 2 * (heads * head_dim) per (query, key)
+    pair per layer over the causal half, S(S+1)/2 (none of another packed sample's keys)
+    + LM head 2 * d * vocab at the T text positions only, whose logits the loss uses (the
+    PyTorch reference of benchmarks/ also runs it at the prefix and throws those away).
+  - backward, activation gradients: dX = dY W^T per weight matmul (2N) and 2x the attention
+    forward. Every stage needs them through the whole decoder: the projector (trainable in
+    stages a and b) sits under layer 0.
+  - backward, weight gradients: dW = X^T dY (2N) for the stage's trainable matmul weights only
+    (STAGE_TRAINED_MATMULS). So a trained weight costs 6N per token, a frozen one 4N.
+* Projector, per visual token: forward 2 * C_fused * d, its weight gradient as much (it trains
+  in every stage); no input gradient (the fused features are stop_gradient'ed).
+* Vision towers (`vit_forward_flops`, `convnext_forward_flops`), per real image (a packed row's
+  blank slots are not counted): the forward only when frozen (`freeze_vision`, the default), 3x
+  it when trained (activation + weight gradients).
 
-Hardware FLOPs (`executed_step_flops`, hardware utilisation's numerator) are what the step
-runs: padding, blank image slots, the LM head where the program runs it, the masked half of
-the score matrix where the kernel computes it (einsum, xla), flash kernels' score recompute,
-and the remat policy's recompute (`remat_recomputed`). MFU = model FLOPs / s / peak; hardware
-utilisation = hardware FLOPs / s / peak; the two are reported side by side.
+Hardware FLOPs (`executed_train_step_flops`) are what the step runs: padding, blank image slots,
+the LM head where the program runs it, the masked half of the scores where the kernel computes
+it, flash kernels' score recompute and the remat policy's recompute. MFU = model FLOPs / s /
+peak; hardware utilisation = hardware FLOPs / s / peak; the two are reported side by side.
 
-Checked in tests/test_flops.py: `executed_step_flops` equals, to the FLOP, the dot/conv FLOPs of
-the jitted train step's jaxpr (`jaxpr_matmul_flops`) for every remat policy, stages a and b,
-padded and packed rows; `model_flops` equals it minus padding, blank slots and the masked half
-of the scores; every committed result file's model FLOPs equal the formula's for the
-configuration it stores. `parameter_counts` equals `parameter_summary` of the model's params
-(tests/test_benchmarks_train.py).
-
-Peaks: `device_peak_flops` reads one datasheet table (by `jax.Device.device_kind`; aot.py looks
-TPU generations up in it too); `measure_matmul_peak` times the best large matmul XLA runs on
-this machine, so benchmarks can give MFU against what this software stack reaches.
+tests/test_flops.py checks, to the FLOP, `executed_train_step_flops` against the train step's
+jaxpr (`jaxpr_matmul_flops`) for every remat policy, stages a and b, padded and packed rows;
+`model_flops` against it minus padding, blank slots and masked scores; and every committed
+result file's model FLOPs against the configuration it stores.
 """
 
 from __future__ import annotations
 
-import time
+import timeit
 
 import numpy as np
 
@@ -93,30 +77,24 @@ PARTS = ("llm", "vit", "convnext", "projector")
 def parameter_summary(params, labels=None) -> dict[str, int]:
     """{'llm', 'vit', 'convnext', 'projector', 'adapters', 'total'[, 'trainable',
     'trainable_bytes', 'frozen_bytes']} counts of a params tree (`labels`: optim's trainable
-    labels, 'train' where a stage trains a leaf). The bytes are those of the leaves' own dtypes
-    (arrays or ShapeDtypeStructs): a Trainer's frozen leaves are stored in
-    train.frozen_param_dtype (2 bytes each in bf16), its trainable ones in fp32.
-
-    `llm` counts the decoder without its adapters (stage B's bias/scale or LoRA's factors),
-    which are reported on their own.
-    """
+    labels). The bytes are of the leaves' own dtypes: a Trainer stores frozen leaves in
+    train.frozen_param_dtype, trainable ones in fp32. `llm` leaves out the decoder's adapters
+    (stage B's bias/scale or LoRA's factors), which are counted on their own."""
     from flax import traverse_util
 
     flat = traverse_util.flatten_dict(params, sep="/")
     counts = dict.fromkeys(PARTS + ("adapters",), 0)
     for path, value in flat.items():
-        part = path.split("/", 1)[0]
-        key = "adapters" if "/adapter_" in path or "/lora_" in path else part
+        key = "adapters" if "/adapter_" in path or "/lora_" in path else path.split("/", 1)[0]
         counts[key] = counts.get(key, 0) + int(value.size)
     counts["total"] = sum(int(v.size) for v in flat.values())
     if labels is not None:
         flat_labels = traverse_util.flatten_dict(labels, sep="/")
-        counts["trainable"] = sum(int(flat[p].size) for p, l in flat_labels.items()
-                                  if l == "train")
-        nbytes = lambda p: int(flat[p].size) * np.dtype(flat[p].dtype).itemsize
-        counts["trainable_bytes"] = sum(nbytes(p) for p, l in flat_labels.items()
-                                        if l == "train")
-        counts["frozen_bytes"] = sum(nbytes(p) for p, l in flat_labels.items() if l != "train")
+        nbytes = {p: int(flat[p].size) * np.dtype(flat[p].dtype).itemsize for p in flat_labels}
+        trained = [p for p, label in flat_labels.items() if label == "train"]
+        counts["trainable"] = sum(int(flat[p].size) for p in trained)
+        counts["trainable_bytes"] = sum(nbytes[p] for p in trained)
+        counts["frozen_bytes"] = sum(nbytes.values()) - counts["trainable_bytes"]
     return counts
 
 
@@ -135,7 +113,8 @@ def format_summary(counts: dict[str, int], stage: str | None = None) -> str:
 
 
 def parameter_counts(model_cfg) -> dict[str, int]:
-    """`parameter_summary`'s counts (no 'trainable') from the configs alone, no params built."""
+    """`parameter_summary`'s counts (no 'trainable') from the configs alone, no params built
+    (tests/test_benchmarks_train.py checks the two agree)."""
     llm, vit, cnx = model_cfg.llm, model_cfg.vit, model_cfg.convnext
     d = llm.hidden_size
     shapes = _linear_shapes(llm)
@@ -169,7 +148,7 @@ def parameter_counts(model_cfg) -> dict[str, int]:
 # ----------------------------------------------------------------------------- model FLOPs
 
 def vit_forward_flops(vit, image_size: int) -> float:
-    """One image through every block of the DINOv2-style ViT."""
+    """One image through every block of the DINOv2-style ViT (attention bidirectional)."""
     h, m, p = vit.hidden_size, vit.mlp_dim, vit.patch_size
     patches = (image_size // p) ** 2
     tokens = 1 + patches
@@ -178,7 +157,8 @@ def vit_forward_flops(vit, image_size: int) -> float:
 
 
 def convnext_forward_flops(cnx, image_size: int) -> float:
-    """One image through the ConvNeXt trunk (stem + 4 stages)."""
+    """One image through the ConvNeXt trunk: stem k4s4, then per stage a downsampling conv
+    (not the first) and blocks of a depthwise 7x7 conv and two 4x-wide linears."""
     res = image_size // 4
     total = 2.0 * 16 * 3 * cnx.dims[0] * res * res
     prev = cnx.dims[0]
@@ -209,7 +189,7 @@ def _step_flops(model_cfg, stage: str, *, positions, attention_pairs, head_posit
         weight_grads += head_fwd
     projector = 2.0 * model_cfg.fused_channels * llm.hidden_size * images * \
         model_cfg.num_visual_tokens
-    tower_mult = 1.0 if model_cfg.freeze_vision else 3.0
+    towers = (1.0 if model_cfg.freeze_vision else 3.0) * images
     out = {
         "decoder_forward": layers_fwd,
         "attention_forward": attn_fwd,
@@ -217,21 +197,18 @@ def _step_flops(model_cfg, stage: str, *, positions, attention_pairs, head_posit
         "decoder_backward_activations": layers_fwd + attention_backward * attn_fwd + head_fwd,
         "decoder_weight_gradients": weight_grads,
         "projector_forward_and_weight_gradient": 2.0 * projector,
-        "vit": tower_mult * images * vit_forward_flops(model_cfg.vit, model_cfg.image_size),
-        "convnext": tower_mult * images * convnext_forward_flops(model_cfg.convnext,
-                                                                 model_cfg.image_size),
+        "vit": towers * vit_forward_flops(model_cfg.vit, model_cfg.image_size),
+        "convnext": towers * convnext_forward_flops(model_cfg.convnext, model_cfg.image_size),
     }
     out["total"] = sum(out.values())
     return out
 
 
 def model_flops(model_cfg, stage: str, text_lengths) -> dict[str, float]:
-    """Model FLOPs (MFU's numerator) of one train step over samples with these numbers of text
-    tokens (padding excluded): each sample is [BOS] + V visual + t text positions, attends
-    causally within itself (S(S+1)/2 query-key pairs), runs the LM head at its t text
-    positions and one image through the towers. How the samples sit in rows (padded or
-    packed) does not matter: padding, blank image slots and the masked half of a score matrix
-    are work a kernel may do, not work the model needs (`executed_step_flops` counts them)."""
+    """Model FLOPs (MFU's numerator) of one train step over samples of these numbers of text
+    tokens, each [BOS] + V visual + t text positions with one image. How the samples sit in rows
+    does not matter: padding, blank image slots and masked scores are work a kernel may do, not
+    work the model needs (`executed_train_step_flops` counts them)."""
     text = np.asarray(text_lengths, np.float64).reshape(-1)
     seq = 1.0 + model_cfg.num_visual_tokens + text
     return _step_flops(model_cfg, stage, positions=float(seq.sum()),
@@ -242,13 +219,9 @@ def model_flops(model_cfg, stage: str, text_lengths) -> dict[str, float]:
 def train_step_flops(model_cfg, batch: int, text_len: int, stage: str, *,
                      packed_length: int | None = None, images_per_row: int = 1,
                      samples_per_row: int | None = None) -> dict[str, float]:
-    """Model FLOPs (`model_flops`) of one train step of `batch` samples with `text_len` text
-    tokens each, all of them real (no padding); 'total' is the sum of the parts.
-
-    Packed rows (`packed_length` given): `batch` rows, each holding `samples_per_row` such
-    samples (default: as many as fit, at most `images_per_row`); the rest of the row and the
-    blank image slots are padding, which model FLOPs leave out. A training run's real
-    batches have mixed lengths: count them with `batch_model_flops`.
+    """`model_flops` of `batch` samples of `text_len` text tokens each, or, with
+    `packed_length`, of `batch` packed rows of `samples_per_row` such samples each (default: as
+    many as fit, at most `images_per_row`). Real batches have mixed lengths: `batch_model_flops`.
     """
     if packed_length is not None:
         if samples_per_row is None:  # as many as fit, at most one per image slot
@@ -259,9 +232,9 @@ def train_step_flops(model_cfg, batch: int, text_len: int, stage: str, *,
 
 
 def batch_model_flops(model_cfg, stage: str, batch: dict) -> dict[str, float]:
-    """`model_flops` of a host batch as the pipeline delivers it: padded rows (`valid` [B, T]:
-    each row's text tokens) or packed rows (`segment_ids` [B, L], 0 = padding: each segment is
-    one sample of [BOS] + V visual + text positions). numpy only, cheap enough per step."""
+    """`model_flops` of a host batch: padded rows (`valid` [B, T]: each row's text tokens) or
+    packed rows (`segment_ids` [B, L], 0 = padding: a segment is [BOS] + V visual + text
+    positions). numpy only, cheap enough per step."""
     if "segment_ids" in batch:
         seg = np.asarray(batch["segment_ids"])
         lengths = [np.bincount(row[row > 0]) for row in seg]
@@ -272,19 +245,17 @@ def batch_model_flops(model_cfg, stage: str, batch: dict) -> dict[str, float]:
     return model_flops(model_cfg, stage, text)
 
 
-# Attention kernels that skip the score blocks the causal mask hides entirely (flash kernels);
-# the einsum and XLA paths compute the whole score matrix and mask it. Flash kernels recompute
-# the scores in their backward pass: 5 matmuls to the forward's 2.
-CAUSAL_SKIPPING_IMPLS = ("cudnn", "splash")
+# Flash kernels skip the score blocks the causal mask hides entirely (the einsum and XLA paths
+# compute the whole score matrix and mask it), and recompute the scores in their backward
+# pass: 5 matmuls to the forward's 2.
 FLASH_IMPLS = ("cudnn", "splash")
 
 
 def remat_recomputed(model_cfg, stage: str) -> tuple[set, float]:
-    """What a decoder layer recomputes in the backward pass under `model_cfg.remat_policy`:
-    (names of the linears whose matmul runs again, fraction of the attention forward run
-    again). Derived from what the backward needs (the linears' products where an elementwise
-    op or an adapter reads them, the attention's inputs and probabilities) minus what the
-    policy keeps (llama.REMAT_POLICIES); tests/test_flops.py checks it against the jaxpr."""
+    """(linears whose matmul a decoder layer runs again in the backward pass, fraction of the
+    attention forward run again) under `model_cfg.remat_policy`: what the backward needs (the
+    linears' products where an elementwise op or an adapter reads them, the attention's inputs
+    and probabilities) minus what the policy keeps (llama.REMAT_POLICIES)."""
     policy = model_cfg.remat_policy
     if policy == "none":
         return set(), 0.0
@@ -309,47 +280,38 @@ LINEAR_CHECKPOINT_NAMES = {"q_proj": "query_proj", "k_proj": "key_proj", "v_proj
                            "down_proj": "mlp_out"}
 
 
-def executed_step_flops(model_cfg, stage: str, *, rows: int, row_positions: int,
-                        head_positions: int, image_slots: int = 1,
-                        packed: bool = False) -> dict[str, float]:
-    """Hardware FLOPs of one train step: the matmuls the step runs, what the model needs or
-    not (hardware utilisation's numerator; `model_flops` is MFU's). `rows` rows of
-    `row_positions` positions, padding included; the LM head at `head_positions` per row;
-    every one of `image_slots` per row through the towers, blank or not. Attention: the full
-    score matrix (einsum, xla, cudnn given a `packed` row's mask as a bias), or its causal
-    half (flash kernels that skip masked blocks), backward 2x the forward (2.5x for flash kernels, which
-    recompute the scores); plus `remat_recompute`, the forward work the remat policy does
-    again in the backward pass (`remat_recomputed`)."""
+def executed_train_step_flops(model_cfg, batch: int, text_len: int, stage: str, *,
+                              packed_length: int | None = None, images_per_row: int = 1,
+                              loss_chunk: int = 0) -> dict[str, float]:
+    """Hardware FLOPs of one train step of `train_step_flops`'s layout (hardware utilisation's
+    numerator): `batch` rows of 1 + V + text_len positions (LM head at the text), or of
+    `packed_length` positions (padding included; LM head at all but the last; all
+    `images_per_row` slots through the towers, blank or not). Attention: the full score matrix
+    (einsum, xla, cudnn given a packed row's mask as a bias) or its causal half (flash
+    kernels), backward 2x the forward (2.5x for flash kernels); plus `remat_recompute`. With a
+    `loss_chunk` (config.train.loss_chunk) the LM head runs on whole chunks (the last one
+    padded) and again in the backward pass: `loss_chunk_recompute`."""
     llm = model_cfg.llm
     impl = llm.attention_impl
-    causal = impl in CAUSAL_SKIPPING_IMPLS and not (impl == "cudnn" and packed)
-    pairs = row_positions * (row_positions + 1) / 2 if causal else row_positions ** 2
-    out = _step_flops(model_cfg, stage, positions=rows * row_positions,
-                      attention_pairs=rows * pairs, head_positions=rows * head_positions,
-                      images=rows * image_slots,
+    positions, head_positions, image_slots = (
+        (1 + model_cfg.num_visual_tokens + text_len, text_len, 1) if packed_length is None
+        else (packed_length, packed_length - 1, images_per_row))
+    if loss_chunk:
+        head_positions = -(-head_positions // loss_chunk) * loss_chunk
+    causal = impl in FLASH_IMPLS and not (impl == "cudnn" and packed_length is not None)
+    pairs = positions * (positions + 1) / 2 if causal else positions ** 2
+    out = _step_flops(model_cfg, stage, positions=batch * positions,
+                      attention_pairs=batch * pairs, head_positions=batch * head_positions,
+                      images=batch * image_slots,
                       attention_backward=2.5 if impl in FLASH_IMPLS else 2.0)
     linears, attention_part = remat_recomputed(model_cfg, stage)
     weights = decoder_linears(llm)
     out["remat_recompute"] = (2.0 * llm.num_layers * sum(weights[n] for n in linears)
-                              * rows * row_positions
+                              * batch * positions
                               + attention_part * out["attention_forward"])
-    out["total"] += out["remat_recompute"]
+    out["loss_chunk_recompute"] = out["lm_head_forward"] if loss_chunk else 0.0
+    out["total"] += out["remat_recompute"] + out["loss_chunk_recompute"]
     return out
-
-
-def executed_train_step_flops(model_cfg, batch: int, text_len: int, stage: str, *,
-                              packed_length: int | None = None,
-                              images_per_row: int = 1) -> dict[str, float]:
-    """`executed_step_flops` of `train_step_flops`'s layouts: `batch` rows of 1 + V + text_len
-    positions (LM head at the text_len), or of `packed_length` positions (LM head at all but
-    the last, `images_per_row` slots)."""
-    if packed_length is None:
-        return executed_step_flops(model_cfg, stage, rows=batch,
-                                   row_positions=1 + model_cfg.num_visual_tokens + text_len,
-                                   head_positions=text_len)
-    return executed_step_flops(model_cfg, stage, rows=batch, row_positions=packed_length,
-                               head_positions=packed_length - 1, image_slots=images_per_row,
-                               packed=True)
 
 
 def spec_config(spec: dict):
@@ -362,28 +324,22 @@ def spec_config(spec: dict):
 
 
 def flops_for_spec(spec: dict) -> tuple[dict[str, float], dict[str, float]]:
-    """(model FLOPs, hardware FLOPs) of one train step a result file describes.
-
-    spec: size (presets.get_preset), stage, and either text_length_counts ({text tokens:
-    samples}: model FLOPs of that stream, no hardware figure) or rows, text_len (text tokens
-    per sample, all real),
-    pack_length (0: one sample per row of 1 + V + text_len positions), images_per_row and
-    samples_per_row (packed rows), attention_impl, remat_policy. Benchmarks write it beside
-    their figures; tests/test_flops.py recomputes every committed result file with it.
-    """
-    cfg = spec_config(spec)
-    if "text_length_counts" in spec:  # a stream of samples ({text tokens: count}), no layout
-        lengths = np.repeat([int(k) for k in spec["text_length_counts"]],
-                            list(spec["text_length_counts"].values()))
-        return model_flops(cfg, spec["stage"], lengths), None
-    stage, rows, text_len = spec["stage"], spec["rows"], spec["text_len"]
-    pack = spec.get("pack_length") or None
-    images = spec.get("images_per_row", 1)
-    model = train_step_flops(cfg, rows, text_len, stage, packed_length=pack,
-                             images_per_row=images, samples_per_row=spec.get("samples_per_row"))
-    hardware = executed_train_step_flops(cfg, rows, text_len, stage, packed_length=pack,
-                                         images_per_row=images)
-    return model, hardware
+    """(model FLOPs, hardware FLOPs) of one train step a result file describes. spec: size
+    (presets.get_preset), stage, attention_impl, remat_policy, and either text_length_counts
+    ({text tokens: samples}: a stream, no hardware figure) or rows, text_len (text tokens per
+    sample, all real), pack_length (0: unpacked), images_per_row, samples_per_row and
+    loss_chunk."""
+    cfg, stage = spec_config(spec), spec["stage"]
+    if "text_length_counts" in spec:
+        counts = spec["text_length_counts"]
+        return model_flops(cfg, stage, np.repeat([int(k) for k in counts],
+                                                 list(counts.values()))), None
+    layout = {"packed_length": spec.get("pack_length") or None,
+              "images_per_row": spec.get("images_per_row", 1)}
+    return (train_step_flops(cfg, spec["rows"], spec["text_len"], stage,
+                             samples_per_row=spec.get("samples_per_row"), **layout),
+            executed_train_step_flops(cfg, spec["rows"], spec["text_len"], stage, **layout,
+                                      loss_chunk=spec.get("loss_chunk", 0)))
 
 
 # ----------------------------------------------------------------------------- executed FLOPs
@@ -398,8 +354,7 @@ def _dot_flops(eqn) -> float:
 
 def _conv_flops(eqn) -> float:
     rhs = eqn.invars[1].aval.shape  # kernel
-    dn = eqn.params["dimension_numbers"]
-    spec = dn.rhs_spec  # (out feature dim, in feature dim, spatial dims...)
+    spec = eqn.params["dimension_numbers"].rhs_spec  # (out features, in features, spatial...)
     per_output = float(rhs[spec[1]]) * float(np.prod([rhs[d] for d in spec[2:]]))
     return 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * per_output
 
@@ -433,10 +388,8 @@ def jaxpr_matmul_flops(jaxpr) -> float:
         elif name == "while":
             raise ValueError("jaxpr_matmul_flops: a while loop has no static trip count")
         inner = [jaxpr_matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
-        if not inner:
-            continue
         if name == "cond":
-            total += max(inner)
+            total += max(inner, default=0.0)
         elif name == "scan":
             total += eqn.params["length"] * sum(inner)
         else:
@@ -449,35 +402,24 @@ def jaxpr_matmul_flops(jaxpr) -> float:
 # Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` (first match wins: "TPU v5
 # lite" is a v5e, plain "TPU v5" a v5p). Datasheet figures; MFU in the training logs uses them.
 PEAK_BF16_FLOPS_BY_DEVICE_KIND = (
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5", 459e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v6e", 918e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("B200", 2250e12),
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+    ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("B200", 2250e12),
 )
 
 
 def device_peak_flops(device_kind: str) -> float | None:
     """Datasheet bf16 peak of one device, or None when the kind is unknown (e.g. CPU)."""
-    for name, peak in PEAK_BF16_FLOPS_BY_DEVICE_KIND:
-        if name.lower() in device_kind.lower():
-            return peak
-    return None
+    return next((peak for name, peak in PEAK_BF16_FLOPS_BY_DEVICE_KIND
+                 if name.lower() in device_kind.lower()), None)
 
 
 def measure_matmul_peak(dtype="float32", n: int = 2048, repeats: int = 10,
                         batch: int = 4) -> float:
     """FLOP/s of the fastest of `repeats` jitted [batch, n, n] @ [n, n] products on jax's
-    default device (inputs already on the device; compile and first run excluded).
-
-    `batch` products per call amortise the dispatch and synchronisation of a call: with one
-    8192^3 product per call (~1.4 ms on an H100) they hid 10-20% of the card's peak.
-    """
+    default device (what this software stack reaches; compile and first run excluded). `batch`
+    products per call amortise a call's dispatch and synchronisation: with one 8192^3 product
+    per call (~1.4 ms on an H100) they hid 10-20% of the card's peak."""
     import jax
     import jax.numpy as jnp
 
@@ -486,11 +428,7 @@ def measure_matmul_peak(dtype="float32", n: int = 2048, repeats: int = 10,
     b = jnp.asarray(rng.standard_normal((n, n), np.float32), dtype=dtype)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
+    best = min(timeit.repeat(lambda: matmul(a, b).block_until_ready(), number=1, repeat=repeats))
     return 2.0 * batch * n ** 3 / best
 
 

@@ -134,14 +134,20 @@ class LlamaDecoder(nn.Module):
     def embed(self, tokens):
         return self.embed_tokens(tokens)
 
+    def head(self, hidden):
+        """Final-norm hidden states [..., E] -> fp32 logits [..., V]."""
+        return self.lm_head(hidden).astype(jnp.float32)
+
     def __call__(self, embeddings, positions, key_valid, cache=None, cache_index=0,
-                 head_from: int = 0, head_to: int | None = None, segment_ids=None):
+                 head_from: int = 0, head_to: int | None = None, segment_ids=None,
+                 return_hidden: bool = False):
         """embeddings [B,T,E] -> (logits [B,head_to-head_from,V] fp32, new cache or None).
 
         The LM head runs only at positions [head_from, head_to): EarthGPT's training forward
         skips the image prefix, whose next-token predictions no loss reads (6% of a ~100M
         model's step FLOPs). `segment_ids` [B,T] (packed rows, no cache) replace `key_valid`:
-        attention stays inside each segment.
+        attention stays inside each segment. `return_hidden` returns the final-norm hidden
+        states there instead of logits, for a loss that applies `head` a chunk at a time.
         """
         x = nn.with_logical_constraint(embeddings.astype(self.dtype), ("batch", "length", "embed"))
         if self.cfg.scan_layers:
@@ -160,8 +166,8 @@ class LlamaDecoder(nn.Module):
                                        key_valid, cache_index, segment_ids)
                 new_cache.append(layer_cache)
             new_cache = None if cache is None else tuple(new_cache)
-        logits = self.lm_head(self.norm(x[:, head_from:head_to])).astype(jnp.float32)
-        return logits, new_cache
+        hidden = self.norm(x[:, head_from:head_to])
+        return (hidden if return_hidden else self.head(hidden)), new_cache
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32):

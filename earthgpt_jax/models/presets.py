@@ -1,8 +1,6 @@
-"""Model shapes in one place: the toy `demo` size and LLaMA-2's real 7B/13B shapes.
-
-The vision towers of the real sizes are DINOv2 ViT-L/14 and CLIP ConvNeXt-L at 448 px; the
-perception grid is 16x16 (256 visual tokens). `demo` keeps the same architecture at a size that
-trains on a laptop CPU in minutes.
+"""Model shapes in one place: the toy `demo` size and LLaMA-2's real 7B/13B shapes, whose
+vision towers are DINOv2 ViT-L/14 and CLIP ConvNeXt-L at 448 px with a 16x16 perception grid
+(256 visual tokens). `demo` keeps the architecture at a size a laptop CPU trains in minutes.
 """
 
 from __future__ import annotations
@@ -18,9 +16,9 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def lora_modules_matching(targets: str) -> tuple[str, ...]:
-    """The LORA_MODULES that comma-separated regexes select (each regex full-matched against a
-    module name, e.g. "q_proj,v_proj" or ".*_proj"). A regex that selects nothing is a
-    ValueError: a typo would otherwise train fewer linears than asked for."""
+    """The LORA_MODULES that comma-separated regexes full-match (e.g. "q_proj,v_proj" or
+    ".*_proj"). A regex that selects nothing is a ValueError: a typo would otherwise train fewer
+    linears than asked for."""
     patterns = [t.strip() for t in targets.split(",") if t.strip()]
     if not patterns:
         raise ValueError(f"LoRA targets {targets!r} name no module; use regexes over "
@@ -33,6 +31,7 @@ def lora_modules_matching(targets: str) -> tuple[str, ...]:
         if not any(compiled.fullmatch(m) for m in LORA_MODULES):
             raise ValueError(f"LoRA target {pattern!r} matches none of {', '.join(LORA_MODULES)}")
     return tuple(m for m in LORA_MODULES if any(re.fullmatch(p, m) for p in patterns))
+
 
 # "auto": the flash kernel of the platform the program runs on (TPU: Pallas splash; NVIDIA:
 # cuDNN), the einsum elsewhere (CPU, where it is the fastest and the reference).
@@ -125,9 +124,8 @@ class EarthGPTConfig:
     dtype: str = "float32"  # compute dtype; parameters keep their stored dtype
     freeze_vision: bool = True
     remat_policy: str = "none"  # none or a key of llama.REMAT_POLICIES
-    # Bands of the images the model reads (uint8 [.., S, S, input_bands]); 3 = RGB straight
-    # into the towers. band_init: how the band adapter (models/bands.py) starts, see
-    # `band_init_rows`; non-empty with 3 bands still adds an adapter (e.g. "2,1,0" for BGR).
+    # Bands of the images the model reads (uint8 [.., S, S, input_bands]); band_init: how the
+    # band adapter (models/bands.py, see `band_adapter`) starts, see `band_init_rows`.
     input_bands: int = 3
     band_init: str = ""
 
@@ -149,10 +147,10 @@ class EarthGPTConfig:
 
 
 def band_init_rows(band_init: str, input_bands: int) -> tuple[int, int, int] | None:
-    """The input band each tower channel (R, G, B) starts from, or None for "mean" (every
-    channel the average of all bands). `band_init` is "mean", "i,j,k" (0-based band indices
-    for R, G, B), or "" for the decoder's own 3-band rule (data/images.py): the first three
-    bands, or the first band as grey below three. ValueError names the config key."""
+    """The input band each tower channel (R, G, B) starts from, or None for "mean" (each the
+    average of all bands). `band_init` is "mean", "i,j,k" (0-based band indices), or "" for the
+    decoder's own 3-band rule (data/images.py): the first three bands, or the first as grey
+    below three. ValueError names the config key."""
     if input_bands < 1:
         raise ValueError(f"config.model.input_bands={input_bands} must be >= 1")
     spec = band_init.strip()
@@ -171,15 +169,6 @@ def band_init_rows(band_init: str, input_bands: int) -> tuple[int, int, int] | N
     return rows
 
 
-def _vit_l14() -> ViTConfig:
-    return ViTConfig(patch_size=14, hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096,
-                                      feature_layers=(5, 11, 17, 23))
-
-
-def _convnext_l() -> ConvNeXtConfig:
-    return ConvNeXtConfig(dims=(192, 384, 768, 1536), depths=(3, 3, 27, 3))
-
-
 def get_preset(size: str, *, vocab_size: int | None = None, llm: dict | None = None,
                **overrides) -> EarthGPTConfig:
     """Named model shapes. `vocab_size` overrides the LLM's (the demo trains its own tokenizer),
@@ -195,21 +184,24 @@ def get_preset(size: str, *, vocab_size: int | None = None, llm: dict | None = N
                              freeze_vision=False)
     elif size == "demo":
         llm = LlamaConfig(vocab_size=vocab_size or 512, hidden_size=192, intermediate_size=512,
-                                            num_layers=4, num_heads=6, num_kv_heads=2, max_position_embeddings=512)
+                          num_layers=4, num_heads=6, num_kv_heads=2, max_position_embeddings=512)
         vit = ViTConfig(patch_size=8, hidden_size=96, num_layers=4, num_heads=4, mlp_dim=256,
-                                        feature_layers=(0, 1, 2, 3), pretrain_image_size=64)
+                        feature_layers=(0, 1, 2, 3), pretrain_image_size=64)
         convnext = ConvNeXtConfig(dims=(24, 48, 96, 144), depths=(1, 1, 1, 1))
         # Max pooling: the demo's 4x4 grid cells are 16 pixels wide and its targets 3-6.
         cfg = EarthGPTConfig(llm=llm, vit=vit, convnext=convnext, image_size=64, grid_size=4,
                              grid_pooling="max", freeze_vision=False)
     elif size in ("7b", "13b"):
-        shapes = {"7b": (4096, 11008, 32, 32), "13b": (5120, 13824, 40, 40)}[size]
-        hidden, inter, layers, heads = shapes
+        hidden, inter, layers, heads = {"7b": (4096, 11008, 32, 32),
+                                        "13b": (5120, 13824, 40, 40)}[size]
         llm = LlamaConfig(vocab_size=vocab_size or 32000, hidden_size=hidden,
-                                            intermediate_size=inter, num_layers=layers, num_heads=heads,
-                                            num_kv_heads=heads)
-        cfg = EarthGPTConfig(llm=llm, vit=_vit_l14(), convnext=_convnext_l(), image_size=448,
-                                                  grid_size=16, dtype="bfloat16", remat_policy="full")
+                          intermediate_size=inter, num_layers=layers, num_heads=heads,
+                          num_kv_heads=heads)
+        vit = ViTConfig(patch_size=14, hidden_size=1024, num_layers=24, num_heads=16,
+                        mlp_dim=4096, feature_layers=(5, 11, 17, 23))  # DINOv2 ViT-L/14
+        convnext = ConvNeXtConfig(dims=(192, 384, 768, 1536), depths=(3, 3, 27, 3))  # CLIP L
+        cfg = EarthGPTConfig(llm=llm, vit=vit, convnext=convnext, image_size=448, grid_size=16,
+                             dtype="bfloat16", remat_policy="full")
     else:
         raise ValueError(f"unknown model size {size!r}; known sizes: tiny, demo, 7b, 13b")
     if llm_overrides:

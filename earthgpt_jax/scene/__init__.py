@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import sys
 import time
 
@@ -100,10 +101,7 @@ class Journal:
 
     def __init__(self, path: str, header: dict):
         self.path = path
-        raw = b""
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                raw = f.read()
+        raw = pathlib.Path(path).read_bytes() if os.path.exists(path) else b""
         # A run killed mid-write leaves a partial last line: cut it, redo that tile.
         raw = raw[:raw.rfind(b"\n") + 1]
         lines = raw.decode().splitlines()
@@ -124,12 +122,13 @@ class Journal:
         self._file.close()
 
 
-def _tile_entry(tile: Tile, answer: str, task: str, question: str) -> dict:
-    """A tile's answer with its boxes in scene pixels (corners, oriented or not)."""
+def _tile_entry(tile: Tile, answer: str | None, task: str, question: str) -> dict:
+    """A tile's answer with its boxes in scene pixels (corners, oriented or not); `answer` None:
+    an all-nodata tile, not asked."""
     from earthgpt_jax.inference import answer_boxes
     entry = {"tile": tile.index, "window": tile.window, "answer": answer, "corners": [],
              "labels": []}
-    if task == "ask":
+    if task == "ask" or answer is None:
         return entry
     shapes, labels = answer_boxes(answer)
     for shape, label in zip(shapes, labels):
@@ -149,14 +148,12 @@ def _detections(journal: Journal, tiles: list[Tile], width: int, height: int, ta
         tile = tiles[index]
         if task == "ask":
             if entry.get("answer") is not None:
-                x0, y0, x1, y1 = tile.col, tile.row, tile.col + tile.width, tile.row + tile.height
-                found.append(Detection((x0, y0, x1, y0, x1, y1, x0, y1), None, index,
-                                       entry["answer"]))
+                box = (tile.col, tile.row, tile.col + tile.width, tile.row + tile.height)
+                found.append(Detection(box_text.box_corners(box), None, index, entry["answer"]))
             continue
         for quad, label in zip(entry["corners"], entry["labels"]):
-            d = Detection(tuple(quad), label, index, entry["answer"])
-            d.margin = margin(d.box, tile, width, height)
-            found.append(d)
+            found.append(Detection(tuple(quad), label, index, entry["answer"],
+                                   margin(box_text.enclosing_box(quad), tile, width, height)))
     return found if task == "ask" else merge(found)
 
 
@@ -201,8 +198,7 @@ def run_scene(image: str, out: str, answerer, *, task: str = "detect", question:
                 for t in todo[first:first + answerer.batch_size]:
                     pixels, filled = reader.read(t)
                     if filled == 0:  # all nodata: nothing to ask about
-                        entries.append({"tile": t.index, "window": t.window, "answer": None,
-                                        "corners": [], "labels": []})
+                        entries.append(_tile_entry(t, None, task, question))
                         skipped += 1
                     else:
                         live.append((t, answerer.pixels(pixels)))

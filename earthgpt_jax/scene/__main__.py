@@ -54,8 +54,7 @@ def main(argv=None, stdout=None, stderr=None) -> int:
         summary = run_scene(image, out, answerer, task=args.task, question=args.question,
                             tile=args.tile, overlap=args.overlap, log=stderr)
     except (SceneError, InferenceError) as e:
-        stderr.write(f"error: {e}\n")
-        stderr.flush()
+        print(f"error: {e}", file=stderr, flush=True)
         return 2
     stdout.write(json.dumps(summary) + "\n")
     return 0

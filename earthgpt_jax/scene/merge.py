@@ -37,16 +37,11 @@ def margin(box, tile: Tile, width: int, height: int) -> float:
     """How far inside its tile a box lies, counting only tile borders inside the scene (a
     scene border cuts nothing that another tile would see whole)."""
     x0, y0, x1, y1 = box
-    gaps = []
-    if tile.col > 0:
-        gaps.append(x0 - tile.col)
-    if tile.col + tile.width < width:
-        gaps.append(tile.col + tile.width - x1)
-    if tile.row > 0:
-        gaps.append(y0 - tile.row)
-    if tile.row + tile.height < height:
-        gaps.append(tile.row + tile.height - y1)
-    return min(gaps) if gaps else math.inf
+    right, bottom = tile.col + tile.width, tile.row + tile.height
+    gaps = [gap for gap, shared in ((x0 - tile.col, tile.col > 0), (right - x1, right < width),
+                                    (y0 - tile.row, tile.row > 0), (bottom - y1, bottom < height))
+            if shared]
+    return min(gaps, default=math.inf)
 
 
 def merge(detections: list[Detection], iou: float = 0.5, contain: float = 0.8

@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -66,6 +67,7 @@ from earthgpt_jax.serve.scenes import FINAL
 from earthgpt_jax.serve.service import ApiError, ChatService
 
 SCENE_EVENT_POLL_S = 0.2  # how often an open event stream looks for a job's new events
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -84,8 +86,7 @@ def _sse(event: str, data: dict) -> str:
 async def _limited_chunks(request: Request, limit: int, what: str, scope: str = "",
                           hint: str = ""):
     """The request body's chunks; ApiError 413 naming `what` before reading when its declared
-    length passes `limit`, else as soon as what arrived does. `scope` and `hint` go into that
-    message (" for scenes", a flag)."""
+    length passes `limit`, else as soon as what arrived does."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"{what} is {int(declared)} bytes; the limit{scope} is {limit} "
@@ -121,6 +122,9 @@ def _scene_routes(service: ChatService) -> list:
             raise ApiError(404, "this server takes no scenes (started without scene jobs)")
         return service.scenes
 
+    def scene_of(request):
+        return jobs().get(request.path_params["sid"])
+
     async def scene_page(_):
         return FileResponse(os.path.join(STATIC_DIR, "scene.html"))
 
@@ -136,37 +140,32 @@ def _scene_routes(service: ChatService) -> list:
                                                    scope=" for scenes", hint=" (--max_scene_mb)"):
                     f.write(chunk)
         except BaseException:
-            import shutil
             shutil.rmtree(folder, ignore_errors=True)
             raise
         scene = await run_in_threadpool(scenes.register, scene_id, folder, name, path)
         return JSONResponse(scene.facts(), status_code=201)
 
     async def show(request):
-        return JSONResponse(jobs().get(request.path_params["sid"]).facts())
+        return JSONResponse(scene_of(request).facts())
 
     async def delete(request):
         jobs().delete(request.path_params["sid"])
         return JSONResponse({"deleted": request.path_params["sid"]})
 
     async def overview(request):
-        scene = jobs().get(request.path_params["sid"])
-        return FileResponse(os.path.join(scene.folder, "overview.png"), media_type="image/png")
+        return FileResponse(os.path.join(scene_of(request).folder, "overview.png"),
+                            media_type="image/png")
 
     async def start(request):
-        scenes = jobs()
-        scene = scenes.get(request.path_params["sid"])
+        scene = scene_of(request)
         body = await _json_object(request, service.limits.max_json_bytes, "job body")
-        job = scenes.start(scene, body)
-        return JSONResponse(job.facts(), status_code=202)
+        return JSONResponse(jobs().start(scene, body).facts(), status_code=202)
 
     async def cancel(request):
-        scenes = jobs()
-        job = scenes.cancel(scenes.get(request.path_params["sid"]))
-        return JSONResponse(job.facts(), status_code=202)
+        return JSONResponse(jobs().cancel(scene_of(request)).facts(), status_code=202)
 
     async def events(request):
-        scene = jobs().get(request.path_params["sid"])
+        scene = scene_of(request)
         job = scene.job
         if job is None:
             raise ApiError(404, f"scene {scene.name} has no job; start one first")
@@ -185,17 +184,13 @@ def _scene_routes(service: ChatService) -> list:
                         return
                 await asyncio.sleep(SCENE_EVENT_POLL_S)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no"})
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def result(request):
-        scene = jobs().get(request.path_params["sid"])
-        kind = request.path_params["kind"]
+        scene, kind = scene_of(request), request.path_params["kind"]
         path = jobs().result_path(scene, kind)
         stem = os.path.splitext(scene.name)[0] or "scene"
-        filename = f"{stem}.{scene.job.task}.{kind}"
-        return FileResponse(path, filename=filename,
+        return FileResponse(path, filename=f"{stem}.{scene.job.task}.{kind}",
                             media_type="image/png" if kind == "png" else "application/geo+json")
 
     return [
@@ -273,7 +268,6 @@ def create_app(service: ChatService) -> Starlette:
                 pass  # the server is shutting down
 
         decode, started = service.start_answer(conv, body, emit)
-        question = started["question"]
 
         async def answer_events():
             finished = False
@@ -285,7 +279,7 @@ def create_app(service: ChatService) -> Starlette:
                         continue
                     finished = True
                     if event["type"] == "done":
-                        event = service.finish_answer(conv, question, event)
+                        event = service.finish_answer(conv, started["question"], event)
                     conv.busy = False
                     yield event
                     return
@@ -310,9 +304,7 @@ def create_app(service: ChatService) -> Starlette:
                 kind = event.pop("type")
                 yield _sse(kind, event)
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no"})
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def on_api_error(_, exc: ApiError):
         return _error(exc.status, exc.message)

@@ -14,7 +14,9 @@ scored: it compiles that level's batch shapes.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import pathlib
 import statistics
 import threading
 import time
@@ -37,9 +39,7 @@ def open_conversation(base: str, image: bytes) -> str:
 def timed_answer(base: str, cid: str, question: str, max_new_tokens: int) -> dict:
     """Client-side timings of one streamed answer."""
     body = json.dumps({"question": question, "max_new_tokens": max_new_tokens}).encode()
-    start = time.perf_counter()
-    first = None
-    done = {}
+    start, first, done = time.perf_counter(), None, {}
     with _post(urllib.parse.urljoin(base, f"api/conversations/{cid}/messages"), body,
                "application/json") as response:
         event = None
@@ -51,8 +51,7 @@ def timed_answer(base: str, cid: str, question: str, max_new_tokens: int) -> dic
                 if event == "token" and first is None:
                     first = time.perf_counter()
                 if event in ("done", "error"):
-                    done = json.loads(line[6:])
-                    done["event"] = event
+                    done = dict(json.loads(line[6:]), event=event)
     end = time.perf_counter()
     tokens = done.get("tokens", 0)
     first = first or end
@@ -67,18 +66,14 @@ def run_level(base: str, image: bytes, question: str, max_new_tokens: int, clien
     results, wall = [], []
     for round_index in range(rounds + 1):  # round 0 compiles this level's batch shapes: unscored
         barrier = threading.Barrier(clients)
-        out = [None] * clients
 
-        def one(i):
+        def one(cid):
             barrier.wait()
-            out[i] = timed_answer(base, ids[i], question, max_new_tokens)
+            return timed_answer(base, cid, question, max_new_tokens)
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
         start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            out = list(pool.map(one, ids))
         if round_index:
             wall.append(time.perf_counter() - start)
             results += out
@@ -105,8 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    with open(args.image, "rb") as f:
-        image = f.read()
+    image = pathlib.Path(args.image).read_bytes()
     base = args.url if args.url.endswith("/") else args.url + "/"
     for clients in (int(c) for c in args.concurrency.split(",")):
         print(json.dumps(run_level(base, image, args.question, args.max_new_tokens, clients,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
@@ -34,7 +35,7 @@ from earthgpt_jax.data.images import TooFewBandsError, kept_bands
 from earthgpt_jax.scene import TASKS, SceneError, SessionAnswerer, run_scene, task_prompt
 from earthgpt_jax.scene.outputs import overview_path, scene_crs_path
 from earthgpt_jax.scene.raster import SceneReader
-from earthgpt_jax.serve.service import ApiError, evict_idle
+from earthgpt_jax.serve.service import ApiError, checked_question, evict_idle
 
 # Terminal events of a job: the page closes its event stream after one of them.
 FINAL = ("done", "error", "cancelled")
@@ -83,7 +84,6 @@ class Scene:
 
     @property
     def busy(self) -> bool:
-        """Whether a job of this scene is running."""
         return self.job is not None and self.job.status == "running"
 
     def facts(self) -> dict:
@@ -98,12 +98,6 @@ class Scene:
             facts["note"] = (f"{self.name} has no georeference: results are in scene pixels "
                              "(x right, y down from the top-left corner)")
         return facts
-
-
-def _safe_name(name: str) -> str:
-    """The upload's name as a file name in the scene's folder (GDAL reads by content, but the
-    extension helps it and the user recognise the file)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(name))[-100:].lstrip(".") or "scene"
 
 
 def _boxes(entries: list[dict]) -> list[dict]:
@@ -135,7 +129,10 @@ class SceneJobs:
         return scene_id, folder
 
     def upload_path(self, folder: str, name: str) -> str:
-        return os.path.join(folder, _safe_name(name))
+        """The upload's name made a safe file name in its folder (GDAL reads by content, but the
+        extension helps it and the user recognise the file)."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(name))[-100:].lstrip(".")
+        return os.path.join(folder, safe or "scene")
 
     def register(self, scene_id: str, folder: str, name: str, path: str) -> Scene:
         """Open the streamed upload as a raster and draw its overview; ApiError (and the
@@ -184,10 +181,6 @@ class SceneJobs:
             self._scenes.pop(scene_id, None)
         shutil.rmtree(scene.folder, ignore_errors=True)
 
-    def running(self) -> Scene | None:
-        with self._lock:
-            return self._running()
-
     def _running(self) -> Scene | None:  # under self._lock
         return next((s for s in self._scenes.values() if s.busy), None)
 
@@ -200,10 +193,7 @@ class SceneJobs:
             raise ApiError(400, f"task={task!r} is not one of {', '.join(TASKS)}")
         if not isinstance(question, str):
             raise ApiError(400, "question must be a string")
-        question = question.strip()
-        if len(question) > self.limits.max_question_chars:
-            raise ApiError(413, f"question is {len(question)} characters; the limit is "
-                                f"{self.limits.max_question_chars}")
+        question = checked_question(question, self.limits.max_question_chars)
         try:
             task_prompt(task, question)
         except SceneError as e:  # the CLI's wording names its flags; the API's fields differ
@@ -273,8 +263,10 @@ class SceneJobs:
                 return
             job.status = "done"
             summary.pop("files")  # server paths: the page gets download links instead
+            base = f"/api/scenes/{scene.id}/result"
+            kinds = ["geojson"] + (["scene_crs.geojson"] if scene.crs is not None else []) + ["png"]
             job.add("done", dict(summary, boxes=_final_boxes(job.out, job.task == "ask"),
-                                 downloads=self._downloads(scene)))
+                                 downloads={kind: f"{base}/{kind}" for kind in kinds}))
         except Exception as e:  # noqa: BLE001 - a failed job must not take the server down
             if not isinstance(e, SceneError):
                 logging.exception("scene job failed on %s", scene.name)
@@ -282,15 +274,11 @@ class SceneJobs:
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             job.add("error", {"message": f"{scene.name}: {message}"})
 
-    def _downloads(self, scene: Scene) -> dict:
-        base = f"/api/scenes/{scene.id}/result"
-        kinds = ["geojson"] + (["scene_crs.geojson"] if scene.crs is not None else []) + ["png"]
-        return {kind: f"{base}/{kind}" for kind in kinds}
-
     def close(self, timeout: float = 30.0) -> None:
         """Cancel a running job (it stops after its batch; the journal keeps what was done)
         and remove the scene folder when the server made it."""
-        scene = self.running()
+        with self._lock:
+            scene = self._running()
         if scene is not None:
             scene.job.cancel.set()
         if self._thread is not None:
@@ -317,7 +305,6 @@ class _JobLog:
 def _final_boxes(out: str, answers: bool) -> list[dict]:
     """The merged boxes of a finished run, read back from the GeoJSON it wrote (with each
     tile's answer for `ask`, where a box is the tile)."""
-    import json
     with open(out) as f:
         features = json.load(f)["features"]
     return [{"label": p["class"], "corners": p["pixel_corners"], "tile": p["tile"],

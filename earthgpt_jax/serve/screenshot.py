@@ -93,9 +93,9 @@ def ask_on_page(driver, url: str, image_path: str, *, task: str = "detect", phra
         field.send_keys(str(max_tokens))
     if phrase:
         driver.find_element(By.ID, "find-phrase").send_keys(phrase)
-    # Several shortcuts ("describe,detect") make a multi-turn dialogue; a question goes last.
-    turns = [("task", t) for t in filter(None, task.split(","))] if not question else []
-    turns += [("question", question)] if question else []
+    # Several shortcuts ("describe,detect") make a multi-turn dialogue; a question replaces them.
+    turns = [("question", question)] if question else [
+        ("task", t) for t in filter(None, task.split(","))]
     for number, (kind, value) in enumerate(turns, start=1):
         if kind == "question":
             driver.find_element(By.ID, "question").send_keys(value)

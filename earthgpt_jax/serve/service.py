@@ -49,6 +49,13 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
+def checked_question(question: str, limit: int) -> str:
+    question = question.strip()
+    if len(question) > limit:
+        raise ApiError(413, f"question is {len(question)} characters; the limit is {limit}")
+    return question
+
+
 def evict_idle(entries: collections.OrderedDict, limit: int) -> list:
     """Drops the least recently used entries that are not `busy` until at most `limit` remain
     (or only busy ones are left); returns the dropped values."""
@@ -154,9 +161,9 @@ class ChatService:
     # ---------------------------------------------------------------- conversations
 
     def create(self, data: bytes, name: str) -> Conversation:
-        image, bands = decode_upload(data, name, self.limits, self.session.model.cfg.input_bands)
-        pixels = self.session.pixels(image)
-        conv = Conversation(secrets.token_urlsafe(12), name, image, pixels, bands)
+        image, bands = decode_upload(data, name, self.limits, self.cfg.input_bands)
+        conv = Conversation(secrets.token_urlsafe(12), name, image, self.session.pixels(image),
+                            bands)
         with self._lock:
             self._conversations[conv.id] = conv
             evict_idle(self._conversations, self.limits.max_conversations)
@@ -225,10 +232,7 @@ class ChatService:
         question = body.get("question")
         if not isinstance(question, str) or not question.strip():
             raise ApiError(400, "question is empty; ask something about the image")
-        question = question.strip()
-        if len(question) > self.limits.max_question_chars:
-            raise ApiError(413, f"question is {len(question)} characters; the limit is "
-                                f"{self.limits.max_question_chars}")
+        question = checked_question(question, self.limits.max_question_chars)
         settings = self.settings(body)
         ids, dropped = self.prompt(conv, question, settings["max_new_tokens"])
         with self._lock:
