@@ -25,9 +25,9 @@ def unrolled_for_decoding(model: EarthGPT, params) -> tuple[EarthGPT, dict]:
     Training stacks layers under `nn.scan`; decoding that layout reads each step's weights
     through a dynamic slice of the stacked arrays, which XLA (GPU and CPU) materialises as a
     copy, so every generated token moves the weights about three times instead of once, and
-    each layer's KV cache is a slice of a stacked one. `InferenceSession.from_workdir` (eval,
-    chat, web chat, scenes) and the benchmarks call this once and decode with the result (same
-    maths, same tokens).
+    each layer's KV cache is a slice of a stacked one. `run.run` (evaluation after training
+    and `--mode=eval`), `InferenceSession.from_workdir` (chat, web chat, scenes) and the
+    benchmarks call this once and decode with the result (same maths, same tokens).
     """
     cfg = model.cfg
     if not cfg.llm.scan_layers:

@@ -146,8 +146,14 @@ class InferenceSession:
         return left_pad(ids, self.tokenizer.pad_id, multiple)
 
     def generate(self, images, tokens, valid, **settings):
-        """Batched decoding on the session's mesh (`generate.generate`: greedy, beam, top-p)."""
+        """Batched decoding on the session's mesh (`generate.generate`: greedy, beam, top-p).
+        On a mesh over several processes each one gets the whole result (every process decodes
+        the same batch), since no process can read the others' shards."""
         with self.context():
-            return generate(self.model, self.params, images, tokens, valid,
-                            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                            **settings)
+            out = generate(self.model, self.params, images, tokens, valid,
+                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                           **settings)
+        if not out.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return multihost_utils.process_allgather(out, tiled=True)
+        return out

@@ -52,6 +52,7 @@ def run(config: RunConfig, workdir: str, mode: str) -> dict | None:
     from earthgpt_jax import train as train_lib
     from earthgpt_jax.evaluate import suites
     from earthgpt_jax.evaluate.runner import run_eval, run_suites
+    from earthgpt_jax.generate import unrolled_for_decoding
     from earthgpt_jax.inference import InferenceSession
 
     if mode not in MODES:
@@ -109,12 +110,15 @@ def run(config: RunConfig, workdir: str, mode: str) -> dict | None:
         state = train_lib.train(config, workdir, trainer, train_data, preprocess)
         if not config.eval.at_end:
             return None
-        params = state.params
-        step = int(jax.device_get(state.step))
+        params, step = state.params, int(jax.device_get(state.step))
+        del state  # saved; the optimizer state is not needed to decode
     else:
         params, step = checkpoints.restore_params(workdir, trainer.abstract_state.params)
         logging.info("Evaluating the checkpoint of step %d", step)
-    session = InferenceSession(trainer.model, params, tokenizer, mesh, trainer.rules, step=step)
+    # Decoding reads unrolled layers, as sessions from a workdir do (generate.py says why); the
+    # stacked arrays are dropped once split.
+    model, params = unrolled_for_decoding(trainer.model, params)
+    session = InferenceSession(model, params, tokenizer, mesh, trainer.rules, step=step)
     if evaluates_suites:
         return run_suites(config, workdir, session, opened, skipped, train_source=train_source)
     eval_source = prepare.data_source(data_dir, config.eval.split)

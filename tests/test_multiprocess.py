@@ -1,7 +1,9 @@
 """Real multi-process JAX on localhost: 2 processes x 4 CPU devices train like 1 process x 8
-devices, each reading only its slice of the data, and a 1-process run restores their checkpoint.
+devices, each reading only its slice of the data, evaluate, and a 1-process run restores their
+checkpoint.
 """
 
+import json
 import os
 import subprocess
 
@@ -35,11 +37,17 @@ def test_two_processes_match_one_process_and_hand_over_their_checkpoint(data, tm
 
     two = str(tmp_path / "two")
     port = portpicker.pick_unused_port()
+    # Evaluation after training too: each process decodes every question (no process can read
+    # the others' shards of the answers) and process 0 alone writes the report.
     cmds = [_main_cmd(data, two, **common | {
         "distributed.coordinator_address": f"127.0.0.1:{port}",
-        "distributed.num_processes": 2, "distributed.process_id": i}) for i in range(2)]
+        "distributed.num_processes": 2, "distributed.process_id": i,
+        "eval.at_end": True, "eval.max_examples": 4}) for i in range(2)]
     errs = _run(cmds, devices=4)
     assert "joined 2 processes as process 1" in errs[1]
+    assert "Evaluation of" in errs[0] and "Evaluation of" not in errs[1]
+    with open(os.path.join(two, "eval", "results.json")) as f:
+        assert json.load(f)
     expected, got = _losses(one), _losses(two)
     assert sorted(got) == [1, 2, 3, 4]
     # Same global batches, summed in another order: equal to float32 rounding.

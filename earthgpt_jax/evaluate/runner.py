@@ -117,6 +117,8 @@ def run_eval(config, workdir: str, session: InferenceSession, source, train_sour
     if baselines is None and train_source:
         baselines = report.baselines_from(baseline_examples(train_source))
     results = report.evaluate_predictions(examples, baselines, java_metrics=ec.java_metrics)
+    if jax.process_index() != 0:
+        return results  # every process decoded the same answers (a pod): one writes them
     table = report.write_report(results, out_dir)
     pictures = report.write_box_pictures(examples, out_dir, max_per_task=ec.num_pictures)
     with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
@@ -148,9 +150,11 @@ def run_suites(config, workdir: str, session: InferenceSession, opened, skipped,
             pending=pending[suite.name], progress=progress, baselines=baselines,
             print_table=False)
     progress.close()
-    summary = suites.write_suite_report(
-        per_suite, skipped, out_root, step=session.step,
-        baseline_source=baselines["source"] if baselines else "each suite's own references")
+    baseline_source = baselines["source"] if baselines else "each suite's own references"
+    if jax.process_index() != 0:  # process 0 writes the tables
+        return suites.suite_summary(per_suite, skipped, session.step, baseline_source)
+    summary = suites.write_suite_report(per_suite, skipped, out_root, step=session.step,
+                                        baseline_source=baseline_source)
     logging.info("Paper tables of %d suites (%d skipped) written to %s", len(per_suite),
                  len(skipped), os.path.join(out_root, "results.md"))
     print(suites.paper_tables_markdown(summary), flush=True)

@@ -297,10 +297,9 @@ def paper_tables_markdown(summary: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_suite_report(per_suite: dict[str, dict], skipped: dict[str, str], out_dir: str,
-                       step: int | None = None, baseline_source: str = "-") -> dict:
-    """results.md (paper layout) and results.json (the same rows plus every suite's full
-    results) in out_dir; returns the summary written to results.json."""
+def suite_summary(per_suite: dict[str, dict], skipped: dict[str, str],
+                  step: int | None = None, baseline_source: str = "-") -> dict:
+    """The paper-layout rows of every suite plus its full results: results.json's content."""
     summary = {"step": step, "baseline_source": baseline_source, "suites": {},
                "skipped": dict(skipped), "missing_paper_numbers": [], "notes": []}
     for name, results in per_suite.items():
@@ -315,6 +314,14 @@ def write_suite_report(per_suite: dict[str, dict], skipped: dict[str, str], out_
             summary["missing_paper_numbers"].append(
                 f"{suite.dataset} {', '.join(missing)}: {suite.paper_source}")
         summary["notes"] += [n for n in results.get("notes", []) if n not in summary["notes"]]
+    return summary
+
+
+def write_suite_report(per_suite: dict[str, dict], skipped: dict[str, str], out_dir: str,
+                       step: int | None = None, baseline_source: str = "-") -> dict:
+    """results.md (paper layout) and results.json (`suite_summary`) in out_dir; returns the
+    summary."""
+    summary = suite_summary(per_suite, skipped, step, baseline_source)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2, default=_json_default)
