@@ -35,7 +35,7 @@ def draw_answer(image: np.ndarray, image_path: str, answer: str, workdir: str, t
     if not found:
         return None
     h, w = image.shape[:2]
-    pixel = [box_text.shape_to_pixel(b, w, h) for b in found]
+    pixel = [box_text.norm_to_pixel(b, w, h) for b in found]
     name = f"{os.path.splitext(os.path.basename(image_path))[0]}.earthgpt_turn{turn}.png"
     folder = os.path.dirname(os.path.abspath(image_path))
     path = os.path.join(folder if os.access(folder, os.W_OK) else workdir, name)

@@ -77,7 +77,7 @@ def chunked_cross_entropy(head, hidden, targets, chunk: int):
     positions at a time: only one chunk's logits exist at once, in the backward pass too
     (remat recomputes each chunk's from its hidden states), instead of the whole
     [B, T, vocab] in fp32 plus its gradient."""
-    batch, length, width = hidden.shape
+    batch, length = hidden.shape[:2]
     n = -(-length // chunk)
     pad = n * chunk - length  # padded positions' losses are computed, then cut off
 

@@ -107,7 +107,7 @@ def test_oriented_boxes_corners_and_centre_size_angle():
     assert bad.bad == ["0.1,0.1,0.2,0.2,0.3,0.3,0.4"]
     # Pixel corners through the pad and back.
     px = (10, 5, 30, 5, 30, 15, 10, 15)
-    norm = boxes.pixel_quad_to_norm(px, 40, 20)
+    norm = boxes.pixel_to_norm(px, 40, 20)
     assert norm == pytest.approx((0.25, 0.375, 0.75, 0.375, 0.75, 0.625, 0.25, 0.625))
-    assert boxes.norm_quad_to_pixel(norm, 40, 20) == pytest.approx(px)
+    assert boxes.norm_to_pixel(norm, 40, 20) == pytest.approx(px)
 

@@ -300,7 +300,7 @@ def test_hrsc2016_real_annotation(tmp_path):
     """HRSC2016's real XML: the rotated box (mbox_*, radians) becomes four corners in the
     answer and `box_corners`; a listed image without ships is an empty scene; an object missing
     mbox_w is a bad record quoting its values."""
-    from earthgpt_jax.data.boxes import pixel_quad_to_norm, rotated_corners
+    from earthgpt_jax.data.boxes import pixel_to_norm, rotated_corners
     import math
 
     facts = eval_sets.hrsc2016(str(tmp_path / "manual"))
@@ -317,7 +317,7 @@ def test_hrsc2016_real_annotation(tmp_path):
     width, height = facts["size"]
     quad = [min(max(v, 0), width if k % 2 == 0 else height)
             for k, v in enumerate(rotated_corners(cx, cy, w, h, math.degrees(angle)))]
-    want = pixel_quad_to_norm(quad, width, height)
+    want = pixel_to_norm(quad, width, height)
     np.testing.assert_allclose(np.asarray(ship["box_corners"])[0], want, atol=1e-5)
     (turn,) = [t for f, t in _turns(ship) if f == "gpt"]
     assert turn.startswith("There is <p>1 ship</p>[") and turn.count(",") == 7

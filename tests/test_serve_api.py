@@ -332,7 +332,7 @@ ORIENTED_SHIP = (20, 5, 50, 20, 44, 32, 14, 17)
 def oriented_answer() -> str:
     """A detection answer with one oriented ship (four corners) and one horizontal vehicle."""
     return boxes.detection_to_text([
-        ("ship", [boxes.pixel_quad_to_norm(ORIENTED_SHIP, 64, 48)]),
+        ("ship", [boxes.pixel_to_norm(ORIENTED_SHIP, 64, 48)]),
         ("vehicle", [boxes.pixel_to_norm((2, 30, 10, 40), 64, 48)])])
 
 

@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 
 from earthgpt_jax.data import synthetic
 from earthgpt_jax.data.boxes import (DETECTION_PROMPT, GROUNDING_PROMPT, NO_OBJECTS_ANSWER,
-                                     box_corners, enclosing_box, norm_quad_to_pixel,
-                                     norm_to_pixel, parse_boxes, parse_detection)
+                                     box_corners, enclosing_box, norm_to_pixel, parse_boxes,
+                                     parse_detection)
 from earthgpt_jax.evaluate.metrics import rotated_iou
 from tfds_builders.mmrs1m.mmrs1m import sensor_for_source
 
@@ -266,7 +266,7 @@ def test_oriented_ships_at_any_angle(release):
                 area = sum(xs[k] * ys[(k + 1) % 4] - xs[(k + 1) % 4] * ys[k] for k in range(4))
                 assert area > 0  # ... then clockwise on the screen (y points down)
                 hull = Image.new("L", (w, h))
-                ImageDraw.Draw(hull).polygon(list(zip(*[iter(norm_quad_to_pixel(q, w, h))] * 2)),
+                ImageDraw.Draw(hull).polygon(list(zip(*[iter(norm_to_pixel(q, w, h))] * 2)),
                                              fill=1)
                 inside = np.asarray(hull, bool)
                 assert pixels[inside].mean() > 2.5 * pixels[~inside].mean(), (r["image"], q)

@@ -36,7 +36,7 @@ from etils import epath
 
 from earthgpt_jax.data.boxes import (DETECTION_PROMPT, GROUNDING_PROMPT, box_corners,
                                      boxes_to_text, detection_to_text, enclosing_box,
-                                     pixel_quad_to_norm, pixel_to_norm)
+                                     pixel_to_norm)
 from earthgpt_jax.data.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image
 from tfds_builders.mmrs1m.mmrs1m import Mmrs1m, record_features
 from tfds_builders.mmrs1m.report import BadRecord, BadRecordsError, SplitReport, read_report
@@ -278,8 +278,7 @@ def oriented_detection_example(image: LoadedImage, source: str,
             raise BadRecord("box_outside_image", f"object {k} ({name}): corners {quad} leave "
                                                  f"no area inside the {image.width}x"
                                                  f"{image.height} image")
-        groups.setdefault(name, []).append(pixel_quad_to_norm(clipped, image.width,
-                                                              image.height))
+        groups.setdefault(name, []).append(pixel_to_norm(clipped, image.width, image.height))
     ordered = list(groups.items())
     corners = [q for _, qs in ordered for q in qs]
     return _example(image, source, "detection", [(DETECTION_PROMPT, detection_to_text(ordered))],

@@ -55,7 +55,8 @@ def pad_offsets(width: int, height: int) -> tuple[int, int, int]:
 
 def pixel_to_norm(coords: Sequence[float], width: int, height: int) -> tuple[float, ...]:
     """Pixel [x0,y0,x1,y1] (or corners x1,y1,...,x4,y4) of the original image -> [0,1]
-    coordinates of the padded square."""
+    coordinates of the padded square. Boxes and corners alternate x and y alike, so one
+    transform serves every shape."""
     pad_x, pad_y, side = pad_offsets(width, height)
     return tuple((v + (pad_x if k % 2 == 0 else pad_y)) / side for k, v in enumerate(coords))
 
@@ -64,11 +65,6 @@ def norm_to_pixel(coords: Sequence[float], width: int, height: int) -> tuple[flo
     """Inverse of `pixel_to_norm`: padded-square [0,1] coordinates -> original-image pixels."""
     pad_x, pad_y, side = pad_offsets(width, height)
     return tuple(v * side - (pad_x if k % 2 == 0 else pad_y) for k, v in enumerate(coords))
-
-
-# Boxes and corners alternate x and y alike, so one transform serves both (and any shape).
-pixel_quad_to_norm = pixel_to_norm
-norm_quad_to_pixel = shape_to_pixel = norm_to_pixel
 
 
 def rotated_corners(cx: float, cy: float, w: float, h: float, angle_deg: float) -> Quad:

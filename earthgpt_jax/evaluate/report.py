@@ -355,7 +355,7 @@ def write_report(results: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     table = results_table(results)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=_json_default)
+        json.dump(results, f, indent=2, default=json_default)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         notes = results.get("notes")
         f.write(f"# Evaluation results\n\n{results.get('n_examples', 0)} questions; baselines "
@@ -364,7 +364,7 @@ def write_report(results: dict, out_dir: str) -> str:
     return table
 
 
-def _json_default(obj):
+def json_default(obj):
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.floating):
@@ -472,7 +472,7 @@ def write_box_pictures(examples_with_images: Sequence[dict], out_dir: str,
             for text, shapes, names in ((_reference(e), true_boxes, labels),
                                         (pred_text, pred_boxes, pred_labels)):
                 for cls, _, bxs in _corner_groups(text):
-                    shapes.extend(box_text.shape_to_pixel(box_text.drawn_shape(q), width, height)
+                    shapes.extend(box_text.norm_to_pixel(box_text.drawn_shape(q), width, height)
                                   for q in bxs)
                     names.extend([cls] * len(bxs))
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(e.get("id", i)))

@@ -98,8 +98,7 @@ def _normalised(row: dict, bxs: list[list[float]]) -> list[list[float]]:
         raise _Skip("pixel boxes need `width` and `height` (or set `normalized: true`)")
     if not (_is_number(width) and _is_number(height)) or width <= 0 or height <= 0:
         raise LineError(f"`width`/`height` must be positive numbers, got {width!r}, {height!r}")
-    to_norm = box_text.pixel_quad_to_norm if len(bxs[0]) == 8 else box_text.pixel_to_norm
-    return [list(to_norm(b, int(width), int(height))) for b in bxs]
+    return [list(box_text.pixel_to_norm(b, int(width), int(height))) for b in bxs]
 
 
 def _text(row: dict, key: str) -> str:

@@ -28,7 +28,7 @@ import sys
 
 from earthgpt_jax.config import PAPER_SUITES  # the paper's tables, in the paper's order
 from earthgpt_jax.data.prepare import ReleaseNotFoundError
-from earthgpt_jax.evaluate.report import _json_default
+from earthgpt_jax.evaluate.report import json_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +324,7 @@ def write_suite_report(per_suite: dict[str, dict], skipped: dict[str, str], out_
     summary = suite_summary(per_suite, skipped, step, baseline_source)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=_json_default)
+        json.dump(summary, f, indent=2, default=json_default)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(paper_tables_markdown(summary))
     return summary

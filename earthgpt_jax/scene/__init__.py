@@ -132,7 +132,7 @@ def _tile_entry(tile: Tile, answer: str | None, task: str, question: str) -> dic
         return entry
     shapes, labels = answer_boxes(answer)
     for shape, label in zip(shapes, labels):
-        pixel = box_text.shape_to_pixel(shape, tile.width, tile.height)
+        pixel = box_text.norm_to_pixel(shape, tile.width, tile.height)
         quad = box_text.box_corners(pixel) if len(pixel) == 4 else pixel
         entry["corners"].append([v + (tile.col if k % 2 == 0 else tile.row)
                                  for k, v in enumerate(quad)])

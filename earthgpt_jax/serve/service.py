@@ -115,7 +115,7 @@ def answer_boxes(answer: str, width: int, height: int) -> list[dict]:
     out = []
     for shape, label in zip(found, labels):
         pixels = [min(max(v, 0), width if k % 2 == 0 else height)
-                  for k, v in enumerate(box_text.shape_to_pixel(shape, width, height))]
+                  for k, v in enumerate(box_text.norm_to_pixel(shape, width, height))]
         entry = {"label": label, "box": [round(v, 4) for v in box_text.enclosing_box(shape)],
                  "pixels": [round(v, 1) for v in box_text.enclosing_box(pixels)]}
         if len(shape) == 8:
