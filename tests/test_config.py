@@ -42,6 +42,7 @@ def test_overrides_keep_their_types_and_rules_become_tuples():
     ("train", {"stage": "c"}, r"config.train.stage='c' is not one of all, a, b"),
     ("train", {"loss_normalization": "mean"}, r"config.train.loss_normalization='mean'"),
     ("train", {"batch_size": 15, "grad_accum_steps": 2}, r"batch_size=15 must divide"),
+    ("train", {"loss_chunk": -1}, r"config.train.loss_chunk=-1 must be >= 0 \(0: no chunking\)"),
     ("model", {"size": "70b"}, r"config.model.size='70b' is not one of tiny, demo, 7b, 13b"),
     ("data", {"num_workers": -1}, r"config.data.num_workers must be >= 0"),
 ])
