@@ -13,8 +13,6 @@ import os
 import re
 
 import jax
-import jax.numpy as jnp
-import flax.linen as nn
 
 from earthgpt_jax.models.flops import device_peak_flops, train_step_flops
 
@@ -122,21 +120,24 @@ def topology_devices(topo: Topology):
 
 
 def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) -> dict:
-    """Compiles the train step for `topology`; returns the per-chip memory/FLOP report."""
-    from earthgpt_jax import parallel, train as trainer_lib
+    """Compiles the train step for `topology`; returns the per-chip memory/FLOP report. The
+    mesh is the one a run on that slice would take (config.mesh.layout, layout.py)."""
+    from earthgpt_jax import layout, parallel, train as trainer_lib
 
     topo = parse_topology(topology, num_slices)
-    mesh = parallel.build_mesh(config.mesh, topology_devices(topo))
-    trainer = trainer_lib.Trainer.for_run(config, model_cfg, mesh)
+    # auto's data-parallel candidate is compiled (and kept if it fits the chip's HBM) first.
+    configured = trainer_lib.Trainer.for_run(
+        config, model_cfg, parallel.build_mesh(config.mesh, topology_devices(topo)))
+    trainer, choice = layout.choose_trainer(config, configured, HBM_GIB[topo.generation])
+    mesh = trainer.mesh
     batch, data = config.train.batch_size, config.data
     parallel.check_batch_divides(batch, mesh)
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_shardings[k])
-                      for k, (shape, dtype) in trainer.batch_shapes.items()}
     images_per_row = trainer_lib.images_per_pack(data, model_cfg) if data.packing else 1
     packed_length = data.pack_length if data.packing else None
     attention_impl = trainer.model.cfg.llm.attention_impl
     report = {"topology": topo.name, "num_slices": topo.num_slices,
               "chips": topo.chips * topo.num_slices, "mesh": dict(mesh.shape),
+              "layout": choice,
               "global_batch": batch, "hbm_gib_per_chip": HBM_GIB[topo.generation],
               "remat_policy": model_cfg.remat_policy, "attention_impl": attention_impl,
               "frozen_param_dtype": config.train.frozen_param_dtype,
@@ -150,28 +151,14 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
                              "attention_impl": attention_impl,
                              "remat_policy": model_cfg.remat_policy,
                              "loss_chunk": config.train.loss_chunk}}
-    with jax.set_mesh(mesh), nn.logical_axis_rules(trainer.rules):
-        lowered = trainer._train_step.lower(trainer.abstract_state, abstract_batch,
-                                            jax.ShapeDtypeStruct((), jnp.float32))
-        try:
-            compiled = lowered.compile()
-        except Exception as e:  # XLA says RESOURCE_EXHAUSTED with the bytes it needed
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            return report | {"fits": False, "error": str(e).splitlines()[0][:400]}
-    mem = compiled.memory_analysis()
-    gib = 1024 ** 3
-    per_chip = {
-        "arguments_gib": mem.argument_size_in_bytes / gib,
-        "outputs_gib": mem.output_size_in_bytes / gib,
-        "aliased_gib": mem.alias_size_in_bytes / gib,
-        "temporaries_gib": mem.temp_size_in_bytes / gib,
-        "code_gib": mem.generated_code_size_in_bytes / gib,
-    }
-    per_chip["total_gib"] = (per_chip["arguments_gib"] + per_chip["outputs_gib"]
-                             - per_chip["aliased_gib"] + per_chip["temporaries_gib"]
-                             + per_chip["code_gib"])
-    peak = getattr(mem, "peak_memory_in_bytes", 0) / gib
+    try:
+        compiled = trainer.compile_step()
+    except Exception as e:  # XLA says RESOURCE_EXHAUSTED with the bytes it needed
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return report | {"fits": False, "error": str(e).splitlines()[0][:400]}
+    memory = layout.compiled_memory(compiled)
+    peak = memory.pop("peak_gib")
     # Model FLOPs of a step whose samples all have max_text_len text tokens (as many per packed
     # row as fit): the real mix of lengths is unknown here. Hardware FLOPs beside it.
     flops = train_step_flops(model_cfg, batch, data.max_text_len, config.train.stage,
@@ -179,7 +166,7 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
                              images_per_row=images_per_row)["total"]
     chip_peak = device_peak_flops(DEVICE_KIND[topo.generation])
     return report | {
-        "fits": True, "per_chip": per_chip, "xla_peak_gib": peak,
+        "fits": True, "per_chip": memory, "xla_peak_gib": peak,
         "model_tflops_per_step": flops / 1e12,
         "hardware_tflops_per_step": trainer.executed_flops / 1e12,
         "step_seconds_at_50pct_mfu": flops / (0.5 * chip_peak * report["chips"]),

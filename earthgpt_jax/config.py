@@ -231,8 +231,19 @@ class MeshConfig:
     ici: dict = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
     dcn: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
     rules: tuple = DEFAULT_RULES
+    # auto: plain data parallelism inside each slice when the compiled train step fits a device
+    # (only trainable gradients cross devices), else `ici` as given (layout.py); it applies
+    # while `ici` keeps its FSDP fill (data 1, fsdp -1). manual: `ici` as given, always.
+    layout: str = "auto"
+    # Device memory auto plans for, GiB; 0: what the device reports (GPU/TPU; a CPU reports
+    # none, so there auto keeps `ici` unless this is set).
+    memory_limit_gib: float = 0.0
 
     def __post_init__(self):
+        _one_of("mesh", "layout", self.layout, ("auto", "manual"))
+        if self.memory_limit_gib < 0:
+            raise ValueError(f"config.mesh.memory_limit_gib={self.memory_limit_gib} must be >= 0 "
+                             "(0: what the device reports)")
         # JAX wants hashable rules: tuples all the way down.
         object.__setattr__(self, "rules", tuple(
             (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)

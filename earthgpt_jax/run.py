@@ -10,7 +10,7 @@ import os
 
 import jax
 
-from earthgpt_jax import checkpoints, cli, parallel
+from earthgpt_jax import checkpoints, cli, layout, parallel
 from earthgpt_jax.config import RunConfig
 from earthgpt_jax.data import prepare, sources
 from earthgpt_jax.data.pipeline import TrainPreprocess
@@ -97,12 +97,15 @@ def run(config: RunConfig, workdir: str, mode: str) -> dict | None:
                                           None if trains_on_captions else train_source)
     cfg = model_config(config, tokenizer.vocab_size, tokenizer.bos_id)
     checkpoints.save_model_config(cfg, workdir)
-    mesh = parallel.build_mesh(config.mesh)
-    logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size,
-                 jax.devices()[0].platform)
-    trainer = train_lib.Trainer.for_run(config, cfg, mesh)
+    trainer = train_lib.Trainer.for_run(config, cfg, parallel.build_mesh(config.mesh))
     if mode == "train":
         check_init_sources(config, workdir, trainer)
+        # config.mesh.layout=auto: plain data parallelism where the compiled step fits a device.
+        trainer, _ = layout.choose_trainer(config, trainer)
+    mesh = trainer.mesh
+    logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size,
+                 jax.devices()[0].platform)
+    if mode == "train":
         preprocess = TrainPreprocess(tokenizer.path, cfg.image_size, config.data.max_text_len,
                                      input_bands=cfg.input_bands)
         train_data = (sources.open_sources(config, workdir, train_source)

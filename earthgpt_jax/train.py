@@ -159,6 +159,7 @@ class Trainer:
                                       parallel.replicated(mesh)),
             out_shardings=(self.state_shardings, None), donate_argnums=0)
         self._learning_rates = None
+        self._compiled_step = None
 
     def store_frozen(self, params):
         """`params` (boxed or plain) with the leaves this stage freezes cast to
@@ -364,6 +365,18 @@ class Trainer:
         """Model FLOPs of a step on this host batch (its real samples; MFU's numerator)."""
         local = flops.batch_model_flops(self.model.cfg, self.train_cfg.stage, host_batch)
         return local["total"] * jax.process_count()  # every process holds a like share
+
+    def compile_step(self):
+        """The train step compiled from shapes alone, before any array exists: XLA's memory
+        analysis of it is what the run needs per device (aot.py, layout.py). A later call with
+        arrays of these shapes and shardings reuses the executable."""
+        if self._compiled_step is None:
+            batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_shardings[k])
+                     for k, (shape, dtype) in self.batch_shapes.items()}
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                self._compiled_step = self._train_step.lower(
+                    self.abstract_state, batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+        return self._compiled_step
 
     def train_step(self, state, host_batch, step: int):
         """One update from `step` (0-based, the state's step) on a host-local batch."""

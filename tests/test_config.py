@@ -45,6 +45,8 @@ def test_overrides_keep_their_types_and_rules_become_tuples():
     ("train", {"loss_chunk": -1}, r"config.train.loss_chunk=-1 must be >= 0 \(0: no chunking\)"),
     ("model", {"size": "70b"}, r"config.model.size='70b' is not one of tiny, demo, 7b, 13b"),
     ("data", {"num_workers": -1}, r"config.data.num_workers must be >= 0"),
+    ("mesh", {"layout": "fsdp"}, r"config.mesh.layout='fsdp' is not one of auto, manual"),
+    ("mesh", {"memory_limit_gib": -1.0}, r"config.mesh.memory_limit_gib=-1.0 must be >= 0"),
 ])
 def test_a_value_a_field_refuses_names_it(section, fields, message):
     with pytest.raises(ValueError, match=message):

@@ -214,6 +214,8 @@ def test_every_committed_result_matches_the_formula():
     assert checked["2026-12-05_aot_stage_a_dp_splash.json"] == 8
     # 7B stage B with and without loss_chunk: v5e:2x2 batch 9 (batch 12 chunked: no fit), v5p-8
     assert checked["2026-12-05_aot_loss_chunk.json"] == 4
+    # mesh.layout=auto, 7B stage B: data parallel on v5p-8, FSDP on v5e:2x2
+    assert checked["2026-12-05_aot_layout_auto.json"] == 2
 
 
 def test_remat_policies_give_no_remats_gradients():

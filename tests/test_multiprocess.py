@@ -1,6 +1,6 @@
-"""Real multi-process JAX on localhost: 2 processes x 4 CPU devices train like 1 process x 8
-devices, each reading only its slice of the data, evaluate, and a 1-process run restores their
-checkpoint.
+"""Real multi-process JAX on localhost: 2 processes x 4 CPU devices train data-parallel like 1
+process x 8 devices under FSDP, each reading only its slice of the data, evaluate, and a
+1-process run restores their checkpoint onto its FSDP mesh.
 """
 
 import json
@@ -38,13 +38,19 @@ def test_two_processes_match_one_process_and_hand_over_their_checkpoint(data, tm
     two = str(tmp_path / "two")
     port = portpicker.pick_unused_port()
     # Evaluation after training too: each process decodes every question (no process can read
-    # the others' shards of the answers) and process 0 alone writes the report.
+    # the others' shards of the answers) and process 0 alone writes the report. With a device
+    # memory size, mesh.layout=auto trains data-parallel (the 1-process runs: FSDP), decided
+    # once for both processes.
     cmds = [_main_cmd(data, two, **common | {
         "distributed.coordinator_address": f"127.0.0.1:{port}",
         "distributed.num_processes": 2, "distributed.process_id": i,
-        "eval.at_end": True, "eval.max_examples": 4}) for i in range(2)]
+        "eval.at_end": True, "eval.max_examples": 4, "mesh.memory_limit_gib": 4})
+        for i in range(2)]
     errs = _run(cmds, devices=4)
     assert "joined 2 processes as process 1" in errs[1]
+    for err in errs:
+        assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1} over 8 devices" in err
+    assert "plain data parallelism fits" in errs[0]
     assert "Evaluation of" in errs[0] and "Evaluation of" not in errs[1]
     with open(os.path.join(two, "eval", "results.json")) as f:
         assert json.load(f)
