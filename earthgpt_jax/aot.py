@@ -151,12 +151,9 @@ def compile_train_step(config, model_cfg, topology: str, num_slices: int = 1) ->
                              "attention_impl": attention_impl,
                              "remat_policy": model_cfg.remat_policy,
                              "loss_chunk": config.train.loss_chunk}}
-    try:
-        compiled = trainer.compile_step()
-    except Exception as e:  # XLA says RESOURCE_EXHAUSTED with the bytes it needed
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        return report | {"fits": False, "error": str(e).splitlines()[0][:400]}
+    compiled, refusal = layout.compile_or_refusal(trainer)
+    if compiled is None:
+        return report | {"fits": False, "error": refusal[:400]}
     memory = layout.compiled_memory(compiled)
     peak = memory.pop("peak_gib")
     # Model FLOPs of a step whose samples all have max_text_len text tokens (as many per packed

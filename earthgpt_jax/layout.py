@@ -72,6 +72,18 @@ def _state_gib_per_device(trainer) -> float:
     return total / GIB
 
 
+def compile_or_refusal(trainer):
+    """(the trainer's compiled step, None), or (None, XLA's one-line refusal) where XLA cannot
+    fit it (TPU compiles refuse with RESOURCE_EXHAUSTED and the bytes needed); any other error
+    propagates."""
+    try:
+        return trainer.compile_step(), None
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return None, str(e).splitlines()[0]
+
+
 def _fits(trainer, limit_gib: float) -> tuple[bool, dict]:
     """Whether the trainer's step fits `limit_gib` x HEADROOM per device, and why."""
     budget = HEADROOM * limit_gib
@@ -79,12 +91,9 @@ def _fits(trainer, limit_gib: float) -> tuple[bool, dict]:
     facts = {"mesh": dict(trainer.mesh.shape), "state_gib": state_gib, "budget_gib": budget}
     if state_gib > budget:  # no compile needed to know
         return False, facts | {"reason": "the train state alone exceeds the budget"}
-    try:
-        compiled = trainer.compile_step()
-    except Exception as e:  # XLA on TPU refuses what it cannot fit: RESOURCE_EXHAUSTED
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        return False, facts | {"reason": str(e).splitlines()[0][:300]}
+    compiled, refusal = compile_or_refusal(trainer)
+    if compiled is None:
+        return False, facts | {"reason": refusal[:300]}
     memory = compiled_memory(compiled)
     facts["peak_gib"] = memory["peak_gib"]
     return memory["peak_gib"] <= budget, facts
